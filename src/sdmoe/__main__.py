@@ -1,0 +1,3 @@
+from sdmoe.cli import main
+
+raise SystemExit(main())
