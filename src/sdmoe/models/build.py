@@ -1,0 +1,168 @@
+"""Small MoE language models built from transformers' own classes.
+
+One `ModelConfig` describes a model in the terms the paper uses (d, f, E,
+top-k); `to_hf_config` translates it into each architecture's own config so
+the model that trains is exactly the transformers class a user already runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from sdmoe.errors import UserError
+
+# Architectures whose MoE blocks we know and test; the first two are the
+# defaults of `compare` (softmax router + gated shared expert; sigmoid router
+# with score-correction bias + fine-grained shared experts).
+STYLES = ("qwen2_moe", "deepseek_v3", "qwen3_moe", "deepseek_v2", "olmoe", "mixtral")
+
+
+@dataclass
+class ModelConfig:
+    style: str = "qwen3_moe"
+    hidden_size: int = 128  # d
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 -> same as num_heads
+    num_experts: int = 8  # E routed experts
+    top_k: int = 2
+    expert_ffn: int = 128  # f, each routed expert's intermediate width
+    shared_expert_ffn: int = 0  # 0 -> expert_ffn; only styles with shared experts use it
+    max_seq_len: int = 512
+    aux_loss_coef: float = 0.01  # the host model's own load-balancing loss
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+
+def validate(cfg: ModelConfig, vocab_size: int) -> None:
+    """Reject configs that cannot build, with the fix in the message."""
+    if cfg.style not in STYLES:
+        raise UserError(f"unknown model style {cfg.style!r}; choose one of {', '.join(STYLES)}")
+    for name in ("hidden_size", "num_layers", "num_heads", "num_experts", "top_k", "expert_ffn"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"model.{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.top_k > cfg.num_experts:
+        raise UserError(
+            f"model.top_k={cfg.top_k} exceeds model.num_experts={cfg.num_experts}; "
+            "set model.top_k <= model.num_experts"
+        )
+    if cfg.hidden_size % cfg.num_heads:
+        raise UserError(
+            f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}; "
+            "pick a head count that divides the hidden size"
+        )
+    kv = cfg.num_kv_heads or cfg.num_heads
+    if cfg.num_heads % kv:
+        raise UserError(f"model.num_heads={cfg.num_heads} is not divisible by model.num_kv_heads={kv}")
+    if (cfg.hidden_size // cfg.num_heads) % 2:
+        raise UserError(
+            f"head size {cfg.hidden_size // cfg.num_heads} is odd; rotary embeddings need an even head size"
+        )
+    if cfg.style.startswith("deepseek") and cfg.num_experts % 2:
+        raise UserError("deepseek styles route within expert groups; use an even model.num_experts")
+    if vocab_size < 16:
+        raise UserError(f"vocab size {vocab_size} is too small for a language model; use at least 256")
+
+
+def to_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    validate(cfg, vocab_size)
+    d, heads = cfg.hidden_size, cfg.num_heads
+    kv = cfg.num_kv_heads or heads
+    shared = cfg.shared_expert_ffn or cfg.expert_ffn
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=d,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=cfg.max_seq_len,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        num_experts_per_tok=cfg.top_k,
+        router_aux_loss_coef=cfg.aux_loss_coef,
+        # Router logits are part of every forward so the aux loss and the
+        # load statistics see them (the host models gate this on a flag).
+        output_router_logits=True,
+        use_cache=False,
+    )
+    s = cfg.style
+    if s == "qwen2_moe":
+        extra = dict(
+            num_experts=cfg.num_experts,
+            moe_intermediate_size=cfg.expert_ffn,
+            shared_expert_intermediate_size=shared,
+            intermediate_size=shared,
+            norm_topk_prob=True,
+        )
+    elif s == "qwen3_moe":
+        extra = dict(
+            num_experts=cfg.num_experts,
+            moe_intermediate_size=cfg.expert_ffn,
+            intermediate_size=cfg.expert_ffn,
+            head_dim=d // heads,
+            norm_topk_prob=True,
+        )
+    elif s == "olmoe":
+        extra = dict(num_experts=cfg.num_experts, intermediate_size=cfg.expert_ffn, norm_topk_prob=True)
+    elif s == "mixtral":
+        extra = dict(num_local_experts=cfg.num_experts, intermediate_size=cfg.expert_ffn, head_dim=d // heads)
+    else:  # deepseek_v2 / deepseek_v3: multi-head latent attention, every layer MoE
+        head = d // heads
+        n_shared = max(1, round(shared / cfg.expert_ffn))
+        extra = dict(
+            n_routed_experts=cfg.num_experts,
+            n_shared_experts=n_shared,
+            moe_intermediate_size=cfg.expert_ffn,
+            intermediate_size=cfg.expert_ffn * (n_shared + cfg.top_k),
+            first_k_dense_replace=0,
+            kv_lora_rank=max(16, d // 4),
+            q_lora_rank=None,
+            qk_rope_head_dim=head // 2,
+            qk_nope_head_dim=head // 2,
+            v_head_dim=head,
+            head_dim=head // 2,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=1.0,
+            norm_topk_prob=True,
+        )
+        if s == "deepseek_v2":
+            extra.update(topk_method="greedy")
+        else:
+            extra.update(rope_interleave=True)
+    return AutoConfig.for_model(s, **common, **extra)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: int = 0) -> PreTrainedModel:
+    """A freshly initialised transformers MoE causal LM (float32, train mode)."""
+    hf_config = to_hf_config(cfg, vocab_size)
+    hf_config.bos_token_id = hf_config.eos_token_id = hf_config.pad_token_id = eos_token_id
+    # The experts kernel is the host's own; "eager" is the reference loop and
+    # the one every architecture has (`batched_mm`/`grouped_mm` are options).
+    hf_config._experts_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config)
+    if cfg.style.startswith("deepseek"):
+        # transformers leaves the routers of these classes at zero init, which
+        # makes every routing decision a tie; give them the usual normal init.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            for name, p in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    torch.nn.init.normal_(p, std=cfg.init_std)
+    model.train()
+    return model
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def unigram_baseline_nats(vocab_size: int) -> float:
+    """Entropy of a uniform guess, the loss of an untrained model."""
+    return math.log(vocab_size)
