@@ -1,0 +1,200 @@
+"""One pass of a live model over batches of text, recording what the findings need.
+
+Per MoE layer, with hooks (removed afterwards):
+- forward pre-hook on the MoE block: the layer-input second moment E[x x^T]
+  (streamed, float64) and a sample of input tokens (for routing agreement and
+  expert output similarity);
+- forward hook on the router: each token's top-k expert set (transformers 5
+  routers return (logits, scores, indices); a plain `nn.Linear` router of
+  transformers-4 / remote-code models returns logits, and top-k is taken
+  with the model config's `num_experts_per_tok`);
+- optionally the causal-LM loss's gradient w.r.t. every expert matrix,
+  summed over the batches, in canonical shapes.
+
+The model is put in eval mode (no router jitter, no dropout) and restored;
+`requires_grad` is switched on only for the analysed experts and restored;
+`.grad` of those parameters is cleared before and after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdmoe.errors import UserError
+from sdmoe.moe import MoEBlock, find_moe_blocks
+from sdmoe.spectral import SecondMoment
+
+_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def model_top_k(model: nn.Module, default: int = 2) -> int:
+    cfg = getattr(model, "config", None)
+    for name in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+def _expert_params(block: MoEBlock) -> list[nn.Parameter]:
+    """The plain parameters holding the experts' weights (none for parametrized storage)."""
+    ex = block.experts
+    if block.layout == "fused":
+        return [ex._parameters[n] for n in ("gate_up_proj", "down_proj") if ex._parameters.get(n) is not None]
+    out = []
+    for mlp in ex:
+        names = next(ns for ns in _MLP_NAMES if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ns))
+        for n in names:
+            p = getattr(mlp, n)._parameters.get("weight")
+            if p is not None:
+                out.append(p)
+    return out
+
+
+def canonical_grads(block: MoEBlock) -> dict[str, torch.Tensor] | None:
+    """Gradients of the experts in canonical shapes, hidden space last: {gate, up, down} -> E x F x D.
+
+    None when any expert parameter has no `.grad` (not yet backpropagated, or
+    parametrized storage whose weight is not a leaf).
+    """
+    ex = block.experts
+    if block.layout == "fused":
+        gu, dn = ex._parameters.get("gate_up_proj"), ex._parameters.get("down_proj")
+        if gu is None or dn is None or gu.grad is None or dn.grad is None:
+            return None
+        # The layout's own reader, pointed at the gradients instead of the weights.
+        view = SimpleNamespace(
+            gate_up_proj=gu.grad,
+            down_proj=dn.grad,
+            is_transposed=getattr(ex, "is_transposed", False),
+            is_concatenated=getattr(ex, "is_concatenated", True),
+        )
+        return {k: v.detach() for k, v in replace(block, experts=view).projections().items()}
+    params = _expert_params(block)
+    if len(params) != 3 * block.num_experts or any(p.grad is None for p in params):
+        return None
+    g = torch.stack([p.grad for p in params[0::3]])
+    u = torch.stack([p.grad for p in params[1::3]])
+    d = torch.stack([p.grad for p in params[2::3]])
+    return {"gate": g, "up": u, "down": d.transpose(1, 2)}
+
+
+@dataclass
+class LayerCapture:
+    """What one pass recorded for one MoE layer."""
+
+    block: MoEBlock
+    moment: SecondMoment = field(default_factory=SecondMoment)
+    sample: list[torch.Tensor] = field(default_factory=list)  # token rows, T_s x D (float32)
+    n_sampled: int = 0
+    indices: list[torch.Tensor] = field(default_factory=list)  # per forward: T x top_k
+    token_domains: list[torch.Tensor] = field(default_factory=list)  # per forward: T
+    grads: dict[str, torch.Tensor] | None = None  # summed over batches, canonical E x F x D
+
+    @property
+    def layer(self) -> int:
+        return self.block.layer
+
+    def sample_TD(self) -> torch.Tensor:
+        return torch.cat(self.sample) if self.sample else torch.zeros(0, self.block.hidden_size)
+
+    def indices_TK(self) -> torch.Tensor:
+        return torch.cat(self.indices) if self.indices else torch.zeros(0, 1, dtype=torch.long)
+
+    def domains_T(self) -> torch.Tensor | None:
+        if not self.token_domains or len(self.token_domains) != len(self.indices):
+            return None
+        return torch.cat(self.token_domains)
+
+
+def capture(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    domain_ids: Sequence[torch.Tensor] | None = None,
+    layers: list[int] | None = None,
+    with_grads: bool = True,
+    sample_tokens: int = 1024,
+    progress=None,
+) -> dict[int, LayerCapture]:
+    """Run `model` over `batches` (each B x S token ids) and record every MoE layer -> {layer: LayerCapture}."""
+    blocks = find_moe_blocks(model, layers)
+    top_k = model_top_k(model)
+    caps = {b.layer: LayerCapture(b) for b in blocks}
+    current_domains: list[torch.Tensor | None] = [None]
+    hooks = []
+
+    def pre_hook(cap: LayerCapture):
+        def hook(_mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            x_TD = x.detach().reshape(-1, x.shape[-1])
+            cap.moment.update(x_TD)
+            room = sample_tokens - cap.n_sampled
+            if room > 0:
+                cap.sample.append(x_TD[:room].float().cpu())
+                cap.n_sampled += min(room, x_TD.shape[0])
+
+        return hook
+
+    def router_hook(cap: LayerCapture):
+        def hook(_mod, _args, out):
+            if isinstance(out, tuple) and len(out) >= 3 and not out[2].is_floating_point():
+                idx = out[2]
+            else:
+                logits = out[0] if isinstance(out, tuple) else out
+                idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
+            idx = idx.detach().reshape(-1, idx.shape[-1]).cpu()
+            cap.indices.append(idx)
+            dom = current_domains[0]
+            if dom is not None and dom.numel() and idx.shape[0] % dom.numel() == 0:
+                cap.token_domains.append(dom.repeat_interleave(idx.shape[0] // dom.numel()))
+
+        return hook
+
+    was_training = model.training
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    expert_params = [p for b in blocks for p in _expert_params(b)]
+    try:
+        for cap in caps.values():
+            hooks.append(cap.block.module.register_forward_pre_hook(pre_hook(cap), with_kwargs=True))
+            hooks.append(cap.block.router.register_forward_hook(router_hook(cap)))
+        model.eval()
+        if with_grads:
+            for p, _ in saved_flags:
+                p.requires_grad_(False)
+            for p in expert_params:
+                p.requires_grad_(True)
+                p.grad = None
+        n = 0
+        for i, ids in enumerate(batches):
+            current_domains[0] = domain_ids[i].reshape(-1).cpu() if domain_ids is not None else None
+            ids = ids.to(next(model.parameters()).device)
+            with torch.set_grad_enabled(with_grads):
+                logits = model(input_ids=ids, use_cache=False).logits
+                if with_grads:
+                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+                    loss.backward()
+            n += 1
+            if progress is not None:
+                progress.update(1)
+        if n == 0:
+            raise UserError("no batches of text to analyse; pass at least one batch (n_batches >= 1)")
+        if with_grads:
+            for cap in caps.values():
+                grads = canonical_grads(cap.block)
+                cap.grads = {k: v.float().clone() for k, v in grads.items()} if grads is not None else None
+    finally:
+        for h in hooks:
+            h.remove()
+        if with_grads:
+            for p in expert_params:
+                p.grad = None
+            for p, flag in saved_flags:
+                p.requires_grad_(flag)
+        model.train(was_training)
+    return caps

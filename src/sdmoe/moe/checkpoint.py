@@ -1,0 +1,314 @@
+"""Expert weights read lazily, layer by layer, from a local checkpoint directory.
+
+Reads `config.json` and the safetensors file(s) of a transformers checkpoint
+(`model.safetensors`, or the shards a `model.safetensors.index.json` names)
+with `safetensors.safe_open` (memory-mapped), and hands out one MoE layer at a
+time in the canonical shapes of `sdmoe.moe.layout`:
+
+    gate_EFD, up_EFD : E x F x D      down_EDF : E x D x F      router_ED : E x D
+
+Only one layer's experts are ever stacked in memory, so a checkpoint far
+larger than RAM can be analysed. Recognised tensor names:
+
+- fused (transformers 5 in memory): `<block>.experts.gate_up_proj` (E, 2F, D)
+  [or transposed (E, D, 2F)] and `<block>.experts.down_proj` (E, D, F) [or (E, F, D)];
+- per-expert module lists (what `save_pretrained` writes, transformers 4,
+  remote-code models): `<block>.experts.<i>.{gate_proj,up_proj,down_proj}.weight`
+  or Mixtral's `<block>.experts.<i>.{w1,w3,w2}.weight`;
+
+with the router `<block>.gate.weight` (or `<block>.router.weight`) of shape (E, D).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdmoe.errors import UserError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_FUSED = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+_LISTED = re.compile(r"^(?P<block>.+)\.experts\.(?P<i>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# canonical role of each per-expert projection name
+_ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+_ROUTER_NAMES = ("gate.weight", "router.weight")
+
+
+@dataclass
+class LayerWeights:
+    """Canonical expert and router weights of one MoE layer (detached tensors)."""
+
+    layer: int  # decoder layer index
+    name: str  # block prefix, e.g. "model.layers.3.mlp"
+    gate_EFD: torch.Tensor
+    up_EFD: torch.Tensor
+    down_EDF: torch.Tensor
+    router_ED: torch.Tensor | None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.gate_EFD.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.gate_EFD.shape[2])
+
+    @property
+    def expert_ffn(self) -> int:
+        return int(self.gate_EFD.shape[1])
+
+    def projections(self) -> dict[str, torch.Tensor]:
+        """All three projections with the hidden space LAST (down transposed): name -> E x F x D."""
+        return {"gate": self.gate_EFD, "up": self.up_EFD, "down": self.down_EDF.transpose(1, 2)}
+
+
+def weights_of_block(block) -> LayerWeights:
+    """Detached canonical weights of a live `MoEBlock` (views where the layout allows)."""
+    with torch.no_grad():
+        return LayerWeights(
+            block.layer,
+            block.name,
+            block.gate_EFD().detach(),
+            block.up_EFD().detach(),
+            block.down_EDF().detach(),
+            block.router_ED().detach(),
+        )
+
+
+@dataclass
+class _LayerSpec:
+    layer: int
+    block: str
+    layout: str  # "fused" | "module_list"
+    tensors: dict  # fused: {"gate_up_proj": key, "down_proj": key}; list: {role: {i: key}}
+    router: str | None
+
+
+class ExpertCheckpoint:
+    """A local checkpoint directory, opened for layer-by-layer expert reading.
+
+    >>> ckpt = ExpertCheckpoint("path/to/model")
+    >>> ckpt.layers                        # MoE layer indices
+    >>> for lw in ckpt.iter_layers():      # LayerWeights, one layer in memory at a time
+    ...     lw.projections()
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise UserError(f"checkpoint path {self.path} does not exist; pass a local checkpoint directory")
+        if not self.path.is_dir():
+            raise UserError(
+                f"checkpoint path {self.path} is not a directory; pass the folder that holds config.json "
+                "and model.safetensors (as written by save_pretrained)"
+            )
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(
+                f"{self.path} has no config.json; pass a transformers checkpoint directory (save_pretrained output)"
+            )
+        try:
+            self.config: dict = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{cfg_path} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
+        self._handles: dict[Path, object] = {}
+        self._key_file = self._index_keys()
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._specs = self._find_layers()
+
+    # -- files -------------------------------------------------------------
+    def _index_keys(self) -> dict[str, Path]:
+        index = self.path / INDEX_FILE
+        single = self.path / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                raise UserError(
+                    f"{index} is not a valid safetensors index (no weight_map); re-download the checkpoint"
+                ) from None
+            files = {name: self.path / name for name in set(weight_map.values())}
+            missing = sorted(n for n, p in files.items() if not p.is_file())
+            if missing:
+                raise UserError(
+                    f"{index.name} names {len(missing)} shard(s) missing from {self.path} (e.g. {missing[0]}); "
+                    "download every shard of the checkpoint"
+                )
+            return {k: files[v] for k, v in weight_map.items()}
+        if single.is_file():
+            return {k: single for k in self._open(single).keys()}
+        others = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if others:  # unusual names, no index: read them all
+            keys = {}
+            for name in others:
+                for k in self._open(self.path / name).keys():
+                    keys[k] = self.path / name
+            return keys
+        bins = sorted(p.name for p in self.path.glob("*.bin"))
+        hint = (
+            f"it holds {bins[0]} (pickle); re-save it with save_pretrained(..., safe_serialization=True)"
+            if bins
+            else "download the model's *.safetensors files into it"
+        )
+        raise UserError(f"{self.path} holds no {SINGLE_FILE} or {INDEX_FILE}; {hint}")
+
+    def _open(self, file: Path):
+        from safetensors import SafetensorError, safe_open
+
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise UserError(
+                    f"file {file} is truncated or corrupt ({str(e).splitlines()[0]}); re-download it"
+                ) from None
+            self._handles[file] = handle
+        return handle
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        if key not in self._shapes:
+            self._shapes[key] = tuple(self._open(self._key_file[key]).get_slice(key).get_shape())
+        return self._shapes[key]
+
+    def _get(self, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        file = self._key_file[key]
+        try:
+            return self._open(file).get_tensor(key)
+        except SafetensorError as e:
+            raise UserError(f"file {file} is truncated or corrupt ({e}); re-download it") from None
+
+    # -- structure ---------------------------------------------------------
+    def _find_layers(self) -> list[_LayerSpec]:
+        keys = set(self._key_file)
+        specs: dict[str, _LayerSpec] = {}
+        for key in sorted(keys):
+            m = _FUSED.match(key)
+            if m:
+                spec = specs.setdefault(m["block"], _LayerSpec(0, m["block"], "fused", {}, None))
+                spec.tensors[m["proj"]] = key
+                continue
+            m = _LISTED.match(key)
+            if m:
+                spec = specs.setdefault(m["block"], _LayerSpec(0, m["block"], "module_list", {}, None))
+                spec.tensors.setdefault(_ROLE[m["proj"]], {})[int(m["i"])] = key
+        out = []
+        for block, spec in specs.items():
+            if spec.layout == "fused" and set(spec.tensors) != {"gate_up_proj", "down_proj"}:
+                continue
+            if spec.layout == "module_list":
+                roles = spec.tensors
+                if set(roles) != {"gate", "up", "down"}:
+                    continue
+                ids = set(roles["gate"])
+                if ids != set(roles["up"]) or ids != set(roles["down"]) or ids != set(range(len(ids))):
+                    raise UserError(
+                        f"experts of {block} are incomplete in {self.path} (expert ids {sorted(ids)[:8]}...); "
+                        "re-download the checkpoint"
+                    )
+            spec.router = next((f"{block}.{r}" for r in _ROUTER_NAMES if f"{block}.{r}" in keys), None)
+            match = _LAYER_INDEX.search(f".{block}.")
+            spec.layer = int(match.group(1)) if match else 0
+            out.append(spec)
+        if not out:
+            sample = sorted({_LAYER_INDEX.sub(".N.", k) for k in keys})[:6]
+            raise UserError(
+                f"no MoE layers found in {self.path} (tensor names look like {', '.join(sample)}); "
+                "sdmoe needs `*.experts.gate_up_proj/down_proj` or `*.experts.<i>.gate_proj|up_proj|down_proj"
+                "(.w1|w3|w2).weight` expert tensors"
+            )
+        return sorted(out, key=lambda s: s.layer)
+
+    @property
+    def layers(self) -> list[int]:
+        return [s.layer for s in self._specs]
+
+    @property
+    def hidden_size(self) -> int:
+        spec = self._specs[0]
+        if spec.layout == "module_list":
+            return self._shape(spec.tensors["gate"][0])[1]
+        return int(self.config.get("hidden_size") or self._guess_fused_d(spec))
+
+    @property
+    def num_experts(self) -> int:
+        spec = self._specs[0]
+        if spec.layout == "module_list":
+            return len(spec.tensors["gate"])
+        return self._shape(spec.tensors["gate_up_proj"])[0]
+
+    @property
+    def top_k(self) -> int | None:
+        for name in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
+            if isinstance(self.config.get(name), int):
+                return self.config[name]
+        return None
+
+    def _guess_fused_d(self, spec: _LayerSpec) -> int:
+        # down_proj (E, D, F): D is the dim shared with gate_up_proj that is not 2F
+        _, a, b = self._shape(spec.tensors["down_proj"])
+        _, c, _ = self._shape(spec.tensors["gate_up_proj"])
+        return a if c == 2 * b else b
+
+    # -- reading -----------------------------------------------------------
+    def read_layer(self, layer: int, dtype: torch.dtype | None = None) -> LayerWeights:
+        """One MoE layer's canonical weights (disk dtype unless `dtype` is given)."""
+        spec = next((s for s in self._specs if s.layer == layer), None)
+        if spec is None:
+            raise UserError(f"layer {layer} holds no MoE block in {self.path}; MoE layers are {self.layers}")
+        if spec.layout == "fused":
+            gate_up, down = self._get(spec.tensors["gate_up_proj"]), self._get(spec.tensors["down_proj"])
+            d = int(self.config.get("hidden_size") or self._guess_fused_d(spec))
+            if gate_up.shape[2] != d and gate_up.shape[1] == d:  # transposed storage (E, D, 2F)
+                gate_up = gate_up.transpose(1, 2)
+            if down.shape[1] != d and down.shape[2] == d:  # transposed storage (E, F, D)
+                down = down.transpose(1, 2)
+            f = gate_up.shape[1] // 2
+            gate, up = gate_up[:, :f], gate_up[:, f:]
+        else:
+            e = len(spec.tensors["gate"])
+            gate, up, down = (
+                torch.stack([self._get(spec.tensors[role][i]) for i in range(e)]) for role in ("gate", "up", "down")
+            )
+        router = self._get(spec.router) if spec.router else None
+        if dtype is not None:
+            gate, up, down = gate.to(dtype), up.to(dtype), down.to(dtype)
+            router = router.to(dtype) if router is not None else None
+        return LayerWeights(spec.layer, spec.block, gate, up, down, router)
+
+    def iter_layers(self, layers: list[int] | None = None, dtype: torch.dtype | None = None) -> Iterator[LayerWeights]:
+        """Every (or the listed) MoE layer in order, one at a time."""
+        if layers is not None:
+            missing = sorted(set(layers) - set(self.layers))
+            if missing:
+                raise UserError(f"layers {missing} hold no MoE block in {self.path}; MoE layers are {self.layers}")
+        for layer in self.layers:
+            if layers is None or layer in layers:
+                yield self.read_layer(layer, dtype)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "ExpertCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def iter_expert_layers(
+    path: str | Path, layers: list[int] | None = None, dtype: torch.dtype | None = None
+) -> Iterator[LayerWeights]:
+    """Shortcut: `ExpertCheckpoint(path).iter_layers(layers, dtype)`."""
+    with ExpertCheckpoint(path) as ckpt:
+        yield from ckpt.iter_layers(layers, dtype)

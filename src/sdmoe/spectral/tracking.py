@@ -1,0 +1,152 @@
+"""Cheap per-step tracking of the common gradient subspace (training hot path).
+
+Each training step needs the top-r eigenvectors of M = sum_i G_i^T G_i (D x D)
+for the experts' gradients G_i (F x D). Computing them exactly costs
+E F D^2 (forming M) + D^3 (eigh). `SubspaceTracker` instead keeps the last
+basis Q and runs ``iters`` warm-started subspace iterations per step:
+
+    Z = M Q = sum_i G_i^T (G_i Q)      two GEMMs, 4 E F D (r+p) flops, no D x D matrix
+    Q, R = qr(Z)                       thin QR, D (r+p)^2
+
+With oversampling p > 0 it tracks r + p columns and returns the best r after
+a Rayleigh-Ritz step on the new block: the left singular vectors of
+Z = Q R, i.e. an SVD of the small (r+p) x (r+p) factor R (the eigenvectors of
+Q^T (M Q_prev Q_prev^T M) Q, so no extra pass over the gradients is needed).
+
+Host-device syncs: none in `update` after the first call when the
+Rayleigh-Ritz step is off (the default for ``oversample=0``): only GEMMs and
+a QR run. The first call (exact init: eigh of M) and the Rayleigh-Ritz step
+(small SVD, whose error check reads a flag on CUDA) synchronise once each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdmoe.errors import UserError
+
+from ._util import check_nonneg_int, check_rank, check_tensor, compute_dtype, gram_apply
+from .overlap import subspace_overlap
+from .subspace import common_subspace
+
+__all__ = ["SubspaceTracker", "exact_top", "subspace_error"]
+
+# Added as `_SHIFT * Q` to M Q: leaves any real gradient untouched (far below
+# float32 resolution of M Q unless M Q itself is ~1e-23), but keeps Q in place
+# instead of turning it into an arbitrary basis on a step with zero gradients.
+_SHIFT = 1e-30
+
+
+def exact_top(g_EFD: torch.Tensor, r: int) -> torch.Tensor:
+    """Exact top-r common subspace of the gradients (gram + eigh) -> u_DR."""
+    return common_subspace(g_EFD, r, "gram")[0]
+
+
+def subspace_error(q_DR: torch.Tensor, exact_DR: torch.Tensor) -> float:
+    """1 - subspace_overlap(q, exact): 0 when the tracked subspace is exact, 1 when orthogonal."""
+    return 1.0 - subspace_overlap(q_DR, exact_DR)
+
+
+class SubspaceTracker:
+    """Warm-started subspace iteration on M = sum_i G_i^T G_i, one step per `update`.
+
+    Args:
+        r: rank returned (1 <= r <= D).
+        oversample: extra tracked columns p (r + p <= D is enforced by clipping p).
+        iters: subspace iterations per update (>= 1).
+        init: ``"exact"`` (first call: exact common_subspace, forms D x D once) or
+            ``"randomized"`` (first call: randomized common_subspace, never D x D).
+        rayleigh_ritz: order the tracked columns by a small SVD each update;
+            default True iff ``oversample > 0`` (required to pick the best r of r + p).
+        dtype: state/compute dtype; default float32 (float64 for float64 gradients).
+        seed: seed of the randomized init.
+
+    ``update(g_EFD)`` returns q_DR (orthonormal columns) and keeps the state;
+    ``q`` is the last result; ``reset()`` forgets it, ``reset(q_DX)`` sets it.
+    """
+
+    def __init__(
+        self,
+        r: int,
+        *,
+        oversample: int = 0,
+        iters: int = 1,
+        init: str = "exact",
+        rayleigh_ritz: bool | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ):
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise UserError(f"r must be a positive int, got {r!r}; pass the common rank, e.g. r=D//4")
+        check_nonneg_int(oversample, "oversample", 0)
+        check_nonneg_int(iters, "iters", 1)
+        if init not in ("exact", "randomized"):
+            raise UserError(f"unknown init {init!r}; pass 'exact' or 'randomized'")
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise UserError(f"dtype={dtype} is not supported; pass torch.float32 or torch.float64")
+        self.r = r
+        self.oversample = oversample
+        self.iters = iters
+        self.init = init
+        self.rayleigh_ritz = (oversample > 0) if rayleigh_ritz is None else bool(rayleigh_ritz)
+        self.dtype = dtype
+        self.seed = seed
+        self.steps = 0
+        self._q: torch.Tensor | None = None  # D x (r + p)
+
+    @property
+    def q(self) -> torch.Tensor | None:
+        """The last returned basis (D x r), or None before the first update."""
+        return None if self._q is None else self._q[:, : self.r]
+
+    def reset(self, q_DX: torch.Tensor | None = None) -> None:
+        """Forget the state (next update re-initialises), or start from a given basis.
+
+        A given basis is orthonormalised; fewer than r + p columns are padded
+        with a seeded Gaussian block.
+        """
+        self.steps = 0
+        if q_DX is None:
+            self._q = None
+            return
+        q_DX = check_tensor(q_DX, 2, "q_DX", "D x X")
+        d = q_DX.shape[0]
+        check_rank(self.r, d, "r")
+        width = min(self.r + self.oversample, d)
+        q = q_DX.to(compute_dtype(q_DX, self.dtype))[:, :width]
+        if q.shape[1] < width:
+            gen = torch.Generator(device="cpu").manual_seed(self.seed)
+            pad = torch.randn(d, width - q.shape[1], generator=gen, dtype=torch.float64)
+            q = torch.cat([q, pad.to(device=q.device, dtype=q.dtype)], dim=1)
+        self._q = torch.linalg.qr(q, mode="reduced").Q
+
+    @torch.no_grad()
+    def update(self, g_EFD: torch.Tensor) -> torch.Tensor:
+        """One tracking step on this step's gradients (E x F x D; down projections transposed) -> q_DR."""
+        g_EFD = check_tensor(g_EFD, 3, "g_EFD", "E x F x D")
+        d = g_EFD.shape[-1]
+        check_rank(self.r, d, "r")
+        width = min(self.r + self.oversample, d)
+        cdt = compute_dtype(g_EFD, self.dtype)
+        g = g_EFD.to(cdt)
+        if self._q is None:
+            method = "gram" if self.init == "exact" else "randomized"
+            self._q = common_subspace(g, width, method, seed=self.seed)[0]
+        else:
+            if self._q.shape[0] != d:
+                raise UserError(f"g_EFD has hidden size {d} but the tracker holds D={self._q.shape[0]}; "
+                                f"use one SubspaceTracker per projection")
+            q = self._q.to(device=g.device, dtype=cdt)
+            r_fac = None
+            for _ in range(self.iters):
+                z, _ = gram_apply(g, q)
+                q, r_fac = torch.linalg.qr(z.add(q, alpha=_SHIFT), mode="reduced")
+            if self.rayleigh_ritz:
+                u_small = torch.linalg.svd(r_fac).U
+                # all-zero gradients leave R = shift * I: the order is undefined there,
+                # so keep Q as it is (decided on device, no sync)
+                live = r_fac.abs().amax() > 1e3 * _SHIFT
+                q = torch.where(live, q @ u_small, q)
+            self._q = q
+        self.steps += 1
+        return self._q[:, : self.r]

@@ -1,0 +1,104 @@
+"""Atomic checkpoints: a run never leaves half a checkpoint behind.
+
+A checkpoint is a directory `step_000123/` holding the model weights
+(safetensors), the optimizer state, and `state.json` (step, RNG states,
+config, SD-MoE controller state). It is written under a temporary name and
+renamed into place in one `os.replace`, so a crash at any instant leaves
+either the previous checkpoint set or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdmoe.errors import UserError
+
+_PREFIX = "step_"
+
+
+def _name(step: int) -> str:
+    return f"{_PREFIX}{step:07d}"
+
+
+def rng_state() -> dict[str, Any]:
+    # Batches are a pure function of (seed, step), so the torch generator
+    # (used by sampling-based ops and dropout, if enabled) is the only RNG a
+    # run consumes.
+    return {"torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / _name(step)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-{_name(step)}-"))
+    try:
+        # safetensors refuses tensors that share storage (tied or parametrized
+        # views); contiguous clones make every entry its own tensor.
+        tensors = {k: v.detach().contiguous().clone() for k, v in model_state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        write_json_atomic(tmp / "state.json", {**state, "step": step, "rng": rng_state()})
+        if final.exists():  # re-saving a step (e.g. after a skip policy) replaces it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories never count)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def clean_partial(ckpt_root: Path) -> None:
+    """Remove temporary directories a killed process left behind."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
+    try:
+        model_state = load_file(str(path / "model.safetensors"))
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - any unreadable part means the same fix
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to resume from an earlier one") from None
+    return model_state, optimizer_state, state

@@ -1,0 +1,301 @@
+"""The training loop, top to bottom.
+
+    data -> model -> loss (+ balance) -> backward -> [SD-MoE gradient split]
+         -> clip -> AdamW -> [SD-MoE tail projection / re-estimation]
+         -> metrics, evaluation, spectral monitor, checkpoints -> final export
+
+Everything a resumed run needs is in the checkpoint: batches are a pure
+function of (seed, step), the schedule a pure function of the step, and the
+SD-MoE structure is rebuilt from `state.json` before the weights load. A run
+stopped at step k and resumed gives the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sdmoe.data import prepare_dataset
+from sdmoe.errors import UserError
+from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
+from sdmoe.method import SDMoE, export
+from sdmoe.models import build_model, count_parameters
+from sdmoe.moe import find_moe_blocks
+from sdmoe.train import checkpoint as ckpt
+from sdmoe.train.balance import LoadTracker
+from sdmoe.train.config import RunConfig, from_dict, validate
+from sdmoe.train.metrics import MetricsLog, truncate_after
+from sdmoe.train.optim import build_optimizer, lr_scale, set_learning_rates
+
+
+class NonFiniteError(UserError):
+    """Loss or gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_dir: Path | None
+    steps: int
+    val_loss: dict[str, float]
+    unigram_entropy: float
+    seconds: float
+    trainable_parameters: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        mean = self.val_loss.get("mean", float("nan"))
+        per = ", ".join(f"{k} {v:.3f}" for k, v in self.val_loss.items() if k != "mean")
+        return (
+            f"trained {self.steps} steps in {self.seconds:.0f}s; validation loss {mean:.3f} nats/token "
+            f"({per}); unigram entropy of the corpus {self.unigram_entropy:.3f} nats/token"
+            + (f"; model saved to {self.model_dir}" if self.model_dir else "")
+        )
+
+
+# -- output directory ----------------------------------------------------------
+
+
+def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
+    """Refuse to mix runs or write where we cannot, before any work is done."""
+    run_file = out / "run.json"
+    if resume:
+        if not run_file.is_file():
+            raise UserError(f"nothing to resume in {out}: it holds no run.json; drop --resume to start a new run")
+        saved = json.loads(run_file.read_text(encoding="utf-8"))
+        mine = cfg.to_dict()
+        # Only the length of the run and its logging may change on resume.
+        for section in ("model", "data", "optim", "sdmoe"):
+            if saved["config"].get(section) != _jsonable(mine[section]):
+                raise UserError(
+                    f"--resume with a different {section} config than the run in {out}; "
+                    "resume with the same preset/--set values or start a new --out"
+                )
+        if saved["config"].get("method") != cfg.method:
+            raise UserError(f"--resume with method {cfg.method!r} but {out} holds a {saved['config']['method']!r} run")
+    elif out.exists() and any(out.iterdir()):
+        if run_file.is_file():
+            raise UserError(f"output directory {out} holds a previous run; pass --resume to continue it or choose another --out")
+        raise UserError(f"output directory {out} is not empty and holds no sdmoe run; choose an empty or new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+# -- the run --------------------------------------------------------------------
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _first_nonfinite_grad(model: torch.nn.Module) -> str:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return "none (the loss itself)"
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    dataset=None,
+) -> TrainResult:
+    """Train `cfg` into `out_dir`. `stop_after` ends early after that many steps
+    (with a checkpoint), as an interrupted run would; `dataset` reuses prepared data."""
+    validate(cfg)
+    out = Path(out_dir)
+    prepare_out_dir(out, cfg, resume)
+    started = time.perf_counter()
+
+    lc = cfg.loop
+    if lc.threads > 0:
+        torch.set_num_threads(lc.threads)
+    if lc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(lc.seed)
+    device = _device(cfg)
+
+    data = dataset or prepare_dataset(cfg.data, seed=lc.seed)
+    model = build_model(cfg.model, len(data.tokenizer), seed=lc.seed, eos_token_id=data.tokenizer.eos_token_id).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    controller = SDMoE(model, cfg.sdmoe) if cfg.method == "sd-moe" else None
+    blocks = find_moe_blocks(model)
+    loads = LoadTracker(blocks, cfg.model.top_k)
+    host_has_aux = cfg.model.style not in ("deepseek_v2", "deepseek_v3")
+    reference_batch = next(iter(data.val.values()))[0].to(device)
+
+    ckpt_root = out / "checkpoints"
+    ckpt.clean_partial(ckpt_root)
+    start_step = 0
+    if resume and (found := ckpt.list_checkpoints(ckpt_root)):
+        model_state, optim_state, state = ckpt.load_checkpoint(found[-1])
+        if controller is not None and state.get("sdmoe", {}).get("split_done"):
+            controller.prepare_for_load()
+            controller.rebind_optimizer(optimizer)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        if controller is not None:
+            controller.load_state_dict(state["sdmoe"])
+        ckpt.set_rng_state(state["rng"])
+        start_step = state["step"]
+        truncate_after(out / "metrics.jsonl", start_step)
+    else:
+        ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "running"})
+
+    log = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tensorboard")
+    if start_step == 0:
+        log.write({"event": "start", "step": 0, "trainable_parameters": count_parameters(model),
+                   "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains})
+
+    def save(step: int) -> None:
+        state = {"config": cfg.to_dict(), "sdmoe": controller.state_dict() if controller else {}}
+        try:
+            ckpt.save_checkpoint(ckpt_root, step, model.state_dict(), optimizer.state_dict(), state, lc.keep_checkpoints)
+        except OSError as e:
+            raise UserError(f"could not write checkpoint {step} to {ckpt_root} ({e.strerror}); free space or fix permissions, then --resume") from None
+
+    end_step = cfg.loop.steps if stop_after is None else min(cfg.loop.steps, start_step + stop_after)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if lc.bf16 else nullcontext()
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.loop.steps, desc=cfg.name,
+               disable=not progress, unit="step", dynamic_ncols=True)
+    val_loss: dict[str, float] = {}
+    window_t0, window_steps, skipped = time.perf_counter(), 0, 0
+    model.train()
+    for step in bar:
+        if controller is not None and (record := controller.maybe_split(step, optimizer, reference_batch)):
+            log.write({"event": "split", "step": step, **record})
+        lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, cfg.loop.steps, cfg.optim))
+
+        input_ids, _ = data.train.sample(step)
+        input_ids = input_ids.to(device)
+        with autocast:
+            out_ = model(input_ids=input_ids)
+            lm_loss = causal_lm_loss(out_.logits, input_ids)
+            balance = (
+                cfg.model.aux_loss_coef * out_.aux_loss if host_has_aux and out_.aux_loss is not None
+                else (None if loads.has_bias() else loads.aux_loss(cfg.model.aux_loss_coef))
+            )
+            loss = lm_loss if balance is None else lm_loss + balance
+        loss_value = lm_loss.item()
+        loss.backward()
+
+        if controller is not None:
+            if controller.split_done:
+                controller.after_backward(step)
+            else:
+                controller.observe(step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            where = _first_nonfinite_grad(model)
+            if lc.nan_policy == "skip":
+                optimizer.zero_grad(set_to_none=True)
+                loads.end_step(0.0)
+                skipped += 1
+                log.write({"event": "skipped", "step": step, "loss": loss_value, "nonfinite": where})
+                continue
+            last = ckpt.list_checkpoints(ckpt_root)
+            log.close()
+            raise NonFiniteError(
+                f"loss {loss_value} / gradient norm {grad_norm} is not finite at step {step} "
+                f"(first non-finite gradient: {where}); last good checkpoint: "
+                f"{last[-1].name if last else 'none'}; lower optim.lr or use --set loop.nan_policy=skip"
+            )
+
+        monitor = None
+        if lc.monitor_every and (step + 1) % lc.monitor_every == 0:
+            monitor = _spectral_snapshot(model, lc.monitor_rank)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loads.end_step(cfg.optim.bias_update_rate)
+        if controller is not None and controller.split_done:
+            if record := controller.after_optimizer_step(step, reference_batch):
+                log.write({"event": "reestimate", "step": step, **record})
+
+        window_steps += 1
+        done = step + 1
+        if done % lc.log_every == 0 or done == end_step:
+            elapsed = time.perf_counter() - window_t0
+            tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tok_s, "step_time": elapsed / window_steps,
+                      "load": loads.take_window().tolist()}
+            if balance is not None:
+                record["balance_loss"] = balance.item()
+            log.write(record)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+            window_t0, window_steps = time.perf_counter(), 0
+        if monitor is not None:
+            log.write({"event": "monitor", "step": done, **monitor})
+        if done % lc.eval_every == 0 or done == cfg.loop.steps:
+            val_loss = evaluate_loss(model, data.val, device)
+            log.write({"event": "eval", "step": done, "val": val_loss})
+            bar.write(f"step {done}: validation loss {val_loss['mean']:.3f}")
+        if done % lc.checkpoint_every == 0 or done == end_step:
+            save(done)
+    bar.close()
+
+    model_dir = None
+    final_step = end_step
+    if final_step >= cfg.loop.steps:
+        if not val_loss:
+            val_loss = evaluate_loss(model, data.val, device)
+        if controller is not None:
+            export(model)  # W_i = shared + tail written back into the host's own weights
+        model_dir = save_final_model(model, data.tokenizer, out / "model")
+        ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "done",
+                                                  "val_loss": val_loss, "skipped_steps": skipped})
+    log.close()
+    loads.remove()
+    return TrainResult(out, model_dir, final_step, val_loss, data.unigram_entropy_nats,
+                       time.perf_counter() - started, count_parameters(model))
+
+
+def _spectral_snapshot(model: torch.nn.Module, rank: int) -> dict[str, Any]:
+    from sdmoe.analysis.monitor import spectral_snapshot
+
+    return spectral_snapshot(model, rank)
+
+
+def save_final_model(model, tokenizer, target: Path) -> Path:
+    """`save_pretrained` into a temp dir beside `target`, then rename: never half a model."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_run_config(out_dir: str | Path) -> RunConfig:
+    run_file = Path(out_dir) / "run.json"
+    if not run_file.is_file():
+        raise UserError(f"{out_dir} holds no run.json; point at a directory written by `sdmoe train`")
+    return from_dict(json.loads(run_file.read_text(encoding="utf-8"))["config"])
