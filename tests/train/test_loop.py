@@ -33,7 +33,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_con
     tiny_config.method = method
     tiny_config.loop.checkpoint_every = 5
     train(tiny_config, tmp_path / "straight", progress=False, dataset=tiny_dataset)
-    # Stop after 8 steps: the last checkpoint is step 5 and (for SD-MoE) the split happened at step 5.
+    # Stop after 8 steps (checkpointed there, as a SIGTERM would be); for SD-MoE the split happened at step 5.
     train(tiny_config, tmp_path / "resumed", progress=False, dataset=tiny_dataset, stop_after=8)
     assert not (tmp_path / "resumed" / "model").exists()
     train(tiny_config, tmp_path / "resumed", resume=True, progress=False, dataset=tiny_dataset)

@@ -18,10 +18,13 @@ from sdmoe.moe import MoEBlock
 
 
 class LoadTracker:
-    def __init__(self, blocks: list[MoEBlock], top_k: int):
+    def __init__(self, blocks: list[MoEBlock], top_k: int, reduce=None):
         self.blocks = blocks
+        # Sums the step's counts over data-parallel ranks, so every rank's
+        # bias update sees the global load.
+        self.reduce = reduce or (lambda t: t)
         self.top_k = top_k
-        self.step_LE = torch.zeros(len(blocks), blocks[0].num_experts)
+        self.step_LE = torch.zeros(len(blocks), blocks[0].num_experts, device=blocks[0].router.weight.device)
         self.window_LE = torch.zeros_like(self.step_LE)
         self.logits: list[torch.Tensor] = []
         self._handles = [b.router.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
@@ -32,7 +35,7 @@ class LoadTracker:
                 return
             logits, indices = output[0], output[2]
             self.logits.append(logits)
-            self.step_LE[i] += torch.bincount(indices.reshape(-1).cpu(), minlength=self.step_LE.shape[1])
+            self.step_LE[i] += torch.bincount(indices.reshape(-1), minlength=self.step_LE.shape[1]).to(self.step_LE)
 
         return record
 
@@ -48,6 +51,7 @@ class LoadTracker:
     @torch.no_grad()
     def end_step(self, bias_rate: float) -> None:
         """Apply DeepSeek-V3's aux-loss-free bias update from this step's load; start the next step."""
+        self.step_LE = self.reduce(self.step_LE)
         for block, load in zip(self.blocks, self.step_LE):
             bias = getattr(block.router, "e_score_correction_bias", None)
             if bias is not None and bias_rate > 0:

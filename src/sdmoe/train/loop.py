@@ -33,9 +33,10 @@ from sdmoe.method import SDMoE, export
 from sdmoe.models import build_model, count_parameters
 from sdmoe.moe import find_moe_blocks
 from sdmoe.train import checkpoint as ckpt
+from sdmoe.train import distributed as dist
 from sdmoe.train.balance import LoadTracker
 from sdmoe.train.config import RunConfig, from_dict, validate
-from sdmoe.train.metrics import MetricsLog, truncate_after
+from sdmoe.train.metrics import MetricsLog, NullLog, truncate_after
 from sdmoe.train.optim import build_optimizer, lr_scale, set_learning_rates
 
 
@@ -103,10 +104,6 @@ def _jsonable(value: Any) -> Any:
 # -- the run --------------------------------------------------------------------
 
 
-def _device(cfg: RunConfig) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _first_nonfinite_grad(model: torch.nn.Module) -> str:
     for name, p in model.named_parameters():
         if p.grad is not None and not torch.isfinite(p.grad).all():
@@ -126,7 +123,10 @@ def train(
     (with a checkpoint), as an interrupted run would; `dataset` reuses prepared data."""
     validate(cfg)
     out = Path(out_dir)
-    prepare_out_dir(out, cfg, resume)
+    ctx = dist.setup()
+    if ctx.is_main:
+        prepare_out_dir(out, cfg, resume)
+    dist.barrier(ctx)
     started = time.perf_counter()
 
     lc = cfg.loop
@@ -135,14 +135,14 @@ def train(
     if lc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(lc.seed)
-    device = _device(cfg)
+    device = ctx.device
 
     data = dataset or prepare_dataset(cfg.data, seed=lc.seed)
     model = build_model(cfg.model, len(data.tokenizer), seed=lc.seed, eos_token_id=data.tokenizer.eos_token_id).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     controller = SDMoE(model, cfg.sdmoe) if cfg.method == "sd-moe" else None
     blocks = find_moe_blocks(model)
-    loads = LoadTracker(blocks, cfg.model.top_k)
+    loads = LoadTracker(blocks, cfg.model.top_k, reduce=lambda t: dist.sum_across_(t, ctx))
     host_has_aux = cfg.model.style not in ("deepseek_v2", "deepseek_v3")
     reference_batch = next(iter(data.val.values()))[0].to(device)
 
@@ -160,16 +160,20 @@ def train(
             controller.load_state_dict(state["sdmoe"])
         ckpt.set_rng_state(state["rng"])
         start_step = state["step"]
-        truncate_after(out / "metrics.jsonl", start_step)
-    else:
+        if ctx.is_main:
+            truncate_after(out / "metrics.jsonl", start_step)
+    elif ctx.is_main:
         ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "running"})
+    engine = dist.wrap(model, ctx)  # DDP in a torchrun launch, the model itself otherwise
 
-    log = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tensorboard")
+    log = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tensorboard") if ctx.is_main else NullLog()
     if start_step == 0:
         log.write({"event": "start", "step": 0, "trainable_parameters": count_parameters(model),
                    "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains})
 
     def save(step: int) -> None:
+        if not ctx.is_main:
+            return
         state = {"config": cfg.to_dict(), "sdmoe": controller.state_dict() if controller else {}}
         try:
             ckpt.save_checkpoint(ckpt_root, step, model.state_dict(), optimizer.state_dict(), state, lc.keep_checkpoints)
@@ -180,26 +184,28 @@ def train(
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if lc.bf16 else nullcontext()
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.loop.steps, desc=cfg.name,
-               disable=not progress, unit="step", dynamic_ncols=True)
+               disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
     val_loss: dict[str, float] = {}
     window_t0, window_steps, skipped = time.perf_counter(), 0, 0
     model.train()
     for step in bar:
         if controller is not None and (record := controller.maybe_split(step, optimizer, reference_batch)):
             log.write({"event": "split", "step": step, **record})
+            dist.broadcast_buffers(model, ctx)  # bases computed once, identical on every rank
+            engine = dist.wrap(model, ctx)  # the split replaced the expert parameters
         lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, cfg.loop.steps, cfg.optim))
 
         input_ids, _ = data.train.sample(step)
-        input_ids = input_ids.to(device)
+        input_ids = dist.shard_batch(input_ids, ctx).to(device)
         with autocast:
-            out_ = model(input_ids=input_ids)
+            out_ = engine(input_ids=input_ids)
             lm_loss = causal_lm_loss(out_.logits, input_ids)
             balance = (
                 cfg.model.aux_loss_coef * out_.aux_loss if host_has_aux and out_.aux_loss is not None
                 else (None if loads.has_bias() else loads.aux_loss(cfg.model.aux_loss_coef))
             )
             loss = lm_loss if balance is None else lm_loss + balance
-        loss_value = lm_loss.item()
+        loss_value = dist.mean_across(lm_loss.item(), ctx)
         loss.backward()
 
         if controller is not None:
@@ -236,7 +242,7 @@ def train(
 
         window_steps += 1
         done = step + 1
-        if done % lc.log_every == 0 or done == end_step:
+        if done % lc.log_every == 0 or done == cfg.loop.steps:
             elapsed = time.perf_counter() - window_t0
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
             record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
@@ -259,7 +265,7 @@ def train(
 
     model_dir = None
     final_step = end_step
-    if final_step >= cfg.loop.steps:
+    if final_step >= cfg.loop.steps and ctx.is_main:
         if not val_loss:
             val_loss = evaluate_loss(model, data.val, device)
         if controller is not None:
@@ -269,6 +275,8 @@ def train(
                                                   "val_loss": val_loss, "skipped_steps": skipped})
     log.close()
     loads.remove()
+    dist.barrier(ctx)
+    dist.cleanup(ctx)
     return TrainResult(out, model_dir, final_step, val_loss, data.unigram_entropy_nats,
                        time.perf_counter() - started, count_parameters(model))
 

@@ -34,6 +34,16 @@ class MetricsLog:
             self._tb.close()
 
 
+class NullLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in record.items():
