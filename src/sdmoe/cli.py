@@ -105,7 +105,8 @@ def _train(args) -> int:
         cfg.data.text = list(args.text)
     out = Path(args.out or f"runs/{cfg.name}-{cfg.method}-seed{cfg.loop.seed}")
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    print(result.summary())
+    if result.rank == 0:  # under torchrun, one summary
+        print(result.summary())
     return 0
 
 

@@ -97,6 +97,17 @@ def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
             dist.broadcast(buf, src=0)
 
 
+@torch.no_grad()
+def buffers_agree(module: nn.Module, ctx: DistContext) -> bool:
+    """Whether every rank holds bit-identical buffers (a checksum compared across ranks)."""
+    if not ctx.enabled:
+        return True
+    local = torch.stack([b.double().sum() for b in module.buffers()] or [torch.zeros((), dtype=torch.float64)])
+    gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, local.to(ctx.device))
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()

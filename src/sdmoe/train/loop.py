@@ -53,6 +53,7 @@ class TrainResult:
     unigram_entropy: float
     seconds: float
     trainable_parameters: int
+    rank: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -190,9 +191,9 @@ def train(
     model.train()
     for step in bar:
         if controller is not None and (record := controller.maybe_split(step, optimizer, reference_batch)):
-            log.write({"event": "split", "step": step, **record})
             dist.broadcast_buffers(model, ctx)  # bases computed once, identical on every rank
             engine = dist.wrap(model, ctx)  # the split replaced the expert parameters
+            log.write({"event": "split", "step": step, "ranks_agree": dist.buffers_agree(model, ctx), **record})
         lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, cfg.loop.steps, cfg.optim))
 
         input_ids, _ = data.train.sample(step)
@@ -258,7 +259,8 @@ def train(
         if done % lc.eval_every == 0 or done == cfg.loop.steps:
             val_loss = evaluate_loss(model, data.val, device)
             log.write({"event": "eval", "step": done, "val": val_loss})
-            bar.write(f"step {done}: validation loss {val_loss['mean']:.3f}")
+            if ctx.is_main:
+                bar.write(f"step {done}: validation loss {val_loss['mean']:.3f}")
         if done % lc.checkpoint_every == 0 or done == end_step:
             save(done)
     bar.close()
@@ -278,7 +280,7 @@ def train(
     dist.barrier(ctx)
     dist.cleanup(ctx)
     return TrainResult(out, model_dir, final_step, val_loss, data.unigram_entropy_nats,
-                       time.perf_counter() - started, count_parameters(model))
+                       time.perf_counter() - started, count_parameters(model), rank=ctx.rank)
 
 
 def _spectral_snapshot(model: torch.nn.Module, rank: int) -> dict[str, Any]:
