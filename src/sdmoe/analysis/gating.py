@@ -69,7 +69,8 @@ def routing_agreement(x_TD: torch.Tensor, router_ED: torch.Tensor, u_DK: torch.T
 
 
 def _random_basis(d: int, k: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+    # offset: a caller seeding its own data with `seed` must not get the same directions
+    gen = torch.Generator().manual_seed(1_000_003 + seed)
     return torch.linalg.qr(torch.randn(d, k, generator=gen)).Q
 
 

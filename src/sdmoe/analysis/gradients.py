@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sdmoe.analysis.capture import LayerCapture, capture
-from sdmoe.analysis.parameters import check_rank, choose_method
+from sdmoe.analysis.parameters import RANDOMIZED_ITERS, check_rank, choose_method
 from sdmoe.spectral import (
     data_subspace,
     expert_subspaces,
@@ -85,7 +85,8 @@ def gradient_overlap(g_EFD: torch.Tensor, k: int, r: int, layer: int = 0, projec
     if active:
         method = choose_method(d)
         sub = g[active]
-        u = expert_subspaces(sub, k, method, iters=4) if method == "randomized" else expert_subspaces(sub, k, method)
+        it = {"iters": RANDOMIZED_ITERS} if method == "randomized" else {}
+        u = expert_subspaces(sub, k, method, **it)
         o_AA = overlap_matrix(u)
         idx = torch.tensor(active)
         o[idx[:, None], idx[None, :]] = o_AA

@@ -23,7 +23,6 @@ from sdmoe.errors import UserError
 from sdmoe.moe.checkpoint import LayerWeights
 from sdmoe.spectral import (
     common_subspace,
-    energy_share,
     expert_subspaces,
     mean_off_diagonal,
     overlap_matrix,
@@ -34,6 +33,10 @@ PROJECTIONS = ("gate", "up", "down")
 # Above this hidden size per-expert subspaces use randomized subspace
 # iteration (E x D x (k+10) state) instead of E dense D x D eigendecompositions.
 EXACT_MAX_D = 1024
+# Power iterations of the randomized method. At real sizes the work is memory
+# bound (each iteration reads the whole E x F x D stack twice); 2 iterations
+# with 10 oversampling columns is the usual randomized-SVD setting.
+RANDOMIZED_ITERS = 2
 
 
 def choose_method(d: int, method: str = "auto") -> str:
@@ -57,6 +60,11 @@ def top_singular_values(w_EFD: torch.Tensor, u_EDK: torch.Tensor) -> torch.Tenso
     return vals.flip(-1).clamp_min(0).sqrt()
 
 
+def _share(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.zeros_like(num)).clamp(0, 1)
+
+
 @dataclass
 class ProjectionFindings:
     """Finding 1 for one layer and projection."""
@@ -66,7 +74,7 @@ class ProjectionFindings:
     k: int  # per-expert subspace rank
     r: int  # common subspace rank
     d: int
-    method: str
+    method: str  # "gram" (exact) or "randomized" (subspace iteration)
     overlap: list[list[float]]  # E x E
     mean_overlap: float  # mean off-diagonal
     baseline: float  # k/d
@@ -92,17 +100,21 @@ def projection_findings(
     check_rank(k, d)
     r = check_rank(r if r is not None else k, d, "common rank")
     method = choose_method(d, method)
-    w = w_EFD.detach().float() if w_EFD.dtype != torch.float64 else w_EFD.detach()
-    u_EDK = expert_subspaces(w, k, method, iters=4) if method == "randomized" else expert_subspaces(w, k, method)
+    w = w_EFD.detach()
+    if w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous():
+        # one pass: converted and contiguous (a transposed down projection otherwise stays strided)
+        w = torch.empty(w.shape, dtype=torch.float32 if w.dtype != torch.float64 else w.dtype).copy_(w)
+    it = {"iters": RANDOMIZED_ITERS} if method == "randomized" else {}
+    u_EDK = expert_subspaces(w, k, method, **it)
     o_EE = overlap_matrix(u_EDK)
     mean = mean_off_diagonal(o_EE)
     base = random_overlap_baseline(k, d)
     sv = top_singular_values(w, u_EDK)
     total = w.pow(2).sum(dim=(1, 2))
-    topk = torch.where(total > 0, sv.pow(2).sum(-1) / total.clamp_min(1e-30), torch.zeros_like(total)).clamp(0, 1)
+    topk = _share(sv.pow(2).sum(-1), total)
     cmethod = "gram" if method == "svd" else method
-    u_DR, eig = common_subspace(w, r, cmethod, iters=4) if cmethod == "randomized" else common_subspace(w, r, cmethod)
-    share = energy_share(w, u_DR)
+    u_DR, eig = common_subspace(w, r, cmethod, **it)
+    share = _share((w @ u_DR.to(w.dtype)).pow(2).sum(dim=(1, 2)), total)  # = energy_share(w, u_DR)
     return ProjectionFindings(
         layer=layer,
         projection=projection,

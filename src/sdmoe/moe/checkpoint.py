@@ -169,7 +169,7 @@ class ExpertCheckpoint:
                 handle = safe_open(str(file), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
                 raise UserError(
-                    f"file {file} is truncated or corrupt ({str(e).splitlines()[0]}); re-download it"
+                    f"file {file} is truncated or corrupt; re-download it (safetensors: {str(e).splitlines()[0]})"
                 ) from None
             self._handles[file] = handle
         return handle
@@ -186,7 +186,7 @@ class ExpertCheckpoint:
         try:
             return self._open(file).get_tensor(key)
         except SafetensorError as e:
-            raise UserError(f"file {file} is truncated or corrupt ({e}); re-download it") from None
+            raise UserError(f"file {file} is truncated or corrupt; re-download it (safetensors: {e})") from None
 
     # -- structure ---------------------------------------------------------
     def _find_layers(self) -> list[_LayerSpec]:
@@ -248,6 +248,14 @@ class ExpertCheckpoint:
         return self._shape(spec.tensors["gate_up_proj"])[0]
 
     @property
+    def expert_ffn(self) -> int:
+        spec = self._specs[0]
+        if spec.layout == "module_list":
+            return self._shape(spec.tensors["gate"][0])[0]
+        _, a, b = self._shape(spec.tensors["gate_up_proj"])
+        return (a if b == self.hidden_size else b) // 2
+
+    @property
     def top_k(self) -> int | None:
         for name in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
             if isinstance(self.config.get(name), int):
@@ -262,7 +270,13 @@ class ExpertCheckpoint:
 
     # -- reading -----------------------------------------------------------
     def read_layer(self, layer: int, dtype: torch.dtype | None = None) -> LayerWeights:
-        """One MoE layer's canonical weights (disk dtype unless `dtype` is given)."""
+        """One MoE layer's canonical weights.
+
+        `dtype=None` keeps the disk dtype. With a `dtype`, each expert tensor
+        is converted while being copied into one preallocated buffer per
+        projection (no second full-size copy), and the down projection is
+        stored hidden-last, so `projections()["down"]` is contiguous.
+        """
         spec = next((s for s in self._specs if s.layer == layer), None)
         if spec is None:
             raise UserError(f"layer {layer} holds no MoE block in {self.path}; MoE layers are {self.layers}")
@@ -275,15 +289,26 @@ class ExpertCheckpoint:
                 down = down.transpose(1, 2)
             f = gate_up.shape[1] // 2
             gate, up = gate_up[:, :f], gate_up[:, f:]
-        else:
+            if dtype is not None:
+                gate, up = gate.to(dtype).contiguous(), up.to(dtype).contiguous()
+                down = down.transpose(1, 2).to(dtype).contiguous().transpose(1, 2)
+        elif dtype is None:
             e = len(spec.tensors["gate"])
             gate, up, down = (
                 torch.stack([self._get(spec.tensors[role][i]) for i in range(e)]) for role in ("gate", "up", "down")
             )
+        else:
+            e = len(spec.tensors["gate"])
+            f, d = self._shape(spec.tensors["gate"][0])
+            gate, up, down_T = (torch.empty(e, f, d, dtype=dtype) for _ in range(3))
+            for i in range(e):
+                gate[i].copy_(self._get(spec.tensors["gate"][i]))
+                up[i].copy_(self._get(spec.tensors["up"][i]))
+                down_T[i].copy_(self._get(spec.tensors["down"][i]).T)
+            down = down_T.transpose(1, 2)  # canonical (E, D, F) view of hidden-last storage
         router = self._get(spec.router) if spec.router else None
-        if dtype is not None:
-            gate, up, down = gate.to(dtype), up.to(dtype), down.to(dtype)
-            router = router.to(dtype) if router is not None else None
+        if dtype is not None and router is not None:
+            router = router.to(dtype)
         return LayerWeights(spec.layer, spec.block, gate, up, down, router)
 
     def iter_layers(self, layers: list[int] | None = None, dtype: torch.dtype | None = None) -> Iterator[LayerWeights]:

@@ -1,0 +1,158 @@
+"""The compare report: one self-contained HTML page from the compare's summary dict.
+
+Imports no model code: `write_report(out, summary)` renders what
+`sdmoe.experiments.claims.summarize` computed from the run files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sdmoe.report.html import HtmlReport, Raw, badge_html
+from sdmoe.report.plots import _png, plt
+
+VARIANT_COLORS = {"baseline": "#4c72b0", "sd-moe": "#c44e52", "control": "#8172b2"}
+
+
+def _color(variant: str, i: int) -> str:
+    return VARIANT_COLORS.get(variant, f"C{(i + 3) % 10}")
+
+
+def _group_curves(runs: list[dict], style: str, lr_mult: float, field: str, key: str) -> dict[str, tuple]:
+    """variant -> (steps, matrix seeds x steps) on the steps every seed has."""
+    out: dict[str, tuple] = {}
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["style"] == style and float(r["lr_mult"]) == float(lr_mult) and r[field]["step"]:
+            groups.setdefault(r["variant"], []).append(r)
+    for variant, rs in groups.items():
+        steps = sorted(set.intersection(*(set(r[field]["step"]) for r in rs)))
+        if not steps:
+            continue
+        rows = []
+        for r in rs:
+            m = dict(zip(r[field]["step"], r[field][key]))
+            rows.append([m[s] if m[s] is not None else np.nan for s in steps])
+        out[variant] = (np.asarray(steps, float), np.asarray(rows, float))
+    return out
+
+
+def curves_plot(curves: dict[str, tuple], title: str, ylabel: str, hline: float | None = None,
+                hlabel: str = "", styles: dict[str, str] | None = None) -> bytes:
+    """Mean line per group with a min-max band over seeds."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for i, (name, (x, y)) in enumerate(curves.items()):
+        c = _color(name.split(" ")[0], i)
+        mean = np.nanmean(y, axis=0)
+        ax.plot(x, mean, color=c, lw=1.5, ls=(styles or {}).get(name, "-"), label=f"{name} (n={y.shape[0]})")
+        if y.shape[0] > 1:
+            ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0), color=c, alpha=0.18, lw=0)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls=":", lw=1, label=hlabel)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def _loss_ylim_curves(curves: dict[str, tuple]) -> dict[str, tuple]:
+    # Drop the first evaluation (random init, far above the rest) so the differences show.
+    return {k: (x[1:], y[:, 1:]) if len(x) > 2 else (x, y) for k, (x, y) in curves.items()}
+
+
+def write_report(out: str | Path, summary: dict) -> Path:
+    out = Path(out)
+    cfg = summary["config"]
+    doc = HtmlReport(
+        "SD-MoE compare: the paper's claims, measured",
+        subtitle=f"train preset {cfg['preset']}; styles {', '.join(cfg['styles'])}; {cfg['seeds']} seeds; "
+                 f"{summary['n_done']} of {summary['n_runs']} runs done"
+                 + (f", {summary['n_diverged']} diverged" if summary["n_diverged"] else ""),
+    )
+    runs = summary["runs"]
+
+    sec = doc.section("Claims", intro="Each verdict is computed from the runs: reproduced when the 95% t-interval "
+                                      "lies wholly on the claimed side, not reproduced when it lies wholly on the "
+                                      "other side, inconclusive otherwise. Pairs share style, seed and learning "
+                                      "rate: same initial weights and data order.")
+    sec.table([{"claim": c["claim"], "paper's claim": c["statement"], "measured (mean [95% CI])": c["figure"],
+                "verdict": Raw(badge_html(c["verdict"], c["badge"])), "n": c["n"], "notes": c["note"]}
+               for c in summary["claims"]])
+    sub = sec.subsection("How each claim is measured")
+    sub.table([{"claim": c["claim"], "measure": c["measure"]} for c in summary["claims"]])
+    per_pair = []
+    for c in summary["claims"]:
+        for k, v in (c.get("per_pair") or {}).items():
+            per_pair.append({"claim": c["claim"], "pair": k, "value": v})
+    if per_pair:
+        sec.subsection("Per pair").table(per_pair, floatfmt="{:.4f}")
+
+    sec = doc.section("Validation loss", intro="Final mean validation loss over domains (nats/token) at the tuned "
+                                               "rate, mean and 95% interval over seeds; std = seed-to-seed spread.")
+    sec.table(summary["variants"], floatfmt="{:.4f}")
+    for st in cfg["styles"]:
+        curves = _group_curves(runs, st, 1.0, "curve", "mean")
+        if curves:
+            sec.image(curves_plot(_loss_ylim_curves(curves), f"{st}: validation loss (band: min-max over seeds)",
+                                  "mean validation loss (nats)"), caption=f"{st}, 1x learning rate")
+
+    sec = doc.section("Per-domain perplexity", intro="Perplexity exp(loss) per domain, 95% interval over seeds; "
+                                                     "gain = paired baseline - variant loss (nats) with its interval.")
+    sec.table(summary["domains"], floatfmt="{:.3f}")
+
+    sec = doc.section("Spectral similarity over training",
+                      intro="Mean off-diagonal overlap of the experts' top-k subspaces (solid) and of SD-MoE's tails "
+                            "(dashed), from the trainer's monitor records; dotted: random subspaces (k/d).")
+    for st in cfg["styles"]:
+        curves, styles = {}, {}
+        for field, key, suffix, ls in (("monitor", "param_overlap", "experts", "-"),
+                                       ("monitor", "tails_overlap", "tails", "--")):
+            for variant, xy in _group_curves(runs, st, 1.0, field, key).items():
+                if np.isfinite(xy[1]).any():
+                    name = f"{variant} {suffix}"
+                    curves[name], styles[name] = xy, ls
+        kd = next((r["monitor"]["baseline"] for r in runs if r["style"] == st and r["monitor"]["baseline"]), None)
+        if curves:
+            sec.image(curves_plot(curves, f"{st}: inter-expert subspace overlap", "overlap", kd, "k/d", styles),
+                      caption=f"{st}, 1x learning rate")
+        else:
+            sec.paragraph(f"{st}: no monitor records (loop.monitor_every = 0?)")
+
+    sec = doc.section("Learning-rate sweep", intro="Rates relative to the preset's tuned rate; the baseline's best "
+                                                   "multiplier should be 1 for the comparison to be fair.")
+    if summary["lr_sweep"]:
+        best = {r["style"]: r.get("baseline_best_mult") for r in summary["lr_sweep"]}
+        for st, m in best.items():
+            if m is not None:
+                sec.badge(f"{st}: baseline best at {m:g}x", "pass" if m == 1.0 else "warn")
+        sec.table(summary["lr_sweep"], floatfmt="{:.4g}")
+    else:
+        sec.paragraph("no learning-rate sweep in this compare")
+
+    sec = doc.section("Ablations", intro="Each variant at the tuned rate; gain = paired baseline - variant final "
+                                         "loss (nats) with its 95% interval; step time relative to the paired "
+                                         "baseline after the split.")
+    rows = []
+    for r in summary["ablations"]:
+        badge = {"reproduced": "pass", "not reproduced": "fail"}.get(r["verdict"], "warn")
+        label = {"reproduced": "better", "not reproduced": "worse"}.get(r["verdict"], "no clear difference")
+        rows.append({**{k: v for k, v in r.items() if k != "verdict"}, "vs baseline": Raw(badge_html(label, badge))})
+    sec.table(rows, floatfmt="{:.4f}")
+
+    sec = doc.section("Compute and parameters")
+    claim_e = next((c for c in summary["claims"] if c["claim"] == "e"), None)
+    if claim_e:
+        sec.paragraph(f"SD-MoE / baseline step time after the split: {claim_e['figure']}.")
+    sec.table(summary["parameters"])
+    sec.paragraph("while_training: trainable parameters after the split (SD-MoE's shared parts are extra).")
+
+    sec = doc.section("Runs")
+    sec.table([{"run": r["run_id"], "status": r["status"], "final loss": r["final_mean"],
+                "wall s": r["wall_s"], "steps": r["steps"]} for r in runs], floatfmt="{:.4g}")
+    target = out / "report.html"
+    doc.write(target)
+    return target
