@@ -83,9 +83,9 @@ def gram_apply(w_EFD: torch.Tensor, q_DQ: torch.Tensor) -> tuple[torch.Tensor, t
     e, f, d = w_EFD.shape
     try:
         w2 = w_EFD.view(e * f, d)
-    except RuntimeError:  # e.g. a transposed down projection: stay batched, no copy
-        y = torch.matmul(w_EFD, q_DQ)  # E x F x Q
-        z = torch.matmul(w_EFD.transpose(-1, -2), y).sum(0)  # D x Q
+    except RuntimeError:  # e.g. a transposed down projection: batched GEMMs read the strides, no copy of W
+        y = torch.bmm(w_EFD, q_DQ.expand(e, d, q_DQ.shape[-1]))  # E x F x Q
+        z = torch.bmm(w_EFD.transpose(-1, -2), y).sum(0)  # E x D x Q -> D x Q
         return z, y
     y = w2 @ q_DQ  # EF x Q
     z = w2.T @ y  # D x Q
