@@ -20,6 +20,8 @@ examples:
   sdmoe train --preset small --set optim.lr=0.006 --set model.style=qwen2_moe
   sdmoe generate runs/demo-baseline/model --prompt "Once upon a time"
   sdmoe analyze runs/demo-baseline/model --rank 8 --out runs/demo-analysis
+  sdmoe compare --preset demo --out runs/compare-demo   the main job: baseline vs SD-MoE, one report
+  sdmoe report runs/compare-demo                        rebuild that report from the run files
 """
 
 
@@ -29,8 +31,25 @@ def _add_text(p: argparse.ArgumentParser) -> None:
                         "label of its files); default: the bundled corpora (drama, encyclopedia, fairy tales)")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where it says something (not None, [], False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, [], False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`sdmoe: error: ...`) and exit 2, like a UserError."""
+
+    def error(self, message: str):
+        hint = f"; see `{self.prog} --help`"
+        self.exit(2, f"sdmoe: error: {' '.join(message.split())}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sdmoe",
         description="Spectral-Decoupled Mixture-of-Experts: diagnose why MoE experts fail to specialise, "
                     "train with SD-MoE, and export ordinary transformers checkpoints.",
@@ -38,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sdmoe {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a MoE language model (baseline or SD-MoE)",
                        description="Train a transformers MoE language model on real text. Checkpoints are atomic; "
                                    "--resume continues exactly where a run stopped. The final model is a "
                                    "save_pretrained directory (OUT/model) that plain transformers loads.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     t.add_argument("--preset", default="demo", help="tiny (seconds, tests) | demo (minutes) | small (the spec's lab model, ~1 h on 2 cores)")
     t.add_argument("--config", metavar="FILE", help="JSON file of sections (model, data, optim, loop, sdmoe) overriding the preset; "
                                                     "\"preset\": NAME inside picks the base")
@@ -60,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = sub.add_parser("generate", help="sample text from a saved model directory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     g.add_argument("model_dir", metavar="DIR", help="a save_pretrained directory, e.g. runs/demo-baseline-seed0/model")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=60)
@@ -72,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Parameter overlap, gradient alignment and gating bias of every MoE layer, plus "
                                    "expert load and specialisation. PATH is any local transformers MoE checkpoint "
                                    "directory (fused v5 experts or per-expert module lists); weights load layer by layer.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     a.add_argument("path", metavar="PATH", help="checkpoint directory (config.json + safetensors + tokenizer)")
     _add_text(a)
     a.add_argument("--layers", help="comma-separated MoE layer indices (default: all)")
@@ -82,6 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--out", help="output directory (default: PATH/../analysis)")
     a.add_argument("--force", action="store_true", help="overwrite a previous analysis in --out")
+    c = sub.add_parser("compare", help="baseline against SD-MoE: matched seeds, sweeps, one report with verdicts",
+                       description="Train matched pairs (same initial weights, data order and seed; the only "
+                                   "difference is SD-MoE) plus the control and the sweeps of the preset, then write "
+                                   "OUT/report.html: every claim of the paper with our measured figure, its 95%% "
+                                   "interval and a verdict computed from the runs. Re-running the same command "
+                                   "skips finished runs and resumes interrupted ones.",
+                       formatter_class=_Help)
+    c.add_argument("--preset", default="demo", help="demo (about 10 min on 2 cores) | paper (the full grid; hours on CPU) | tiny")
+    c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
+    c.add_argument("--seeds", type=int, help="seeds per pair (default: the preset's)")
+    c.add_argument("--steps", type=int, help="training steps per run (default: the train preset's)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="train-config override applied to every run, e.g. --set loop.threads=2")
+    _add_text(c)
+    c.add_argument("--out", default="runs/compare-demo", help="compare directory")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="rebuild a compare's report.html, summary.json and summary.csv from its run files")
+    r.add_argument("out", metavar="DIR", help="a directory written by `sdmoe compare`")
     return parser
 
 
@@ -132,14 +170,46 @@ def _analyze(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze}
+def _compare(args) -> int:
+    from sdmoe.experiments.compare import run_compare
+    from sdmoe.experiments.grid import compare_preset
+
+    cfg = compare_preset(args.preset)
+    if args.styles:
+        cfg.styles = [s.strip() for s in args.styles.split(",") if s.strip()]
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    if args.steps is not None:
+        cfg.steps = args.steps
+    cfg.overrides = list(cfg.overrides) + list(args.overrides)
+    if args.text:
+        cfg.text = list(args.text)
+    result = run_compare(cfg, args.out, progress=not args.quiet)
+    print(result.text)
+    return 0
+
+
+def _report(args) -> int:
+    from sdmoe.experiments.compare import rebuild_report
+
+    print(rebuild_report(args.out))
+    return 0
+
+
+COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze, "compare": _compare, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help/--version exit 0 as usual; a usage error returns 2
+        if e.code in (0, None):
+            raise
+        return int(e.code) if isinstance(e.code, int) else 2
     if not args.command:
-        parser.print_help()
+        print(f"sdmoe: error: no command given; choose one of {', '.join(COMMANDS)} (see `sdmoe --help`)",
+              file=sys.stderr)
         return 2
     warnings.filterwarnings("ignore", category=UserWarning)
     try:

@@ -49,6 +49,29 @@ def chunk_text(text: str, chunk_chars: int = CHUNK_CHARS) -> Iterator[str]:
         pos = end
 
 
+# BPE training time grows with the square of a pre-token's length: one 300 kB run
+# without whitespace takes minutes. Runs longer than this are fed to the trainer
+# in pieces (training only; encoding always sees the whole text). Real words are
+# far shorter, so ordinary corpora train exactly as before.
+MAX_TRAIN_WORD = 1000
+_LONG_RUN = re.compile(r"\S{%d,}" % (MAX_TRAIN_WORD + 1))
+
+
+def cap_words(text: str, max_chars: int = MAX_TRAIN_WORD) -> Iterator[str]:
+    """`text` as is, or, if it has a run of over `max_chars` non-space characters, in pieces that cut those runs."""
+    pos = 0
+    for m in _LONG_RUN.finditer(text):
+        if m.start() > pos:
+            yield text[pos : m.start()]
+        for i in range(m.start(), m.end(), max_chars):
+            yield text[i : min(i + max_chars, m.end())]
+        pos = m.end()
+    if pos == 0:
+        yield text
+    elif pos < len(text):
+        yield text[pos:]
+
+
 def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB:
         raise UserError(
@@ -77,7 +100,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    chunks = (c for t in texts for c in chunk_text(t))
+    chunks = (piece for t in texts for c in chunk_text(t) for piece in cap_words(c))
     # tqdm shows only when counting takes over a second and stderr is a terminal.
     progress = tqdm(chunks, desc="training tokenizer", unit="chunk", delay=1.0, disable=None)
     backend.train_from_iterator(progress, trainer=trainer)

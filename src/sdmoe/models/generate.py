@@ -9,6 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdmoe.errors import UserError
 
+# Files one of which a saved tokenizer always has (fast, sentencepiece, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
 
 def load_pretrained(path: str | Path):
     """Model and tokenizer from a local `save_pretrained` directory, with one-line errors."""
@@ -18,6 +21,10 @@ def load_pretrained(path: str | Path):
     if not (p / "config.json").is_file():
         hint = " (the trained model is in its model/ subdirectory)" if (p / "model" / "config.json").is_file() else ""
         raise UserError(f"{p} has no config.json{hint}; pass a directory written by save_pretrained")
+    # transformers 5 builds an EMPTY tokenizer from config.json alone; without its files, say so.
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{p} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        "save the tokenizer beside the model (tokenizer.save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here

@@ -41,11 +41,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. ENOSPC: no stray temp file beside the old one
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(
@@ -87,11 +91,15 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def clean_partial(ckpt_root: Path) -> None:
-    """Remove temporary directories a killed process left behind."""
+    """Remove what a killed process left half-written in `ckpt_root`: `.tmp-*`
+    directories (checkpoints, the final model) and `.<name>.*.tmp` files (JSON, metrics)."""
     if ckpt_root.is_dir():
         for p in ckpt_root.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+            if p.name.startswith(".tmp-") or (p.name.startswith(".") and p.name.endswith(".tmp")):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:

@@ -219,3 +219,12 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"loop.{name} must be positive, got {getattr(cfg.loop, name)}")
     # Model shape errors surface before any data is read or directory written.
     validate_model(cfg.model, cfg.data.vocab_size)
+    if cfg.method == "sd-moe":
+        # So do SD-MoE errors (unknown basis source, rank out of range), not after the run dir exists.
+        cfg.sdmoe.validate()
+        cfg.sdmoe.resolve_ranks(cfg.model.hidden_size, cfg.model.num_layers)
+        if cfg.sdmoe.split_step >= cfg.loop.steps:
+            raise UserError(
+                f"sdmoe.split_step={cfg.sdmoe.split_step} is not before loop.steps={cfg.loop.steps}: the run would end "
+                "before SD-MoE splits the experts; lower sdmoe.split_step or raise --steps"
+            )

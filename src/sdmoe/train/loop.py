@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.data import prepare_dataset
 from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
@@ -148,7 +149,9 @@ def train(
     reference_batch = next(iter(data.val.values()))[0].to(device)
 
     ckpt_root = out / "checkpoints"
-    ckpt.clean_partial(ckpt_root)
+    if ctx.is_main:
+        ckpt.clean_partial(ckpt_root)
+        ckpt.clean_partial(out)  # a final model or run.json a killed process was writing
     start_step = 0
     if resume and (found := ckpt.list_checkpoints(ckpt_root)):
         model_state, optim_state, state = ckpt.load_checkpoint(found[-1])
@@ -164,6 +167,8 @@ def train(
         if ctx.is_main:
             truncate_after(out / "metrics.jsonl", start_step)
     elif ctx.is_main:
+        if resume:  # killed before its first checkpoint: start over, without the dead run's records
+            truncate_after(out / "metrics.jsonl", -1)
         ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "running"})
     engine = dist.wrap(model, ctx)  # DDP in a torchrun launch, the model itself otherwise
 
@@ -233,7 +238,9 @@ def train(
 
         monitor = None
         if lc.monitor_every and (step + 1) % lc.monitor_every == 0:
-            monitor = _spectral_snapshot(model, lc.monitor_rank)
+            monitor = spectral_snapshot(model, lc.monitor_rank)
+            if controller is not None and controller.split_done:
+                monitor["sdmoe"] = controller.monitor(lc.monitor_rank)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loads.end_step(cfg.optim.bias_update_rate)
@@ -270,9 +277,13 @@ def train(
     if final_step >= cfg.loop.steps and ctx.is_main:
         if not val_loss:
             val_loss = evaluate_loss(model, data.val, device)
-        if controller is not None:
+        if controller is not None and controller.split_done:
             export(model)  # W_i = shared + tail written back into the host's own weights
-        model_dir = save_final_model(model, data.tokenizer, out / "model")
+        try:
+            model_dir = save_final_model(model, data.tokenizer, out / "model")
+        except OSError as e:
+            raise UserError(f"could not write the final model to {out / 'model'} ({e.strerror or e}); "
+                            "free space or fix permissions, then --resume") from None
         ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "done",
                                                   "val_loss": val_loss, "skipped_steps": skipped})
     log.close()
@@ -281,12 +292,6 @@ def train(
     dist.cleanup(ctx)
     return TrainResult(out, model_dir, final_step, val_loss, data.unigram_entropy_nats,
                        time.perf_counter() - started, count_parameters(model), rank=ctx.rank)
-
-
-def _spectral_snapshot(model: torch.nn.Module, rank: int) -> dict[str, Any]:
-    from sdmoe.analysis.monitor import spectral_snapshot
-
-    return spectral_snapshot(model, rank)
 
 
 def save_final_model(model, tokenizer, target: Path) -> Path:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from sdmoe.errors import UserError
 
 
 class MetricsLog:
@@ -21,8 +25,12 @@ class MetricsLog:
                 self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise UserError(f"could not write metrics to {self.path} ({e.strerror or e}); "
+                            "free space or fix permissions, then --resume") from None
         if self._tb is not None and "step" in record:
             for key, value in _flatten(record).items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -67,8 +75,26 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+# Events logged with the 0-based index of the step they happen in (before or inside it);
+# every other record carries the number of steps done. A checkpoint after `step`
+# steps holds the former only for indices < step.
+_STEP_INDEX_EVENTS = ("split", "reestimate", "skipped")
+
+
+def _before(record: dict[str, Any], step: int) -> bool:
+    s = record.get("step", -1)
+    return s < step if record.get("event") in _STEP_INDEX_EVENTS else s <= step
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """On resume, drop records past the checkpoint so the log matches the run."""
+    """On resume, drop records past the checkpoint so the log matches the run (atomic rewrite)."""
     if path.is_file():
-        kept = [r for r in read_metrics(path) if r.get("step", -1) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        kept = [r for r in read_metrics(path) if _before(r, step)]
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

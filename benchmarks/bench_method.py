@@ -1,0 +1,215 @@
+"""Step time and peak memory of SD-MoE training against the plain MoE, in one process.
+
+    .venv/bin/python benchmarks/bench_method.py            # the spec's lab model (d=128, 4 layers, E=8, top-2)
+    .venv/bin/python benchmarks/bench_method.py --quick    # smaller, ~1 minute
+
+Both models are the same qwen3_moe (same seed); the baseline is a plain AdamW
+training step (forward, backward, clip 1.0, step, zero_grad), SD-MoE the same
+step driven by the controller (split at step 0, default config: shared/full,
+per-step gradient split, r = d/4, one tracker iteration). After a warm-up the
+timed steps alternate A B A B ... so drift of the machine (other processes,
+clocks) hits both sides alike; medians are reported. Each step is also timed
+by phase (and by process CPU time, steadier than wall time when other
+processes share the cores), and the split's own work is timed alone (tracker, applying the
+split, materialising W = S + T).
+
+Peak memory: each side runs again in its own subprocess (`--memory-child`)
+that builds the model, runs one step (so optimizer state and, for SD-MoE, the
+split's parts exist), resets the kernel's peak-RSS counter
+(/proc/self/clear_refs), runs more steps and reads VmHWM: the peak resident
+set of the whole process during training steps (Python, torch, weights,
+optimizer state, activations, gradients). Also printed: that peak minus the
+resident set before the steps (the step's transient working set). RSS counts
+pages the allocator keeps, so it is an upper bound on live tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from sdmoe.method import SDMoE, SDMoEConfig, kernels
+from sdmoe.models import ModelConfig, build_model
+
+
+def shapes(quick: bool) -> dict:
+    if quick:
+        return dict(d=64, layers=2, experts=8, top_k=2, f=64, vocab=1024, batch=8, seq=64)
+    return dict(d=128, layers=4, experts=8, top_k=2, f=128, vocab=4096, batch=16, seq=128)
+
+
+def build(s: dict):
+    cfg = ModelConfig(style="qwen3_moe", hidden_size=s["d"], num_layers=s["layers"], num_heads=4,
+                      num_experts=s["experts"], top_k=s["top_k"], expert_ffn=s["f"], aux_loss_coef=0.0)
+    return build_model(cfg, s["vocab"], seed=0)
+
+
+class Side:
+    """One training setup; `step()` returns its phase times (seconds)."""
+
+    def __init__(self, s: dict, sdmoe: bool, cfg: SDMoEConfig | None = None):
+        self.model = build(s)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1)
+        self.ctl = SDMoE(self.model, cfg or SDMoEConfig(split_step=0)) if sdmoe else None
+        if self.ctl is not None:
+            self.ctl.maybe_split(0, self.opt)
+        g = torch.Generator().manual_seed(0)
+        self.batches = [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g) for _ in range(4)]
+        self.n = 0
+
+    def step(self) -> dict[str, float]:
+        ids = self.batches[self.n % len(self.batches)]
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        logits = self.model(input_ids=ids).logits
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        t1 = time.perf_counter()
+        if self.ctl is not None:
+            self.ctl.after_backward(self.n)
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        t3 = time.perf_counter()
+        if self.ctl is not None:
+            self.ctl.after_optimizer_step(self.n)
+        self.opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        self.n += 1
+        return {"fwd_bwd": t1 - t0, "split": t2 - t1, "clip_step": t3 - t2, "after_step": t4 - t3,
+                "cpu": time.process_time() - c0, "total": t4 - t0}
+
+
+def split_breakdown(side: Side, reps: int) -> dict[str, float]:
+    """The split's own work per training step, each part timed alone (median ms over reps)."""
+    ctl = side.ctl
+    ids = side.batches[0]
+    logits = side.model(input_ids=ids).logits
+    nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    grads = [{p: g.clone() for p, g in st.tail_views("grad")[0].items()} for st in ctl.states]
+    qs = [{p: st.q(p).clone() for p in st.projs} for st in ctl.states]
+
+    def timed(fn):
+        out = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(out)
+
+    def tracker():
+        for st, gs, q0 in zip(ctl.states, grads, qs):
+            for p, g in gs.items():
+                st.q(p).copy_(q0[p])
+                kernels.track(g, st.q(p), ctl.cfg.tracker_iters, st.r, ctl.cfg.tracker_oversample > 0)
+
+    work = [{p: g.clone() for p, g in gs.items()} for gs in grads]
+
+    def apply():
+        for st, gs in zip(ctl.states, work):
+            for p, g in gs.items():
+                kernels.project_out(g, st.q(p)[:, : st.r])
+                sg = st.coef_grad(p)
+                if sg is not None:
+                    kernels.keep_inside(sg, st.q(p)[:, : st.r])
+
+    def materialise_fwd():
+        with torch.no_grad():
+            for st in ctl.states:
+                st.materialise("gate_up")
+                st.materialise("down")
+
+    gu = [torch.randn_like(st.tails_gate_up) for st in ctl.states]
+    dn = [torch.randn_like(st.tails_down) for st in ctl.states]
+
+    def materialise_fwd_bwd():
+        outs = [st.materialise(h) for st in ctl.states for h in ("gate_up", "down")]
+        torch.autograd.backward(outs, [g for pair in zip(gu, dn) for g in pair])
+
+    r = {"tracker_ms": timed(tracker), "apply_split_ms": timed(apply),
+         "materialise_fwd_ms": timed(materialise_fwd), "materialise_fwd_bwd_ms": timed(materialise_fwd_bwd)}
+    side.opt.zero_grad(set_to_none=True)
+    return r
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(s: dict, sdmoe: bool, steps: int) -> None:
+    torch.set_num_threads(2)
+    side = Side(s, sdmoe)
+    side.step()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    for _ in range(steps):
+        side.step()
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_kb": peak, "step_kb": peak - before}))
+
+
+def memory(s_quick: bool, steps: int) -> dict:
+    out = {}
+    for name, flag in (("baseline", "0"), ("sdmoe", "1")):
+        cmd = [sys.executable, __file__, "--memory-child", flag, "--steps", str(steps)] + (["--quick"] if s_quick else [])
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[name] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller model and batch")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per side (default 30, quick 20)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    s = shapes(args.quick)
+    steps = args.steps or (20 if args.quick else 30)
+    if args.memory_child is not None:
+        memory_child(s, args.memory_child == "1", args.warmup + 3)
+        return
+    torch.set_num_threads(args.threads)
+    print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, interleaved")
+    base, sd = Side(s, False), Side(s, True)
+    for _ in range(args.warmup):
+        base.step()
+        sd.step()
+    times = {"baseline": [], "sdmoe": []}
+    for _ in range(steps):
+        times["baseline"].append(base.step())
+        times["sdmoe"].append(sd.step())
+    med = {k: {ph: 1e3 * statistics.median(t[ph] for t in v) for ph in v[0]} for k, v in times.items()}
+    for k in ("baseline", "sdmoe"):
+        print(f"{k:9s} median step {med[k]['total']:8.1f} ms  (" +
+              ", ".join(f"{ph} {ms:.1f}" for ph, ms in med[k].items() if ph not in ("total", "cpu")) + f"; process CPU time {med[k]['cpu']:.1f})")
+    pair = [b["total"] / a["total"] for a, b in zip(times["baseline"], times["sdmoe"])]
+    print(f"step time ratio sdmoe/baseline: median of medians {med['sdmoe']['total'] / med['baseline']['total']:.3f}, "
+          f"median of paired ratios {statistics.median(pair):.3f} (target <= 1.03; paper ~1.05); "
+          f"process CPU time ratio {med['sdmoe']['cpu'] / med['baseline']['cpu']:.3f}")
+    bd = split_breakdown(sd, reps=10)
+    print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))
+    if not args.no_memory:
+        mem = memory(args.quick, args.warmup)
+        b, m = mem["baseline"], mem["sdmoe"]
+        print(f"peak RSS during training steps (VmHWM, whole process): baseline {b['peak_kb'] / 1024:.0f} MiB, sdmoe "
+              f"{m['peak_kb'] / 1024:.0f} MiB, ratio {m['peak_kb'] / b['peak_kb']:.3f}; step working set "
+              f"(peak - RSS before the steps): baseline {b['step_kb'] / 1024:.0f} MiB, sdmoe {m['step_kb'] / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

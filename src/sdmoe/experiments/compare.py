@@ -1,0 +1,244 @@
+"""`sdmoe compare`: run the matched grid of `grid.plan`, then aggregate and report.
+
+    out/compare.json                 the CompareConfig (a different one on the same out is refused)
+    out/runs/<style>/<variant>/lr<m>/seed<s>/   one `train()` run each (run.json, metrics.jsonl, model/)
+        compare_run.json             the run's spec, wall time, trainable parameters after the split
+        analysis.json                post-hoc analysis of the final model (routing, domain MI)
+    out/summary.json, summary.csv, report.html   (`rebuild_report(out)` re-creates them)
+
+The dataset is prepared once and shared by every run; each seed gets its own
+data order (the batches are a pure function of (seed, step)). A finished run is
+skipped, an interrupted one resumed, a diverged one recorded as such.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdmoe.errors import UserError
+from sdmoe.experiments.grid import CompareConfig, RunSpec, plan
+
+COMPARE_FILE = "compare.json"
+RUN_FILE = "compare_run.json"
+ANALYSIS_FILE = "analysis.json"
+
+
+@dataclass
+class CompareResult:
+    out_dir: Path
+    config: CompareConfig
+    runs: list[dict[str, Any]]  # run_id, action (trained | resumed | skipped | diverged), wall_s
+    summary: dict[str, Any] = field(default_factory=dict)
+    text: str = ""  # the terminal summary
+    report: Path | None = None
+
+    def summary_text(self) -> str:
+        return self.text
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    from sdmoe.report.html import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
+    """Write out/compare.json, or check that the one there holds the same settings."""
+    saved_file = out / COMPARE_FILE
+    if saved_file.is_file():
+        saved = _read_json(saved_file)
+        if saved is None or saved.get("config") != cfg.to_dict():
+            raise UserError(f"{out} holds a compare with other settings; use another --out "
+                            "(or the same settings to resume it)")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} is not empty and holds no compare; choose an empty or new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(saved_file, {"version": 1, "config": cfg.to_dict()})
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf -> None (the summary is read by other tools)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def load_compare_config(out: str | Path) -> CompareConfig:
+    saved = _read_json(Path(out) / COMPARE_FILE)
+    if saved is None:
+        raise UserError(f"{out} holds no {COMPARE_FILE}; point at a directory written by `sdmoe compare`")
+    return CompareConfig.from_dict(saved["config"])
+
+
+def run_state(run_dir: Path) -> str:
+    """"done" | "diverged" | "partial" (resumable) | "new"."""
+    mine = _read_json(run_dir / RUN_FILE) or {}
+    if mine.get("status") == "diverged":
+        return "diverged"
+    run = _read_json(run_dir / "run.json")
+    if run is not None and run.get("status") == "done":
+        return "done"
+    if run is not None:
+        from sdmoe.train.checkpoint import list_checkpoints
+
+        if list_checkpoints(run_dir / "checkpoints"):
+            return "partial"
+    return "new"
+
+
+class _Datasets:
+    """One prepared dataset per data config; one cheap view per seed (its own data order)."""
+
+    def __init__(self):
+        self._base: dict[str, Any] = {}
+
+    def get(self, rc):
+        import copy
+
+        from sdmoe.data import prepare_dataset
+
+        key = json.dumps(rc.to_dict()["data"], sort_keys=True)
+        if key not in self._base:
+            self._base[key] = prepare_dataset(rc.data, seed=rc.loop.seed)
+        base = self._base[key]
+        ds = copy.copy(base)
+        ds.train = copy.copy(base.train)
+        ds.train.load_state_dict({"seed": rc.loop.seed, "step": 0})
+        return ds
+
+
+def trainable_after_split(rc, vocab_size: int) -> int | None:
+    """Trainable parameters of the SD-MoE model while it trains (after the split); None if it cannot split here."""
+    if rc.method != "sd-moe":
+        return None
+    try:
+        from sdmoe.method import SDMoE
+        from sdmoe.models import build_model, count_parameters
+
+        model = build_model(rc.model, vocab_size, seed=rc.loop.seed)
+        SDMoE(model, rc.sdmoe).split()
+        return int(count_parameters(model))
+    except Exception:  # noqa: BLE001 - a basis that needs data (gradients/activations) cannot split cold
+        return None
+
+
+def analyze_run(run_dir: Path, ds, k: int) -> dict | None:
+    """Post-hoc analysis of the final model on the validation batches, with domain labels."""
+    import torch
+
+    from sdmoe.analysis.run import analyze_model
+    from sdmoe.models.generate import load_pretrained
+
+    model, _ = load_pretrained(run_dir / "model")
+    batches, domain_ids = [], []
+    for i, d in enumerate(ds.domains):
+        for b in ds.val[d]:
+            batches.append(b)
+            domain_ids.append(torch.full((b.shape[0],), i, dtype=torch.long))
+    result = analyze_model(model, batches, domain_ids, k=k, domain_names=list(ds.domains), progress=False,
+                           name=str(run_dir))
+    payload = result.to_dict()
+    _write_json(run_dir / ANALYSIS_FILE, payload)
+    return payload
+
+
+def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets) -> dict[str, Any]:
+    from sdmoe.train.loop import NonFiniteError, train
+
+    run_dir = out / "runs" / spec.run_id
+    state = run_state(run_dir)
+    rc = spec.run_config(cfg)
+    mine = _read_json(run_dir / RUN_FILE) or {}
+    record = {"run_id": spec.run_id, "action": "skipped" if state in ("done", "diverged") else state,
+              "wall_s": mine.get("wall_s", 0.0)}
+    ds = None
+    if state in ("new", "partial"):
+        if state == "new" and run_dir.exists():
+            shutil.rmtree(run_dir)  # started but nothing to resume from: start clean
+        ds = datasets.get(rc)
+        t0 = time.perf_counter()
+        status, error = "done", None
+        try:
+            train(rc, run_dir, resume=(state == "partial"), progress=False, dataset=ds)
+        except NonFiniteError as e:
+            status, error = "diverged", str(e)
+        wall = mine.get("wall_s", 0.0) + (time.perf_counter() - t0)
+        mine = {
+            "run_id": spec.run_id, "style": spec.style, "variant": spec.variant, "seed": spec.seed,
+            "lr_mult": spec.lr_mult, "overrides": spec.overrides, "status": status, "error": error,
+            "wall_s": wall, "resumes": mine.get("resumes", -1) + 1,
+            "trainable_parameters_after_split": trainable_after_split(rc, ds.vocab_size),
+        }
+        _write_json(run_dir / RUN_FILE, mine)
+        record.update(action="trained" if state == "new" else "resumed", wall_s=wall)
+        if status == "diverged":
+            record["action"] = "diverged"
+    if cfg.analyze and mine.get("status") == "done" and not (run_dir / ANALYSIS_FILE).is_file():
+        ds = ds or datasets.get(rc)
+        analyze_run(run_dir, ds, rc.loop.monitor_rank)
+    return record
+
+
+def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
+                max_runs: int | None = None) -> CompareResult:
+    """Run (or resume) every run of `plan(cfg)` into `out_dir`, then write the summary and report.
+
+    `max_runs` stops after that many runs were trained (an interrupted compare, for tests).
+    """
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out = Path(out_dir)
+    specs = plan(cfg)
+    claim_out_dir(out, cfg)
+    datasets = _Datasets()
+    records = []
+    trained = 0
+    bar = tqdm(specs, desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
+    for spec in bar:
+        if max_runs is not None and trained >= max_runs:
+            break
+        bar.set_postfix_str(spec.run_id)
+        rec = _train_one(spec, cfg, out, datasets)
+        trained += rec["action"] != "skipped"
+        records.append(rec)
+    bar.close()
+    summary, text, report = rebuild_report(out, _return_all=True)
+    return CompareResult(out, cfg, records, summary, text, report)
+
+
+def rebuild_report(out_dir: str | Path, _return_all: bool = False):
+    """Re-create summary.json, summary.csv and report.html from the run files; returns the terminal summary."""
+    from sdmoe.experiments.claims import summarize, summary_csv, summary_text
+    from sdmoe.report.compare import write_report
+    from sdmoe.report.html import write_text_atomic
+
+    out = Path(out_dir)
+    cfg = load_compare_config(out)
+    summary = _clean(summarize(out, cfg))
+    _write_json(out / "summary.json", summary)
+    write_text_atomic(out / "summary.csv", summary_csv(summary))
+    report = write_report(out, summary)
+    text = summary_text(summary) + f"\nreport: {report}"
+    return (summary, text, report) if _return_all else text

@@ -1,0 +1,302 @@
+"""SD-MoE inside `transformers.Trainer`, as one callback.
+
+    from sdmoe.integrations import SDMoECallback
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SDMoECallback(SDMoEConfig(split_step=100))])
+    trainer.train(); SDMoECallback.export(trainer.model)   # or sdmoe.method.export(model)
+
+Where each piece of the method runs in the Trainer's step (transformers 5.x events):
+
+    on_init_end           split_step == 0: split now, before the Trainer builds its optimizer
+                          and before accelerate wraps the model (DDP / FSDP see the split model)
+    on_step_begin         step == split_step: split, `rebind_optimizer` on the real optimizer
+                          (accelerate's AcceleratedOptimizer unwrapped), and the LR scheduler is
+                          told about the new groups (base_lrs / lr_lambdas extended)
+    [forward, backward, the Trainer's own clipping -- see below]
+    on_pre_optimizer_step gradient split (`after_backward`) -- or `observe` before the split;
+                          then clipping, then the spectral monitor when due
+    on_optimizer_step     tail re-projection / basis re-estimation (`after_optimizer_step`)
+    on_log                the monitor's and the split's numbers join the Trainer's log record
+
+Clipping order. The Trainer clips BEFORE `on_pre_optimizer_step`, but SD-MoE splits the
+gradient and then clips (as `sdmoe train` does). So at `on_train_begin` the callback takes
+the clipping over: it stores `args.max_grad_norm`, sets it to 0 for the run (restored at
+`on_train_end`) and clips `model.parameters()` itself right after the split. The Trainer's
+logged `grad_norm` is then the norm before the split and before clipping. With `fp16=True`
+(a GradScaler: gradients are still scaled at that point) the callback leaves clipping to the
+Trainer; the split then follows the clip, which is correct up to the clip coefficient (the
+split is linear and never increases the norm, so the clipped norm bound still holds).
+
+Limits. Multi-process runs (DDP / FSDP through accelerate) need `split_step=0`: a later
+split replaces parameters under a wrapper that was built with the old ones (`sdmoe train`
+re-wraps DDP itself; the Trainer cannot). Trainer checkpoints saved after the split hold
+the SD-MoE parts (`...sdmoe.tails_*`), not plain weights, and resuming them through the
+Trainer is not supported: export at the end, or train with `sdmoe train` for resumable
+SD-MoE runs. The monitor's values reach `trainer.state.log_history` and the callbacks
+listed after this one (the console progress); reporting integrations (`report_to`) run
+before user callbacks and do not see them unless re-added after it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from sdmoe.analysis.monitor import spectral_snapshot
+from sdmoe.errors import UserError
+from sdmoe.method import SDMoE, SDMoEConfig
+from sdmoe.method import export as _export
+from sdmoe.method.parametrization import SDMoEHook
+
+# Per-group lists a torch scheduler keeps (lr-valued ones are scaled by the new group's lr_mult).
+_SCHED_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs")
+_SCHED_COPY_LISTS = ("lr_lambdas",)
+_GROUP_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
+
+
+def _unwrap(obj, attr: str):
+    """accelerate's AcceleratedOptimizer / AcceleratedScheduler hold the real one as `.optimizer` / `.scheduler`."""
+    while obj is not None and getattr(obj, attr, None) is not None and not isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+        inner = getattr(obj, attr)
+        if attr == "optimizer" and not isinstance(inner, torch.optim.Optimizer):
+            break
+        obj = inner
+    return obj
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+class _RecordBatch(SDMoEHook):
+    """Forward pre-hook: keeps the last training batch's input_ids as the reference batch.
+
+    An SDMoEHook, so `export(model)` removes it with SD-MoE's own hooks."""
+
+    def __init__(self):
+        self.batch = None
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and module.training:
+            self.batch = {"input_ids": ids.detach()}
+
+
+class SDMoECallback(TrainerCallback):
+    """Drives an `SDMoE` controller from `transformers.Trainer`'s callback events (see module doc).
+
+    cfg: the method's config (`split_step` counts optimizer steps, as `state.global_step`).
+    monitor_every: log `spectral_snapshot` (+ the tails' overlap) every N optimizer steps (0 = off).
+    monitor_rank: k of the monitor's top-k subspaces.
+    reference_batch: a fixed batch (dict with input_ids, or a LongTensor) for the split's and the
+        re-estimations' change measurements and data-based bases; default: the last training batch.
+    clip_after_split: take the Trainer's gradient clipping over so it follows the split (default).
+    """
+
+    def __init__(self, cfg: SDMoEConfig | None = None, monitor_every: int = 0, monitor_rank: int = 8,
+                 reference_batch=None, clip_after_split: bool = True):
+        self.cfg = (cfg or SDMoEConfig()).validate()
+        if isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 0:
+            raise UserError(f"monitor_every must be an int >= 0 (0 = off), got {monitor_every!r}")
+        self.monitor_every, self.monitor_rank = monitor_every, monitor_rank
+        self.reference_batch = reference_batch
+        self.clip_after_split = clip_after_split
+        self.controller: SDMoE | None = None
+        self.split_record: dict | None = None
+        self.split_at: int | None = None
+        self._model: nn.Module | None = None
+        self._recorder: _RecordBatch | None = None
+        self._recorder_handle = None
+        self._max_grad_norm: float | None = None  # the clipping we took over (None: the Trainer clips)
+        self._pending: dict[str, float] = {}
+
+    # -- set-up ------------------------------------------------------------------------
+    def _bind(self, model: nn.Module) -> SDMoE:
+        model = _unwrap_model(model)
+        if self.controller is None:
+            self._model = model
+            self.controller = SDMoE(model, self.cfg)
+        elif model is not self._model:
+            raise UserError("this SDMoECallback already drives another model; create one SDMoECallback per Trainer")
+        return self.controller
+
+    def _reference(self):
+        if self.reference_batch is not None:
+            return self.reference_batch
+        return self._recorder.batch if self._recorder is not None else None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        ctl = self._bind(model)
+        if self.cfg.split_step == 0 and not ctl.split_done:
+            # Before the optimizer exists and before accelerate wraps the model: nothing to rebind.
+            self._record_split(ctl.split(self.reference_batch), 0)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        ctl = self._bind(model)
+        if args.world_size > 1 and not ctl.split_done:
+            raise UserError(f"SDMoECallback with {args.world_size} processes needs SDMoEConfig(split_step=0): a later "
+                            "split replaces parameters under the DDP/FSDP wrapper; or train with `sdmoe train`")
+        if ctl.split_done and optimizer is not None:
+            self._own_groups(_unwrap(optimizer, "optimizer"), _unwrap(lr_scheduler, "scheduler"))
+        if self.clip_after_split and args.max_grad_norm and args.max_grad_norm > 0 and not args.fp16:
+            self._max_grad_norm = float(args.max_grad_norm)
+            args.max_grad_norm = 0.0  # the Trainer skips its clip; on_pre_optimizer_step clips after the split
+        needs_batch = self.reference_batch is None and (not ctl.split_done or self.cfg.reestimate_every)
+        if needs_batch and self._recorder_handle is None:
+            self._recorder = _RecordBatch()
+            self._recorder_handle = self._model.register_forward_pre_hook(self._recorder, with_kwargs=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._max_grad_norm is not None:
+            args.max_grad_norm, self._max_grad_norm = self._max_grad_norm, None
+        if self._recorder_handle is not None:
+            self._recorder_handle.remove()
+            self._recorder_handle = self._recorder = None
+
+    # -- the step ------------------------------------------------------------------------
+    def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        ctl = self.controller
+        if ctl is None or ctl.split_done:
+            return
+        opt = _unwrap(optimizer, "optimizer")
+        n_before = len(opt.param_groups) if opt is not None else 0
+        live_before = [[id(p) for p in g["params"]] for g in opt.param_groups] if opt is not None else []
+        record = ctl.maybe_split(state.global_step, None, self._reference())
+        if record is None:
+            return
+        if opt is not None:
+            live = {id(p) for p in self._model.parameters()}
+            src = next((i for i, ids in enumerate(live_before) if any(j not in live for j in ids)), 0)
+            ctl.rebind_optimizer(opt)
+            _extend_scheduler(_unwrap(lr_scheduler, "scheduler"), opt, src, n_before)
+        self._record_split(record, state.global_step)
+        if not self.cfg.reestimate_every and self.reference_batch is None and self._recorder_handle is not None:
+            self._recorder_handle.remove()
+            self._recorder_handle = self._recorder = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        ctl = self.controller
+        if ctl is None:
+            return
+        step = state.global_step
+        if ctl.split_done:
+            ctl.after_backward(step)
+        else:
+            ctl.observe(step)
+        if self._max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._max_grad_norm)
+        if self.monitor_every and (step + 1) % self.monitor_every == 0:
+            snap = spectral_snapshot(self._model, self.monitor_rank)
+            self._pending.update({f"sdmoe/{k}": v for k, v in snap.items()})
+            if ctl.split_done:
+                self._pending.update(_flatten_monitor(ctl.monitor(self.monitor_rank)))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        ctl = self.controller
+        if ctl is None or not ctl.split_done:
+            return
+        record = ctl.after_optimizer_step(state.global_step, self._reference())
+        if record:
+            self._pending["sdmoe/reestimated_at"] = float(state.global_step)
+            if "logits_rel_change" in record:
+                self._pending["sdmoe/reestimate_logits_rel_change"] = float(record["logits_rel_change"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._pending:
+            control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending or logs is None or "loss" not in logs and "train_loss" not in logs:
+            return
+        logs.update(self._pending)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._pending)  # the Trainer recorded a copy before on_log
+        self._pending = {}
+
+    # -- helpers ---------------------------------------------------------------------
+    def _record_split(self, record: dict, step: int) -> None:
+        self.split_record, self.split_at = record, step
+        self._pending["sdmoe/split_at"] = float(step)
+        if "logits_rel_change" in record:
+            self._pending["sdmoe/split_logits_rel_change"] = float(record["logits_rel_change"])
+
+    def _own_groups(self, opt: torch.optim.Optimizer, scheduler) -> None:
+        """A model split before the optimizer was built: give the SD-MoE parts their own groups
+        (the lr multipliers apply) unless the multipliers are 1 (then the Trainer's groups are right)."""
+        ctl = self.controller
+        if self.cfg.lr_shared_mult == 1.0 and self.cfg.lr_tail_mult == 1.0:
+            return
+        groups = ctl.param_groups(0.0, 0.0)
+        mine = {id(p) for g in groups for p in g["params"]}
+        if any(g.get("name", "").startswith("sdmoe.") for g in opt.param_groups):
+            return  # already ours
+        src = None
+        for i, g in enumerate(opt.param_groups):
+            keep = [p for p in g["params"] if id(p) not in mine]
+            if len(keep) != len(g["params"]):
+                src = i if src is None else src
+                g["params"] = keep
+        if src is None:
+            return
+        n_before, base = len(opt.param_groups), opt.param_groups[src]
+        for g in groups:
+            g["lr"] = base["lr"] * g["lr_mult"]
+            g["weight_decay"] = base.get("weight_decay", 0.0)
+            opt.add_param_group(g)
+        _extend_scheduler(scheduler, opt, src, n_before)
+
+    @staticmethod
+    def export(model: nn.Module) -> nn.Module:
+        """Write W_i back into the host's own weights and remove every SD-MoE trace (in place)."""
+        return _export(_unwrap_model(model))
+
+
+def _extend_scheduler(scheduler, opt: torch.optim.Optimizer, src: int, n_before: int) -> None:
+    """Teach a torch LR scheduler built for `n_before` groups about the groups added after them.
+
+    Each new group follows group `src`'s schedule scaled by its `lr_mult`: per-group lists
+    (`base_lrs`, `lr_lambdas`, ...) are extended, and per-group keys the schedulers keep in
+    the groups (`initial_lr`, ...) copied. Without this a LambdaLR raises on its next step
+    (torch zips lambdas and groups strictly)."""
+    if scheduler is None:
+        return
+    for sub in getattr(scheduler, "_schedulers", None) or []:  # SequentialLR / ChainedScheduler
+        _extend_scheduler(sub, opt, src, n_before)
+    new = opt.param_groups[n_before:]
+    srcg = opt.param_groups[src]
+    for g in new:
+        mult = g.get("lr_mult", 1.0)
+        for key in _GROUP_LR_KEYS:
+            if key in srcg:
+                g.setdefault(key, srcg[key] * mult)
+        for name in _SCHED_LR_LISTS:
+            lst = getattr(scheduler, name, None)
+            if isinstance(lst, list) and len(lst) < len(opt.param_groups):
+                lst.append(lst[src] * mult)
+        for name in _SCHED_COPY_LISTS:
+            lst = getattr(scheduler, name, None)
+            if isinstance(lst, list) and len(lst) < len(opt.param_groups):
+                lst.append(lst[src])
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def _flatten_monitor(mon: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    vals = []
+    for rec in mon["layers"]:
+        for p, v in rec.get("tails_overlap", {}).items():
+            out[f"sdmoe/tails_overlap/L{rec['layer']}/{p}"] = float(v)
+            vals.append(float(v))
+        for p, v in rec.get("tracker_drift", {}).items():
+            out[f"sdmoe/tracker_drift/L{rec['layer']}/{p}"] = float(v)
+    if vals:
+        out["sdmoe/tails_overlap/mean"] = sum(vals) / len(vals)
+    return {k: v for k, v in out.items() if math.isfinite(v)}

@@ -1,0 +1,158 @@
+"""Choosing the common basis U (and the router's data basis) of each MoE layer.
+
+Sources (`basis_source`):
+- "weights":     top-R right singular vectors of the stacked experts [W_1; ...; W_E]
+- "gradients":   top-R eigenvectors of sum over batches and experts of G_i^T G_i
+- "activations": top-R eigenvectors of E[x x^T] of the layer input (also the router basis)
+
+`Collector` accumulates what the last two need over a window of training
+steps: gradient Gram matrices (from `.grad`, after backward) and the layer
+input's second moment (a forward pre-hook on the router, registered only
+while collecting, active only in forward passes with grad enabled).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdmoe.errors import UserError
+from sdmoe.moe.layout import MoEBlock
+from sdmoe.spectral import SecondMoment, common_subspace, data_subspace
+
+from .parametrization import SDMoEHook
+
+
+class _InputMoment(SDMoEHook):
+    def __init__(self, moment: SecondMoment, always: bool = False):
+        self.moment = moment
+        self.always = always
+
+    def __call__(self, module, args):
+        if args and (self.always or torch.is_grad_enabled()):
+            self.moment.update(args[0].detach())
+
+
+def canonical(block: MoEBlock, which: str = "data") -> dict[str, torch.Tensor]:
+    """The block's expert weights (or their grads) as E x F x D, hidden last; {} if no grads."""
+    if which == "data":
+        return {p: w.detach() for p, w in block.projections().items()}
+    if block.layout == "fused":
+        gu, dn = block.experts.gate_up_proj.grad, block.experts.down_proj.grad
+        if gu is None or dn is None:
+            return {}
+        from .parametrization import FusedLayout
+
+        lay = FusedLayout(block.experts, block.expert_ffn)
+        g, u = lay.gate_up_views(gu)
+        return {"gate": g, "up": u, "down": lay.down_view(dn)}
+    from sdmoe.moe.layout import _mlp_names
+
+    out = {}
+    for k, p in enumerate(("gate", "up", "down")):
+        grads = [getattr(m, _mlp_names(m)[k]).weight.grad for m in block.experts]
+        if any(g is None for g in grads):
+            return {}
+        s = torch.stack(grads)
+        out[p] = s.transpose(1, 2) if p == "down" else s
+    return out
+
+
+def gram(x_EFD: torch.Tensor) -> torch.Tensor:
+    """sum_i X_i^T X_i (D x D, float32)."""
+    x = x_EFD.float()
+    return torch.matmul(x.transpose(1, 2), x).sum(0)
+
+
+class Collector:
+    """Gradient Grams and layer-input second moments over a window of steps."""
+
+    def __init__(self, blocks: list[MoEBlock], need_grads: bool, need_inputs: bool):
+        self.blocks = blocks
+        self.need_grads, self.need_inputs = need_grads, need_inputs
+        self.grads: dict[tuple[int, str], torch.Tensor] = {}
+        self.grad_batches = 0
+        self.inputs = [SecondMoment() for _ in blocks]
+        self._handles: list = []
+
+    # hooks on the routers' inputs, only while collecting
+    def start(self, always: bool = False, inputs: bool = True) -> None:
+        if inputs and self.need_inputs and not self._handles:
+            self._handles = [b.router.register_forward_pre_hook(_InputMoment(m, always), prepend=True)
+                             for b, m in zip(self.blocks, self.inputs)]
+
+    def stop(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def add_grads(self) -> None:
+        if not self.need_grads:
+            return
+        for li, b in enumerate(self.blocks):
+            for p, g in canonical(b, "grad").items():
+                key = (li, p)
+                self.grads[key] = self.grads.get(key, 0) + gram(g)
+        self.grad_batches += 1
+
+    def has_inputs(self) -> bool:
+        return all(m.count > 0 for m in self.inputs)
+
+    def has_grads(self) -> bool:
+        return self.grad_batches > 0
+
+    def input_moment(self, li: int) -> torch.Tensor:
+        return self.inputs[li].matrix
+
+    def reset(self) -> None:
+        self.grads, self.grad_batches = {}, 0
+        self.inputs = [SecondMoment() for _ in self.blocks]
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable (tensors as exact float lists); empty outside a collection window."""
+        return {"grads": {f"{k[0]}.{k[1]}": encode(v) for k, v in self.grads.items()},
+                "grad_batches": self.grad_batches,
+                "inputs": [{"sum": encode(m._sum), "count": m.count} for m in self.inputs]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.grads = {(int(k.split(".")[0]), k.split(".")[1]): decode(v) for k, v in sd.get("grads", {}).items()}
+        self.grad_batches = int(sd.get("grad_batches", 0))
+        for m, s in zip(self.inputs, sd.get("inputs", [])):
+            m._sum, m.count = decode(s["sum"]), int(s["count"])
+
+
+def encode(t: torch.Tensor | None) -> dict | None:
+    """A tensor as JSON (repr of each float round-trips float32/float64 exactly)."""
+    if t is None:
+        return None
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": t.detach().cpu().flatten().tolist()}
+
+
+def decode(d: dict | None) -> torch.Tensor | None:
+    if d is None:
+        return None
+    return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
+
+
+def choose_bases(block: MoEBlock, li: int, projs, r: int, source: str, collector: Collector) -> dict[str, torch.Tensor]:
+    """U (D x r, float32) for every decomposed projection of one block."""
+    if source == "weights":
+        w = canonical(block, "data")
+        return {p: common_subspace(w[p].float(), r)[0] for p in projs}
+    if source == "gradients":
+        if not collector.has_grads():
+            raise UserError("basis_source='gradients' has no gradients to use; set split_step >= 1 so warm-up "
+                            "steps are observed, or pass reference_batch to split()")
+        return {p: data_subspace(collector.grads[(li, p)], r)[0].float() for p in projs}
+    if not collector.has_inputs():
+        raise UserError("basis_source='activations' has seen no layer inputs; set split_step >= 1 so warm-up "
+                        "steps are observed, or pass reference_batch to split()")
+    u = data_subspace(collector.input_moment(li), r)[0].float()
+    return {p: u for p in projs}
+
+
+def ensure_on(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    ref = next(module.parameters())
+    return t.to(ref.device)

@@ -1,0 +1,41 @@
+"""Residual-router option: route on x with its top-R data directions removed.
+
+    router(x) = W_r (x - Q_d Q_d^T x)      Q_d: top-R eigenvectors of E[x x^T] of the layer input
+
+A forward pre-hook on the router module does the projection (the experts
+still see the full x). The projection is computed in float32 and handed back
+in the input's dtype, so routers that upcast to float32 themselves (DeepSeek)
+and routers that do not (Qwen, OLMoE, Mixtral) both keep their own dtype
+handling. `fold` writes the same map into the router weight,
+W_r <- W_r (I - Q_d Q_d^T), which is how `export` removes the hook.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .parametrization import SDMoEHook
+
+
+class ResidualRouterInput(SDMoEHook):
+    """x -> x - (x Q) Q^T on the router's input; Q read from the state buffer at call time."""
+
+    def __init__(self, state: nn.Module):
+        self._state = [state]
+
+    def __call__(self, module, args):
+        q = self._state[0].router_basis  # D x R, float32
+        x = args[0]
+        xf = x.float()
+        res = xf - (xf @ q) @ q.T
+        return (res.to(x.dtype), *args[1:])
+
+
+@torch.no_grad()
+def fold(router: nn.Module, q_DR: torch.Tensor) -> None:
+    """W_r <- W_r (I - Q Q^T), computed in float32, stored in the router weight's dtype."""
+    w = router.weight
+    wf = w.float()
+    q = q_DR.float().to(w.device)
+    w.copy_((wf - (wf @ q) @ q.T).to(w.dtype))

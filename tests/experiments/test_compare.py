@@ -1,0 +1,76 @@
+"""End to end on the tiny preset: interrupted compare, resume, skip, report, rebuild, refusal."""
+
+import json
+
+import pytest
+
+from sdmoe.errors import UserError
+from sdmoe.experiments.compare import rebuild_report, run_compare
+from sdmoe.experiments.grid import CompareConfig, plan
+from sdmoe.train.loop import train
+
+
+def _cfg(**kw):
+    base = dict(preset="tiny", styles=["qwen2_moe"], seeds=2, variants=["baseline", "sd-moe"],
+                lr_multipliers=[1.0], lr_sweep_styles=0, analyze=True, steps=10,
+                overrides=["sdmoe.split_step=4", "loop.eval_every=5", "loop.log_every=2",
+                           "loop.monitor_every=5", "loop.checkpoint_every=5"])
+    base.update(kw)
+    return CompareConfig(**base)
+
+
+def test_compare_end_to_end(tmp_path, tiny_dataset):
+    cfg, out = _cfg(), tmp_path / "cmp"
+    specs = plan(cfg)
+    assert [s.run_id for s in specs] == ["qwen2_moe/baseline/lr1/seed0", "qwen2_moe/sd-moe/lr1/seed0",
+                                         "qwen2_moe/baseline/lr1/seed1", "qwen2_moe/sd-moe/lr1/seed1"]
+
+    # An interrupted compare: one run finished, the next one stopped half-way.
+    first = run_compare(cfg, out, progress=False, max_runs=1)
+    assert [r["action"] for r in first.runs] == ["trained"]
+    partial = out / "runs" / specs[1].run_id
+    train(specs[1].run_config(cfg), partial, progress=False, stop_after=5)
+    assert json.loads((partial / "run.json").read_text())["status"] == "running"
+    done_file = out / "runs" / specs[0].run_id / "run.json"
+    mtime = done_file.stat().st_mtime_ns
+
+    second = run_compare(cfg, out, progress=False)
+    assert [r["action"] for r in second.runs] == ["skipped", "resumed", "trained", "trained"]
+    assert done_file.stat().st_mtime_ns == mtime
+    for s in specs:
+        assert json.loads((out / "runs" / s.run_id / "run.json").read_text())["status"] == "done"
+        assert (out / "runs" / s.run_id / "analysis.json").is_file()
+
+    html = (out / "report.html").read_text()
+    assert "Claims" in html and "SD-MoE lowers validation loss" in html
+    assert 'class="badge' in html and "data:image/png;base64," in html
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["claim"] for c in summary["claims"]] == list("abcdefg")
+    a = summary["claims"][0]
+    assert a["n"] == 2 and a["verdict"] in ("reproduced", "not reproduced", "inconclusive")
+    assert set(a["per_pair"]) == {"qwen2_moe/seed0", "qwen2_moe/seed1"}
+    assert summary["claims"][2]["n"] == 2  # tails' overlap from the trainer's monitor records
+    params = {r["variant"]: r for r in summary["parameters"]}
+    assert params["baseline"]["added"] == 0 and params["sd-moe"]["while_training"] is not None
+    assert (out / "summary.csv").read_text().count("\n") == 5
+    assert "(a)" in second.text
+
+    third = run_compare(cfg, out, progress=False)
+    assert {r["action"] for r in third.runs} == {"skipped"}
+
+    # The report is a pure function of the run files.
+    before = (out / "summary.json").read_text()
+    for name in ("report.html", "summary.json", "summary.csv"):
+        (out / name).unlink()
+    text = rebuild_report(out)
+    assert "(g)" in text and (out / "report.html").is_file()
+    assert (out / "summary.json").read_text() == before
+
+    with pytest.raises(UserError, match="other settings"):
+        run_compare(_cfg(seeds=3), out, progress=False)
+
+
+def test_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "x.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no compare"):
+        run_compare(_cfg(), tmp_path, progress=False)

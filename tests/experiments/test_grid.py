@@ -1,0 +1,83 @@
+import pytest
+
+from sdmoe.errors import UserError
+from sdmoe.experiments.grid import CompareConfig, compare_preset, plan, variant_overrides
+
+
+def _differs_only_in_method(a, b):
+    da, db = a.run_config().to_dict(), b.run_config().to_dict()
+    for key in ("method", "sdmoe", "name"):
+        da.pop(key), db.pop(key)
+    return da == db
+
+
+def test_demo_plan_contents():
+    specs = plan(compare_preset("demo"))
+    ids = [s.run_id for s in specs]
+    assert len(ids) == len(set(ids))
+    main = [s for s in specs if s.lr_mult == 1.0]
+    assert len(main) == 2 * 3 * 3  # styles x seeds x (baseline, sd-moe, control)
+    sweep = [s for s in specs if s.lr_mult != 1.0]
+    assert sorted((s.variant, s.lr_mult) for s in sweep) == [("baseline", 2.0), ("baseline", 4.0),
+                                                            ("sd-moe", 2.0), ("sd-moe", 4.0)]
+    assert {s.style for s in sweep} == {"qwen2_moe"} and {s.seed for s in sweep} == {0}
+    assert "qwen2_moe/sd-moe/lr1/seed0" in ids and "qwen2_moe/baseline/lr4/seed0" in ids
+
+
+def test_pairs_share_everything_but_the_method():
+    specs = plan(compare_preset("demo"))
+    groups = {}
+    for s in specs:
+        groups.setdefault(s.pair_key, []).append(s)
+    for key, group in groups.items():
+        assert "baseline" in {s.variant for s in group}, key
+        base = next(s for s in group if s.variant == "baseline")
+        for s in group:
+            assert _differs_only_in_method(base, s), s.run_id
+            rc = s.run_config()
+            assert rc.loop.seed == s.seed and rc.model.style == s.style
+    # the LR multiplier scales the preset's rate
+    a = next(s for s in specs if s.run_id == "qwen2_moe/baseline/lr4/seed0").run_config()
+    b = next(s for s in specs if s.run_id == "qwen2_moe/baseline/lr1/seed0").run_config()
+    assert a.optim.lr == pytest.approx(4 * b.optim.lr)
+
+
+def test_variants_set_the_sdmoe_section():
+    cfgs = {s.variant: s.run_config() for s in plan(compare_preset("demo")) if s.lr_mult == 1.0}
+    assert cfgs["baseline"].method == "baseline"
+    assert cfgs["sd-moe"].method == "sd-moe" and cfgs["sd-moe"].sdmoe.gradient_split == "per_step"
+    assert cfgs["control"].sdmoe.gradient_split == "none"
+
+
+def test_paper_plan_has_every_ablation_and_valid_configs():
+    cfg = compare_preset("paper")
+    specs = plan(cfg)
+    variants = {s.variant for s in specs}
+    assert {"baseline", "sd-moe", "control", "fixed-weights", "per-expert", "router-residual", "rank-4",
+            "rank-64", "tail-lr-2"} <= variants
+    assert cfg.seeds >= 3
+    assert {s.style for s in specs if s.lr_mult == 4.0} == set(cfg.styles)
+    for s in specs:
+        rc = s.run_config(cfg)
+        assert rc.name == s.run_id
+        rc.sdmoe.validate()  # every override is a real, valid SDMoEConfig value
+        if s.variant.startswith("rank-"):
+            assert rc.sdmoe.rank == int(s.variant.split("-")[1])
+
+
+def test_unknown_variant_and_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="unknown compare variant"):
+        variant_overrides("sd-moe-turbo")
+    with pytest.raises(UserError, match="baseline"):
+        plan(CompareConfig(variants=["sd-moe"]))
+    with pytest.raises(UserError, match="style"):
+        plan(CompareConfig(styles=["gpt2"]))
+    with pytest.raises(UserError, match="include 1"):
+        plan(CompareConfig(lr_multipliers=[2.0]))
+
+
+def test_config_round_trips():
+    cfg = compare_preset("paper")
+    assert CompareConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(UserError, match="unknown compare setting"):
+        CompareConfig.from_dict({**cfg.to_dict(), "bogus": 1})

@@ -1,0 +1,79 @@
+"""Bad configurations and unsupported models fail with one-line UserErrors naming what is supported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sdmoe.errors import UserError
+from sdmoe.method import SDMoE, SDMoEConfig
+
+from method_helpers import make_model
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (SDMoEConfig(rank=32), r"rank must be in 1\.\.d-1 \(d=32\)"),
+    (SDMoEConfig(rank=40), r"rank must be in 1\.\.d-1 \(d=32\)"),
+    (SDMoEConfig(rank=-1), r"rank must be in 1\.\.d-1"),
+    (SDMoEConfig(rank=[8, 8, 8]), r"one rank per MoE layer"),
+    (SDMoEConfig(rank=[8, 32]), r"rank must be in 1\.\.d-1"),
+    (SDMoEConfig(basis_source="svd"), r"unknown basis_source 'svd'; supported: 'weights', 'gradients', 'activations'"),
+    (SDMoEConfig(mode="hybrid"), r"unknown mode 'hybrid'; supported: 'shared', 'per_expert'"),
+    (SDMoEConfig(gradient_split="always"), r"unknown gradient_split 'always'; supported: 'per_step', 'fixed', 'none'"),
+    (SDMoEConfig(shared_form="diag"), r"supported: 'full', 'lowrank'"),
+    (SDMoEConfig(router_input="pca"), r"supported: 'full', 'residual'"),
+    (SDMoEConfig(projections=("gate", "o_proj")), r"supported: 'gate', 'up', 'down'"),
+    (SDMoEConfig(shared_form="lowrank", gradient_split="per_step"), r"use shared_form='full' with per_step"),
+    (SDMoEConfig(tracker_iters=0), r"tracker_iters must be an int >= 1"),
+    (SDMoEConfig(split_step=-1), r"split_step must be an int >= 0"),
+])
+def test_bad_configs(cfg, match):
+    with pytest.raises(UserError, match=match) as e:
+        SDMoE(make_model("qwen3_moe"), cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_per_expert_with_per_step_is_fine():
+    SDMoE(make_model("qwen3_moe"), SDMoEConfig(mode="per_expert", gradient_split="per_step"))
+
+
+def test_rank_zero_means_quarter_of_d():
+    assert SDMoE(make_model("qwen3_moe"), SDMoEConfig(rank=0)).ranks == [8, 8]
+
+
+def test_model_without_moe_layers():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(UserError, match=r"no MoE layers found in LlamaForCausalLM.*gate_up_proj"):
+        SDMoE(LlamaForCausalLM(cfg), SDMoEConfig())
+
+
+def test_unsupported_expert_layout():
+    class Block(nn.Module):  # experts as one opaque module: neither fused 3-D tensors nor a ModuleList
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(16, 4, bias=False)
+            self.experts = nn.Linear(16, 64)
+
+    model = nn.Sequential(Block())
+    with pytest.raises(UserError, match=r"no MoE layers found.*ModuleList of `gate_proj/up_proj/down_proj`"):
+        SDMoE(model, SDMoEConfig())
+
+
+def test_data_bases_need_data():
+    model = make_model("qwen3_moe")
+    with pytest.raises(UserError, match=r"basis_source='activations'.*reference_batch"):
+        SDMoE(model, SDMoEConfig(basis_source="activations", split_step=0)).split()
+    with pytest.raises(UserError, match=r"router_input='residual'.*reference_batch"):
+        SDMoE(make_model("qwen3_moe"), SDMoEConfig(router_input="residual", split_step=0)).split()
+
+
+def test_split_twice_is_an_error():
+    ctl = SDMoE(make_model("qwen3_moe"), SDMoEConfig(split_step=0))
+    ctl.split()
+    with pytest.raises(UserError, match="already split"):
+        ctl.split()
+    with pytest.raises(UserError, match="already split"):
+        SDMoE(ctl.model, SDMoEConfig(split_step=0))
