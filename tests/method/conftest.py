@@ -1,5 +1,5 @@
 import pytest
-from method_helpers import ALL_MODELS
+from .method_helpers import ALL_MODELS
 
 
 @pytest.fixture(params=ALL_MODELS)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sdmoe.errors import UserError
 from sdmoe.method import SDMoE, SDMoEConfig
 
-from method_helpers import make_model
+from .method_helpers import make_model
 
 
 @pytest.mark.parametrize("cfg,match", [

@@ -15,7 +15,7 @@ from sdmoe.method import SDMoEConfig, convert, export
 from sdmoe.method.parametrization import SDMoEHook
 from sdmoe.models import STYLES
 
-from method_helpers import batch, make_model, rel
+from .method_helpers import batch, make_model, rel
 
 
 def _logits(model, ids):

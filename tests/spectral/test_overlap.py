@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from spectral_helpers import make_gen, orthonormal, planted_stack
+from .spectral_helpers import make_gen, orthonormal, planted_stack
 
 from sdmoe.errors import UserError
 from sdmoe.spectral import (

@@ -3,7 +3,7 @@ import time
 
 import pytest
 import torch
-from spectral_helpers import make_gen, orthonormal
+from .spectral_helpers import make_gen, orthonormal
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdmoe.errors import UserError

@@ -259,22 +259,12 @@ def analyze_model(
 
 # -- checkpoint on disk ---------------------------------------------------------------
 def _load_model_and_tokenizer(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    # One loader for every command that reads a user's checkpoint: it checks
+    # for tokenizer files first (transformers 5 would build an empty tokenizer
+    # from config.json alone) and turns load failures into one-line errors.
+    from sdmoe.models.generate import load_pretrained
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(
-            f"could not load a tokenizer from {path} ({str(e).splitlines()[0][:120]}); "
-            "save the tokenizer into the checkpoint directory (tokenizer.save_pretrained)"
-        ) from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(
-            f"transformers could not load {path} as a causal LM ({str(e).splitlines()[0][:160]}); "
-            "check the checkpoint is complete and its model type is supported by transformers"
-        ) from None
+    model, tokenizer = load_pretrained(path)
     return model, tokenizer
 
 
