@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
     c.add_argument("--seeds", type=int, help="seeds per pair (default: the preset's)")
     c.add_argument("--steps", type=int, help="training steps per run (default: the train preset's)")
+    c.add_argument("--variants", help="comma-separated variants trained for every style and seed (default: "
+                                      "baseline,sd-moe,control); names: baseline, sd-moe, control, fixed-weights, "
+                                      "fixed-gradients, per-expert, router-residual, normalized-tails, rank-<r>, "
+                                      "tail-lr-<m>, shared-lr-<m>, tracker-<n>, reestimate-<k>")
+    c.add_argument("--ablations", help="comma-separated further variants, trained at the tuned rate")
+    c.add_argument("--lr-multipliers", help="comma-separated multiples of the preset's tuned rate for the LR sweep "
+                                            "(default: 1,2,4)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="train-config override applied to every run, e.g. --set loop.threads=2")
     _add_text(c)
@@ -170,17 +177,30 @@ def _analyze(args) -> int:
     return 0
 
 
+def _names(csv: str) -> list[str]:
+    return [x.strip() for x in csv.split(",") if x.strip()]
+
+
 def _compare(args) -> int:
     from sdmoe.experiments.compare import run_compare
     from sdmoe.experiments.grid import compare_preset
 
     cfg = compare_preset(args.preset)
     if args.styles:
-        cfg.styles = [s.strip() for s in args.styles.split(",") if s.strip()]
+        cfg.styles = _names(args.styles)
     if args.seeds is not None:
         cfg.seeds = args.seeds
     if args.steps is not None:
         cfg.steps = args.steps
+    if args.variants:
+        cfg.variants = _names(args.variants)
+    if args.ablations:
+        cfg.ablations = _names(args.ablations)
+    if args.lr_multipliers:
+        try:
+            cfg.lr_multipliers = [float(m) for m in _names(args.lr_multipliers)]
+        except ValueError:
+            raise UserError(f"--lr-multipliers takes comma-separated numbers, got {args.lr_multipliers!r}") from None
     cfg.overrides = list(cfg.overrides) + list(args.overrides)
     if args.text:
         cfg.text = list(args.text)

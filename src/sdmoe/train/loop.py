@@ -266,7 +266,7 @@ def train(
         if done % lc.eval_every == 0 or done == cfg.loop.steps:
             val_loss = evaluate_loss(model, data.val, device)
             log.write({"event": "eval", "step": done, "val": val_loss})
-            if ctx.is_main:
+            if ctx.is_main and progress:
                 bar.write(f"step {done}: validation loss {val_loss['mean']:.3f}")
         if done % lc.checkpoint_every == 0 or done == end_step:
             save(done)

@@ -1,0 +1,86 @@
+"""Expert forward+backward: transformers' own kernels, plain and under SD-MoE, in one process.
+
+SD-MoE keeps the host's expert kernel (the decomposition is a parametrization
+that materialises W_i = shared + T_i once per forward), so "our" kernel is
+whichever host kernel is fastest plus the materialisation. This prints, on the
+same shapes and the same routing, the time of `eager`, `batched_mm` and
+`grouped_mm` for the plain experts and for the SD-MoE-split experts, and the
+ratio of the best SD-MoE time to the best plain time.
+
+    python benchmarks/bench_experts.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sdmoe.method import SDMoEConfig, convert
+from sdmoe.models import ModelConfig, build_model
+from sdmoe.moe import find_moe_blocks
+
+IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+def _time(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def bench(d: int, f: int, e: int, k: int, tokens: int, repeats: int) -> list[tuple[str, str, float]]:
+    cfg = ModelConfig(style="qwen3_moe", hidden_size=d, num_layers=1, num_heads=4, num_experts=e, top_k=k, expert_ffn=f)
+    gen = torch.Generator().manual_seed(0)
+    x_TD = torch.randn(tokens, d, generator=gen, requires_grad=True)
+    logits_TE = torch.randn(tokens, e, generator=gen)
+    weights_TK, index_TK = torch.softmax(logits_TE, -1).topk(k, dim=-1)
+    rows = []
+    for variant in ("plain", "sd-moe"):
+        model = build_model(cfg, vocab_size=256)
+        if variant == "sd-moe":
+            convert(model, SDMoEConfig(mode="shared", split_step=0))
+        experts = find_moe_blocks(model)[0].experts
+        for impl in IMPLEMENTATIONS:
+            experts.config._experts_implementation = impl
+
+            def step():
+                out = experts(x_TD, index_TK, weights_TK)
+                out.square().mean().backward()
+
+            try:
+                rows.append((variant, impl, _time(step, repeats)))
+            except Exception as e:  # noqa: BLE001 - an implementation may not exist on this device
+                rows.append((variant, impl, float("nan")))
+                print(f"  {variant} {impl}: unavailable ({type(e).__name__}: {str(e)[:80]})")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [("demo", 64, 64, 8, 2, 1024)] if args.quick else [
+        ("demo", 64, 64, 8, 2, 1024), ("small", 128, 128, 8, 2, 2048), ("wide", 256, 512, 16, 4, 2048)]
+    print(f"experts forward+backward, median of {5 if args.quick else 15}, {args.threads} threads")
+    for name, d, f, e, k, tokens in shapes:
+        rows = bench(d, f, e, k, tokens, 5 if args.quick else 15)
+        print(f"{name}: d={d} f={f} E={e} top-{k}, {tokens} tokens")
+        for variant, impl, t in rows:
+            print(f"  {variant:7s} {impl:11s} {t * 1e3:8.2f} ms")
+        best = {v: min(t for vv, _, t in rows if vv == v and t == t) for v in ("plain", "sd-moe")}
+        fastest = min((t, impl) for v, impl, t in rows if v == "plain" and t == t)[1]
+        print(f"  fastest host kernel: {fastest}; best SD-MoE / best plain = {best['sd-moe'] / best['plain']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
