@@ -16,10 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-# The main job on the bundled corpora (a re-run resumes and rebuilds the report).
+# The main job on the bundled corpora: baseline vs SD-MoE, matched seeds, one report
+# (runs/compare-demo/report.html). A re-run skips finished runs and resumes the rest.
 demo: install
-	$(SDMOE) train --preset demo --out runs/demo $$([ -f runs/demo/run.json ] && echo --resume)
-	$(SDMOE) generate runs/demo/model --prompt "The king said"
+	$(SDMOE) compare --preset demo --out runs/compare-demo
 
 test: install
 	$(BIN)/python -m pytest

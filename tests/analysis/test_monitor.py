@@ -1,6 +1,5 @@
 """The training-time monitor on plain and parametrized experts."""
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from sdmoe.analysis.parameters import layer_findings, parameter_findings, projection_findings
+from sdmoe.analysis.parameters import (
+    layer_findings,
+    parameter_findings,
+    projection_findings,
+)
 from sdmoe.errors import UserError
 from sdmoe.moe import find_moe_blocks
 from sdmoe.moe.checkpoint import ExpertCheckpoint, weights_of_block

@@ -1,6 +1,6 @@
 import pytest
 
-from sdmoe.data.corpus import split_corpus, Document
+from sdmoe.data.corpus import Document, split_corpus
 from sdmoe.data.tokenizer import chunk_text, load_or_train_tokenizer, train_tokenizer
 from sdmoe.errors import UserError
 

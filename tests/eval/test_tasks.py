@@ -5,7 +5,14 @@ import pytest
 import yaml
 
 from sdmoe.errors import UserError
-from sdmoe.eval.tasks import TaskConfig, build_tasks, cloze_examples, mc_examples, score_with_harness, task_names
+from sdmoe.eval.tasks import (
+    TaskConfig,
+    build_tasks,
+    cloze_examples,
+    mc_examples,
+    score_with_harness,
+    task_names,
+)
 
 _W = ["river", "stone", "lantern", "orchard", "whisper", "falcon", "meadow", "harbor", "ember", "thistle", "copper"]
 TEXT = " ".join(f"{_W[i % 11]} alpha {_W[(i * 7) % 11]}, {_W[(i * 3) % 11]}." for i in range(400))

@@ -1,7 +1,12 @@
 import pytest
 
 from sdmoe.errors import UserError
-from sdmoe.experiments.grid import CompareConfig, compare_preset, plan, variant_overrides
+from sdmoe.experiments.grid import (
+    CompareConfig,
+    compare_preset,
+    plan,
+    variant_overrides,
+)
 
 
 def _differs_only_in_method(a, b):

@@ -4,7 +4,12 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from sdmoe.integrations import SDMoECallback
 from sdmoe.method import SDMoEConfig

@@ -1,4 +1,5 @@
 import pytest
+
 from .method_helpers import ALL_MODELS
 
 

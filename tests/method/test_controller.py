@@ -12,7 +12,7 @@ from sdmoe.method import SDMoE, SDMoEConfig, convert, export
 from sdmoe.method.basis import canonical
 from sdmoe.moe import find_moe_blocks
 
-from .method_helpers import batch, lm_loss, make_model, rel
+from .method_helpers import batch, lm_loss, make_model
 
 KINDS = ("qwen3_moe", "module_list")
 

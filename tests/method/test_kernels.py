@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from sdmoe.method import kernels
-from sdmoe.spectral import exact_top, expert_subspaces, mean_off_diagonal, overlap_matrix
+from sdmoe.spectral import (
+    exact_top,
+    expert_subspaces,
+    mean_off_diagonal,
+    overlap_matrix,
+)
 
 
 def _planted(e=8, f=24, d=48, k=6, seed=0, noise=0.3):

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from .spectral_helpers import make_gen, orthonormal, planted_stack
 
 from sdmoe.errors import UserError
 from sdmoe.spectral import (
@@ -12,6 +11,8 @@ from sdmoe.spectral import (
     random_overlap_baseline,
     subspace_overlap,
 )
+
+from .spectral_helpers import make_gen, orthonormal, planted_stack
 
 
 def test_subspace_overlap_extremes():

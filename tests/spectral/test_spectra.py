@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from .spectral_helpers import make_gen, orthonormal, planted_stack, with_spectrum
 
 from sdmoe.errors import UserError
 from sdmoe.spectral import (
@@ -16,6 +15,8 @@ from sdmoe.spectral import (
     singular_values,
     subspace_error,
 )
+
+from .spectral_helpers import make_gen, orthonormal, planted_stack, with_spectrum
 
 
 def test_energy_share_planted_and_random():

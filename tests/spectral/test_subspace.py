@@ -1,9 +1,16 @@
 import pytest
 import torch
-from .spectral_helpers import make_gen, orthonormal, planted_stack, with_spectrum
 
 from sdmoe.errors import UserError
-from sdmoe.spectral import common_subspace, expert_subspaces, subspace_error, subspace_overlap, top_subspace
+from sdmoe.spectral import (
+    common_subspace,
+    expert_subspaces,
+    subspace_error,
+    subspace_overlap,
+    top_subspace,
+)
+
+from .spectral_helpers import make_gen, orthonormal, planted_stack, with_spectrum
 
 
 def _is_orthonormal(u, tol=1e-5):

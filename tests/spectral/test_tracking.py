@@ -3,11 +3,12 @@ import time
 
 import pytest
 import torch
-from .spectral_helpers import make_gen, orthonormal
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdmoe.errors import UserError
 from sdmoe.spectral import SubspaceTracker, exact_top, subspace_error, subspace_overlap
+
+from .spectral_helpers import make_gen, orthonormal
 
 E, F, D, R = 4, 32, 64, 8
 

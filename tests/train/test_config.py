@@ -3,7 +3,14 @@ import json
 import pytest
 
 from sdmoe.errors import UserError
-from sdmoe.train.config import PRESETS, apply_overrides, from_dict, load_config_file, preset, validate
+from sdmoe.train.config import (
+    PRESETS,
+    apply_overrides,
+    from_dict,
+    load_config_file,
+    preset,
+    validate,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -6,9 +6,20 @@ cheap training-time `monitor`, and `run` tying them together with the report.
 
 from sdmoe.analysis.functional import FunctionalFindings, functional_findings
 from sdmoe.analysis.gating import GatingFindings, gating_findings, routing_agreement
-from sdmoe.analysis.gradients import DataSpectrum, GradientFindings, data_spectrum, gradient_findings, gradient_overlap
+from sdmoe.analysis.gradients import (
+    DataSpectrum,
+    GradientFindings,
+    data_spectrum,
+    gradient_findings,
+    gradient_overlap,
+)
 from sdmoe.analysis.monitor import spectral_snapshot
-from sdmoe.analysis.parameters import ProjectionFindings, layer_findings, parameter_findings, projection_findings
+from sdmoe.analysis.parameters import (
+    ProjectionFindings,
+    layer_findings,
+    parameter_findings,
+    projection_findings,
+)
 from sdmoe.analysis.run import AnalysisResult, analyze_model, analyze_path
 
 __all__ = [

@@ -27,27 +27,19 @@ from tqdm.auto import tqdm
 from sdmoe.analysis.capture import capture, model_top_k
 from sdmoe.analysis.functional import FunctionalFindings, functional_findings
 from sdmoe.analysis.gating import GatingFindings, gating_findings
-from sdmoe.analysis.gradients import DataSpectrum, GradientFindings, findings_from_capture
+from sdmoe.analysis.gradients import (
+    DataSpectrum,
+    GradientFindings,
+    findings_from_capture,
+)
 from sdmoe.analysis.parameters import ProjectionFindings, check_rank, parameter_findings
 from sdmoe.errors import UserError
+from sdmoe.jsonfiles import json_safe
 from sdmoe.moe import find_moe_blocks
 from sdmoe.moe.checkpoint import ExpertCheckpoint, weights_of_block
 
 RESULT_FILE = "analysis.json"
 COSINE_TOKENS = 256  # tokens each expert is run on for the output-similarity matrix
-
-
-def _clean(x):
-    """JSON-safe: NaN/inf -> None, tuples -> lists, tensors -> lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    return x
 
 
 def _fmt(v, spec=".2f") -> str:
@@ -70,7 +62,7 @@ class AnalysisResult:
     files: dict[str, str] = field(default_factory=dict)  # name -> path written
 
     def to_dict(self) -> dict:
-        return _clean(
+        return json_safe(
             {
                 "meta": self.meta,
                 "summary": self.summary(with_files=False),

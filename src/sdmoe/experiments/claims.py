@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 
 from sdmoe.experiments import stats
 from sdmoe.experiments.grid import CompareConfig, fmt_mult, plan
+from sdmoe.jsonfiles import read_json, read_jsonl
 
 PAPER_OVERLAP = 0.1  # the paper's inter-expert similarity of SD-MoE tails
 PAPER_STEPS_RATIO = 0.7
@@ -62,24 +62,6 @@ CLAIMS = (
 # -- reading runs -------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
 def _mean(xs) -> float:
     xs = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
     return sum(xs) / len(xs) if xs else math.nan
@@ -106,10 +88,10 @@ def _tails_overlap(rec: dict) -> float | None:
 
 def load_run(run_dir: Path, spec=None) -> dict[str, Any]:
     """One run's figures from its files (missing files give empty fields, never an error)."""
-    run = _read_json(run_dir / "run.json") or {}
-    mine = _read_json(run_dir / "compare_run.json") or {}
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    analysis = _read_json(run_dir / "analysis.json")
+    run = read_json(run_dir / "run.json") or {}
+    mine = read_json(run_dir / "compare_run.json") or {}
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    analysis = read_json(run_dir / "analysis.json")
     cfg = run.get("config", {})
     status = "missing"
     if run:

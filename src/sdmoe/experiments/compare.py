@@ -14,7 +14,6 @@ skipped, an interrupted one resumed, a diverged one recorded as such.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import CompareConfig, RunSpec, plan
+from sdmoe.jsonfiles import json_safe, read_json, write_json_atomic
 
 COMPARE_FILE = "compare.json"
 RUN_FILE = "compare_run.json"
@@ -42,24 +42,11 @@ class CompareResult:
         return self.text
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    from sdmoe.report.html import write_text_atomic
-
-    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
     """Write out/compare.json, or check that the one there holds the same settings."""
     saved_file = out / COMPARE_FILE
     if saved_file.is_file():
-        saved = _read_json(saved_file)
+        saved = read_json(saved_file)
         if saved is None or saved.get("config") != cfg.to_dict():
             raise UserError(f"{out} holds a compare with other settings; use another --out "
                             "(or the same settings to resume it)")
@@ -68,24 +55,13 @@ def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
         raise UserError(f"{out} is not empty and holds no compare; choose an empty or new --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(saved_file, {"version": 1, "config": cfg.to_dict()})
+        write_json_atomic(saved_file, {"version": 1, "config": cfg.to_dict()})
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
 
 
-def _clean(x):
-    """JSON-safe: NaN/inf -> None (the summary is read by other tools)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
 def load_compare_config(out: str | Path) -> CompareConfig:
-    saved = _read_json(Path(out) / COMPARE_FILE)
+    saved = read_json(Path(out) / COMPARE_FILE)
     if saved is None:
         raise UserError(f"{out} holds no {COMPARE_FILE}; point at a directory written by `sdmoe compare`")
     return CompareConfig.from_dict(saved["config"])
@@ -93,10 +69,10 @@ def load_compare_config(out: str | Path) -> CompareConfig:
 
 def run_state(run_dir: Path) -> str:
     """"done" | "diverged" | "partial" (resumable) | "new"."""
-    mine = _read_json(run_dir / RUN_FILE) or {}
+    mine = read_json(run_dir / RUN_FILE) or {}
     if mine.get("status") == "diverged":
         return "diverged"
-    run = _read_json(run_dir / "run.json")
+    run = read_json(run_dir / "run.json")
     if run is not None and run.get("status") == "done":
         return "done"
     if run is not None:
@@ -159,7 +135,7 @@ def analyze_run(run_dir: Path, ds, k: int) -> dict | None:
     result = analyze_model(model, batches, domain_ids, k=k, domain_names=list(ds.domains), progress=False,
                            name=str(run_dir))
     payload = result.to_dict()
-    _write_json(run_dir / ANALYSIS_FILE, payload)
+    write_json_atomic(run_dir / ANALYSIS_FILE, payload)
     return payload
 
 
@@ -169,7 +145,7 @@ def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets
     run_dir = out / "runs" / spec.run_id
     state = run_state(run_dir)
     rc = spec.run_config(cfg)
-    mine = _read_json(run_dir / RUN_FILE) or {}
+    mine = read_json(run_dir / RUN_FILE) or {}
     record = {"run_id": spec.run_id, "action": "skipped" if state in ("done", "diverged") else state,
               "wall_s": mine.get("wall_s", 0.0)}
     ds = None
@@ -190,7 +166,7 @@ def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets
             "wall_s": wall, "resumes": mine.get("resumes", -1) + 1,
             "trainable_parameters_after_split": trainable_after_split(rc, ds.vocab_size),
         }
-        _write_json(run_dir / RUN_FILE, mine)
+        write_json_atomic(run_dir / RUN_FILE, mine)
         record.update(action="trained" if state == "new" else "resumed", wall_s=wall)
         if status == "diverged":
             record["action"] = "diverged"
@@ -236,8 +212,8 @@ def rebuild_report(out_dir: str | Path, _return_all: bool = False):
 
     out = Path(out_dir)
     cfg = load_compare_config(out)
-    summary = _clean(summarize(out, cfg))
-    _write_json(out / "summary.json", summary)
+    summary = json_safe(summarize(out, cfg))
+    write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "summary.csv", summary_csv(summary))
     report = write_report(out, summary)
     text = summary_text(summary) + f"\nreport: {report}"

@@ -24,7 +24,13 @@ from torch import nn
 
 from sdmoe.errors import UserError
 from sdmoe.moe import find_moe_blocks
-from sdmoe.spectral import data_subspace, exact_top, expert_subspaces, mean_off_diagonal, overlap_matrix
+from sdmoe.spectral import (
+    data_subspace,
+    exact_top,
+    expert_subspaces,
+    mean_off_diagonal,
+    overlap_matrix,
+)
 
 from . import kernels
 from .basis import Collector, canonical, choose_bases, gram

@@ -6,7 +6,12 @@ projections, stored D x F, to F x D first). Computation is float32 (float64
 for float64 input or when asked), also for bf16/fp16 input, on any device.
 """
 
-from .overlap import mean_off_diagonal, overlap_matrix, random_overlap_baseline, subspace_overlap
+from .overlap import (
+    mean_off_diagonal,
+    overlap_matrix,
+    random_overlap_baseline,
+    subspace_overlap,
+)
 from .spectra import (
     SecondMoment,
     data_subspace,

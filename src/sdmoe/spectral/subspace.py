@@ -33,7 +33,15 @@ import torch
 
 from sdmoe.errors import UserError
 
-from ._util import check_nonneg_int, check_rank, check_tensor, compute_dtype, fix_signs, gram_apply, top_eigh
+from ._util import (
+    check_nonneg_int,
+    check_rank,
+    check_tensor,
+    compute_dtype,
+    fix_signs,
+    gram_apply,
+    top_eigh,
+)
 
 __all__ = ["top_subspace", "expert_subspaces", "common_subspace"]
 

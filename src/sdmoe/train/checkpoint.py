@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdmoe.errors import UserError
+from sdmoe.jsonfiles import write_json_atomic
 
 _PREFIX = "step_"
 
@@ -37,19 +38,6 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # e.g. ENOSPC: no stray temp file beside the old one
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmoe.errors import UserError
+from sdmoe.jsonfiles import read_jsonl
 
 
 class MetricsLog:
@@ -65,14 +66,7 @@ def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All records of a metrics file; a line cut off by a crash is skipped."""
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    return read_jsonl(path)
 
 
 # Events logged with the 0-based index of the step they happen in (before or inside it);
