@@ -125,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare-demo", help="compare directory")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    e = sub.add_parser("evaluate", help="downstream-style tasks (cloze, multiple choice) with lm-evaluation-harness",
+                       description="Builds, from each domain's held-out text, a LAMBADA-style last-word cloze and a "
+                                   "HellaSwag-style 4-way multiple-choice task as lm-evaluation-harness task files "
+                                   "over local JSON, then scores MODEL_DIR with the harness itself (offline). Needs "
+                                   "the eval extra: pip install \"sdmoe[eval]\". The paper's benchmarks run the "
+                                   "same way with the harness's own task names, e.g. `lm_eval --model hf "
+                                   "--model_args pretrained=MODEL_DIR --tasks hellaswag,arc_easy,piqa` where their "
+                                   "data is available.",
+                       formatter_class=_Help)
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="a save_pretrained directory, e.g. a compare run's model/")
+    _add_text(e)
+    e.add_argument("--tasks-dir", help="where the task files go (default: MODEL_DIR/../eval-tasks)")
+    e.add_argument("--limit", type=int, help="examples per task (default: all)")
+    e.add_argument("--out", help="write the scores here as JSON")
+
     r = sub.add_parser("report", help="rebuild a compare's report.html, summary.json and summary.csv from its run files")
     r.add_argument("out", metavar="DIR", help="a directory written by `sdmoe compare`")
     return parser
@@ -209,6 +224,23 @@ def _compare(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from sdmoe.eval.tasks import build_tasks, score_with_harness
+    from sdmoe.jsonfiles import write_json_atomic
+
+    model_dir = Path(args.model_dir)
+    tasks_dir = Path(args.tasks_dir or model_dir.parent / "eval-tasks")
+    build_tasks(tasks_dir, text=args.text or None)
+    scores = score_with_harness(model_dir, tasks_dir, limit=args.limit)
+    if args.out:
+        write_json_atomic(Path(args.out), scores)
+    print(json.dumps(scores, indent=1))
+    return 0
+
+
 def _report(args) -> int:
     from sdmoe.experiments.compare import rebuild_report
 
@@ -216,7 +248,8 @@ def _report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze, "compare": _compare, "report": _report}
+COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze, "compare": _compare, "evaluate": _evaluate,
+            "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:
