@@ -11,45 +11,23 @@ baseline is measured on the same thread count, interleaved.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
 
 from sdmoe.data import prepare_dataset
-from sdmoe.eval.perplexity import causal_lm_loss
-from sdmoe.method import SDMoE, SDMoEConfig
-from sdmoe.models import build_model
+from sdmoe.experiments.timing import training_step
 from sdmoe.train.config import preset
-from sdmoe.train.optim import build_optimizer
 
 
-def _trainer(cfg, data, method: str):
-    model = build_model(cfg.model, len(data.tokenizer), seed=0, eos_token_id=data.tokenizer.eos_token_id)
-    opt = build_optimizer(model, cfg.optim)
-    ctl = None
-    if method == "sd-moe":
-        ctl = SDMoE(model, SDMoEConfig(split_step=0))
-        ctl.maybe_split(0, opt)
-    step_no = [0]
+def _with_method(cfg, method: str):
+    cfg = copy.deepcopy(cfg)
+    cfg.method = method
+    return cfg
 
-    def step():
-        x, _ = data.train.sample(step_no[0])
-        step_no[0] += 1
-        out = model(input_ids=x)
-        loss = causal_lm_loss(out.logits, x)
-        if out.aux_loss is not None:
-            loss = loss + cfg.model.aux_loss_coef * out.aux_loss
-        loss.backward()
-        if ctl is not None:
-            ctl.after_backward(step_no[0])
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ctl is not None:
-            ctl.after_optimizer_step(step_no[0])
 
-    return step
 
 
 def main() -> None:
@@ -66,7 +44,7 @@ def main() -> None:
         tokens = cfg.data.batch_size * cfg.data.seq_len
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            runs = {m: _trainer(cfg, data, m) for m in ("baseline", "sd-moe")}
+            runs = {m: training_step(_with_method(cfg, m), data) for m in ("baseline", "sd-moe")}
             times = {m: [] for m in runs}
             for _ in range(3):
                 for fn in runs.values():

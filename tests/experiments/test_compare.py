@@ -23,7 +23,8 @@ def test_compare_end_to_end(tmp_path, tiny_dataset):
     cfg, out = _cfg(), tmp_path / "cmp"
     specs = plan(cfg)
     assert [s.run_id for s in specs] == ["qwen2_moe/baseline/lr1/seed0", "qwen2_moe/sd-moe/lr1/seed0",
-                                         "qwen2_moe/baseline/lr1/seed1", "qwen2_moe/sd-moe/lr1/seed1"]
+                                         "qwen2_moe/baseline/lr1/seed1", "qwen2_moe/sd-moe/lr1/seed1",
+                                         "qwen2_moe/baseline-rerun/lr1/seed0"]
 
     # An interrupted compare: one run finished, the next one stopped half-way.
     first = run_compare(cfg, out, progress=False, max_runs=1)
@@ -35,7 +36,7 @@ def test_compare_end_to_end(tmp_path, tiny_dataset):
     mtime = done_file.stat().st_mtime_ns
 
     second = run_compare(cfg, out, progress=False)
-    assert [r["action"] for r in second.runs] == ["skipped", "resumed", "trained", "trained"]
+    assert [r["action"] for r in second.runs] == ["skipped", "resumed", "trained", "trained", "trained"]
     assert done_file.stat().st_mtime_ns == mtime
     for s in specs:
         assert json.loads((out / "runs" / s.run_id / "run.json").read_text())["status"] == "done"
@@ -52,7 +53,12 @@ def test_compare_end_to_end(tmp_path, tiny_dataset):
     assert summary["claims"][2]["n"] == 2  # tails' overlap from the trainer's monitor records
     params = {r["variant"]: r for r in summary["parameters"]}
     assert params["baseline"]["added"] == 0 and params["sd-moe"]["while_training"] is not None
-    assert (out / "summary.csv").read_text().count("\n") == 5
+    assert (out / "summary.csv").read_text().count("\n") == 6
+    # Fixed threads and deterministic algorithms: a same-seed rerun is the same run, bit for bit.
+    assert a["same_seed_noise"] == 0.0
+    timing = json.loads((out / "timing.json").read_text())["qwen2_moe"]
+    assert len(timing["baseline"]) == len(timing["sd-moe"]) == 5  # claim (e) from interleaved rounds
+    assert summary["claims"][4]["n"] == 5
     assert "(a)" in second.text
 
     third = run_compare(cfg, out, progress=False)

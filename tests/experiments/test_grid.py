@@ -20,8 +20,11 @@ def test_demo_plan_contents():
     specs = plan(compare_preset("demo"))
     ids = [s.run_id for s in specs]
     assert len(ids) == len(set(ids))
-    main = [s for s in specs if s.lr_mult == 1.0]
+    main = [s for s in specs if s.lr_mult == 1.0 and s.variant != "baseline-rerun"]
     assert len(main) == 2 * 3 * 3  # styles x seeds x (baseline, sd-moe, control)
+    rerun = [s for s in specs if s.variant == "baseline-rerun"]
+    base0 = next(s for s in specs if s.run_id == "qwen2_moe/baseline/lr1/seed0")
+    assert len(rerun) == 1 and rerun[0].run_config().to_dict() | {"name": ""} == base0.run_config().to_dict() | {"name": ""}
     sweep = [s for s in specs if s.lr_mult != 1.0]
     assert sorted((s.variant, s.lr_mult) for s in sweep) == [("baseline", 2.0), ("baseline", 4.0),
                                                             ("sd-moe", 2.0), ("sd-moe", 4.0)]

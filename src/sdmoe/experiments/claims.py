@@ -129,6 +129,7 @@ def load_run(run_dir: Path, spec=None) -> dict[str, Any]:
                     "tails_overlap": [_tails_overlap(r) for r in monitors],
                     "baseline": next((r.get("overlap_baseline") for r in monitors if r.get("overlap_baseline")), None)},
         "trainable_parameters": start.get("trainable_parameters"),
+        "unigram_entropy": start.get("unigram_entropy"),
         "trainable_parameters_after_split": (split or {}).get("trainable_parameters")
         or mine.get("trainable_parameters_after_split"),
         "wall_s": mine.get("wall_s"),
@@ -233,11 +234,15 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
     diffs = paired("baseline", "sd-moe")
     iv = _ci(diffs.values())
     base_spread = {st: stats.std([final(st, "baseline", 1.0, s) for s in seeds]) for st in cfg.styles}
+    rerun, first = final(cfg.styles[0], "baseline-rerun", 1.0, 0), final(cfg.styles[0], "baseline", 1.0, 0)
+    same_seed = abs(rerun - first) if rerun is not None and first is not None else None
     per_style = {st: _ci(v for k, v in diffs.items() if k.startswith(st + "/")) for st in cfg.styles}
     claims.append(_claim_row(ca, iv, stats.verdict(iv["lo"], iv["hi"], ca.threshold, ca.direction),
                              _figure(iv, unit=" nats"),
-                             "baseline seed-to-seed std: " + ", ".join(f"{st} {_fmt(v)}" for st, v in base_spread.items()),
-                             per_pair=diffs, per_style=per_style, baseline_std=base_spread))
+                             "baseline seed-to-seed std: " + ", ".join(f"{st} {_fmt(v)}" for st, v in base_spread.items())
+                             + ("; same-seed rerun of the baseline: " + (f"{same_seed:.4f} nats apart" if same_seed
+                                is not None else "not run")),
+                             per_pair=diffs, per_style=per_style, baseline_std=base_spread, same_seed_noise=same_seed))
 
     # (b) steps / wall-clock to target
     cb = CLAIMS[1]
@@ -304,10 +309,17 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
                               f"fewer de facto shared experts (baseline - SD-MoE, all layers): {_figure(siv, '.2f')}"),
                              per_pair=mi, shared_experts_diff=siv))
 
-    # (e) step time
+    # (e) step time: from the interleaved in-process timing when the compare made one
+    # (rounds are the paired samples), else run against run from the metrics.
     ce = CLAIMS[4]
     times = {}
-    for st, s in main_keys:
+    timing = read_json(out / "timing.json") or {}
+    for st, t in timing.items():
+        for i, (a, b) in enumerate(zip(t.get("sd-moe", []), t.get("baseline", []))):
+            times[f"{st}/round{i}"] = a / b
+    how = ("interleaved steps in one process (timing.json), ratio per round" if times else
+           "run against run on a shared machine: noisy; control's ratio in the ablation table")
+    for st, s in ([] if times else main_keys):
         sd, base = by.get((st, "sd-moe", "1", s)), by.get((st, "baseline", "1", s))
         if sd and base and sd["status"] == "done" and base["status"] == "done":
             after = sd["split_step"]
@@ -316,8 +328,7 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
                 times[f"{st}/seed{s}"] = a / b
     iv = _ci(times.values())
     claims.append(_claim_row(ce, iv, stats.verdict(iv["lo"], iv["hi"], ce.threshold, ce.direction), _figure(iv, unit="x"),
-                             "run against run on a shared machine: noisy; control's ratio in the ablation table",
-                             per_pair=times))
+                             how, per_pair=times))
 
     # (f) 4x learning rate
     cf = CLAIMS[5]
@@ -509,6 +520,12 @@ def summary_csv(summary: dict) -> str:
 def summary_text(summary: dict) -> str:
     lines = [f"compare: {summary['n_done']} of {summary['n_runs']} runs done"
              + (f", {summary['n_diverged']} diverged" if summary["n_diverged"] else "")]
+    done = [r for r in summary["runs"] if r["status"] == "done" and r.get("unigram_entropy")]
+    for variant in ("baseline", "sd-moe"):
+        finals = [r["final_mean"] for r in done if r["variant"] == variant and r["lr_mult"] == 1.0]
+        if finals:
+            lines.append(f"  {variant}: mean validation loss {statistics.mean(finals):.3f} nats/token over "
+                         f"{len(finals)} runs; unigram entropy of the corpus {done[0]['unigram_entropy']:.3f} nats/token")
     for c in summary["claims"]:
         lines.append(f"  ({c['claim']}) {c['verdict'].upper():<15} {c['statement']}: {c['figure']}")
     return "\n".join(lines)

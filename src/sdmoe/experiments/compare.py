@@ -200,8 +200,33 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
         trained += rec["action"] != "skipped"
         records.append(rec)
     bar.close()
+    if max_runs is None:
+        _measure_step_times(cfg, specs, out, datasets, progress)
     summary, text, report = rebuild_report(out, _return_all=True)
     return CompareResult(out, cfg, records, summary, text, report)
+
+
+TIMING_FILE = "timing.json"
+
+
+def _measure_step_times(cfg: CompareConfig, specs: list[RunSpec], out: Path, datasets: _Datasets, progress: bool) -> None:
+    """Claim (e) from a fair measurement: baseline and SD-MoE interleaved in this process, per style.
+
+    Run-against-run step times move with the machine's load; these do not. Kept in
+    out/timing.json (measured once; delete the file to measure again)."""
+    from sdmoe.experiments.timing import interleaved_step_times
+
+    saved = read_json(out / TIMING_FILE) or {}
+    for style in cfg.styles:
+        pair = {s.variant: s for s in specs if s.style == style and s.lr_mult == 1.0 and s.seed == 0
+                and s.variant in ("baseline", "sd-moe")}
+        if style in saved or len(pair) < 2:
+            continue
+        configs = {v: spec.run_config(cfg) for v, spec in pair.items()}
+        if progress:
+            print(f"timing {style}: baseline and sd-moe steps, interleaved in one process", flush=True)
+        saved[style] = interleaved_step_times(configs, datasets.get(configs["baseline"]))
+        write_json_atomic(out / TIMING_FILE, saved)
 
 
 def rebuild_report(out_dir: str | Path, _return_all: bool = False):

@@ -25,6 +25,8 @@ from sdmoe.errors import UserError
 # shared-lr-<m>, reestimate-<k>, tracker-<n>) are parsed by `variant_overrides`.
 FIXED_VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"method": "baseline"},
+    # The same run as baseline seed 0, trained again: the same-seed noise every difference is read against.
+    "baseline-rerun": {"method": "baseline"},
     "sd-moe": {"method": "sd-moe"},  # the default SDMoEConfig
     # The control: same reparameterisation W_i = W_s + T_i, plain gradients.
     "control": {"method": "sd-moe", "sdmoe.gradient_split": "none"},
@@ -87,6 +89,7 @@ class CompareConfig:
     overrides: list[str] = field(default_factory=list)  # "key=value" applied to every run (e.g. loop.threads=2)
     text: list[str] = field(default_factory=list)  # user text (data.text); empty = bundled corpora
     analyze: bool = True  # post-hoc routing analysis of each final model (expert load, domain MI)
+    rerun_baseline: bool = True  # train the first style's baseline seed 0 twice: the same-seed noise
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -226,6 +229,8 @@ def plan(cfg: CompareConfig) -> list[RunSpec]:
         for seed in seeds:
             for variant in cfg.variants:
                 add(style, variant, seed, 1.0)
+    if cfg.rerun_baseline:
+        add(cfg.styles[0], "baseline-rerun", 0, 1.0)
     for style in cfg.styles[: cfg.lr_sweep_styles]:
         for seed in seeds[: cfg.lr_sweep_seeds]:
             for mult in cfg.lr_multipliers:

@@ -6,6 +6,7 @@ Imports no model code: `write_report(out, summary)` renders what
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,12 @@ def curves_plot(curves: dict[str, tuple], title: str, ylabel: str, hline: float 
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
     for i, (name, (x, y)) in enumerate(curves.items()):
         c = _color(name.split(" ")[0], i)
-        mean = np.nanmean(y, axis=0)
+        with warnings.catch_warnings():  # columns a shorter (unfinished) run lacks are all-NaN: left blank
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, lo, hi = np.nanmean(y, axis=0), np.nanmin(y, axis=0), np.nanmax(y, axis=0)
         ax.plot(x, mean, color=c, lw=1.5, ls=(styles or {}).get(name, "-"), label=f"{name} (n={y.shape[0]})")
         if y.shape[0] > 1:
-            ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0), color=c, alpha=0.18, lw=0)
+            ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0)
     if hline is not None:
         ax.axhline(hline, color="grey", ls=":", lw=1, label=hlabel)
     ax.set_xlabel("step", fontsize=8)
