@@ -26,8 +26,8 @@ def test_demo_plan_contents():
     base0 = next(s for s in specs if s.run_id == "qwen2_moe/baseline/lr1/seed0")
     assert len(rerun) == 1 and rerun[0].run_config().to_dict() | {"name": ""} == base0.run_config().to_dict() | {"name": ""}
     sweep = [s for s in specs if s.lr_mult != 1.0]
-    assert sorted((s.variant, s.lr_mult) for s in sweep) == [("baseline", 2.0), ("baseline", 4.0),
-                                                            ("sd-moe", 2.0), ("sd-moe", 4.0)]
+    assert sorted((s.variant, s.lr_mult) for s in sweep) == [("baseline", 0.5), ("baseline", 2.0), ("baseline", 4.0),
+                                                            ("sd-moe", 0.5), ("sd-moe", 2.0), ("sd-moe", 4.0)]
     assert {s.style for s in sweep} == {"qwen2_moe"} and {s.seed for s in sweep} == {0}
     assert "qwen2_moe/sd-moe/lr1/seed0" in ids and "qwen2_moe/baseline/lr4/seed0" in ids
 

@@ -77,7 +77,8 @@ class CompareConfig:
     styles: list[str] = field(default_factory=lambda: ["qwen2_moe", "deepseek_v3"])
     seeds: int = 3
     variants: list[str] = field(default_factory=lambda: ["baseline", "sd-moe", "control"])
-    lr_multipliers: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # of the preset's (tuned) lr
+    # Multiples of the preset's (tuned) rate: 0.5 shows the baseline is tuned, 4 tests "stable up to 4x".
+    lr_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     lr_sweep_styles: int = 1  # how many styles (first N) get the LR sweep; 0 = none
     lr_sweep_seeds: int = 1  # how many seeds (first N) get the LR sweep
     lr_sweep_variants: list[str] = field(default_factory=lambda: ["baseline", "sd-moe"])

@@ -24,6 +24,7 @@ from sdmoe.errors import UserError
 # defaults of `compare` (softmax router + gated shared expert; sigmoid router
 # with score-correction bias + fine-grained shared experts).
 STYLES = ("qwen2_moe", "deepseek_v3", "qwen3_moe", "deepseek_v2", "olmoe", "mixtral")
+EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # the host model's own load-balancing loss
     init_std: float = 0.02
     tie_embeddings: bool = False
+    # transformers' expert kernel: "eager" (a loop over the experts a batch hits),
+    # "batched_mm" or "grouped_mm"; SD-MoE runs unchanged on each (benchmarks/bench_experts.py).
+    experts_implementation: str = "eager"
 
 
 def validate(cfg: ModelConfig, vocab_size: int) -> None:
@@ -69,6 +73,9 @@ def validate(cfg: ModelConfig, vocab_size: int) -> None:
         )
     if cfg.style.startswith("deepseek") and cfg.num_experts % 2:
         raise UserError("deepseek styles route within expert groups; use an even model.num_experts")
+    if cfg.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise UserError(f"unknown model.experts_implementation {cfg.experts_implementation!r}; "
+                        f"choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
     if vocab_size < 16:
         raise UserError(f"vocab size {vocab_size} is too small for a language model; use at least 256")
 
@@ -146,9 +153,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: 
     """A freshly initialised transformers MoE causal LM (float32, train mode)."""
     hf_config = to_hf_config(cfg, vocab_size)
     hf_config.bos_token_id = hf_config.eos_token_id = hf_config.pad_token_id = eos_token_id
-    # The experts kernel is the host's own; "eager" is the reference loop and
-    # the one every architecture has (`batched_mm`/`grouped_mm` are options).
-    hf_config._experts_implementation = "eager"
+    hf_config._experts_implementation = cfg.experts_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config)

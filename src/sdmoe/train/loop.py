@@ -198,7 +198,8 @@ def train(
         if controller is not None and (record := controller.maybe_split(step, optimizer, reference_batch)):
             dist.broadcast_buffers(model, ctx)  # bases computed once, identical on every rank
             engine = dist.wrap(model, ctx)  # the split replaced the expert parameters
-            log.write({"event": "split", "step": step, "ranks_agree": dist.buffers_agree(model, ctx), **record})
+            log.write({"event": "split", "step": step, "ranks_agree": dist.buffers_agree(model, ctx),
+                       "trainable_parameters": count_parameters(model), **record})
         lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, cfg.loop.steps, cfg.optim))
 
         input_ids, _ = data.train.sample(step)
