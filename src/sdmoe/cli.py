@@ -7,6 +7,7 @@ becomes `sdmoe: error: <message>` and exit code 2, like argparse's own errors.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -253,6 +254,8 @@ COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze, "compar
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' own bars (loading and writing shards) would interleave with ours.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
