@@ -230,7 +230,7 @@ def _evaluate(args) -> int:
     from pathlib import Path
 
     from sdmoe.eval.tasks import build_tasks, score_with_harness
-    from sdmoe.jsonfiles import write_json_atomic
+    from sdmoe.files import write_json_atomic
 
     model_dir = Path(args.model_dir)
     tasks_dir = Path(args.tasks_dir or model_dir.parent / "eval-tasks")

@@ -34,7 +34,7 @@ from sdmoe.analysis.gradients import (
 )
 from sdmoe.analysis.parameters import ProjectionFindings, check_rank, parameter_findings
 from sdmoe.errors import UserError
-from sdmoe.jsonfiles import json_safe
+from sdmoe.files import json_safe
 from sdmoe.moe import find_moe_blocks
 from sdmoe.moe.checkpoint import ExpertCheckpoint, weights_of_block
 
@@ -131,8 +131,8 @@ class AnalysisResult:
     # -- output ------------------------------------------------------------------
     def save(self, out: str | Path, force: bool = False) -> dict[str, str]:
         """Write `analysis.json`, the PNG plots and `report.html` into `out`."""
+        from sdmoe.files import write_text_atomic
         from sdmoe.report.analysis import write_report
-        from sdmoe.report.html import write_text_atomic
 
         out = Path(out)
         check_out_dir(out, force)

@@ -19,7 +19,7 @@ from typing import Any
 
 from sdmoe.experiments import stats
 from sdmoe.experiments.grid import CompareConfig, fmt_mult, plan
-from sdmoe.jsonfiles import read_json, read_jsonl
+from sdmoe.files import read_json, read_jsonl
 
 PAPER_OVERLAP = 0.1  # the paper's inter-expert similarity of SD-MoE tails
 PAPER_STEPS_RATIO = 0.7

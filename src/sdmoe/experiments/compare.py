@@ -22,7 +22,7 @@ from typing import Any
 
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import CompareConfig, RunSpec, plan
-from sdmoe.jsonfiles import json_safe, read_json, write_json_atomic
+from sdmoe.files import json_safe, read_json, write_json_atomic
 
 COMPARE_FILE = "compare.json"
 RUN_FILE = "compare_run.json"
@@ -232,8 +232,8 @@ def _measure_step_times(cfg: CompareConfig, specs: list[RunSpec], out: Path, dat
 def rebuild_report(out_dir: str | Path, _return_all: bool = False):
     """Re-create summary.json, summary.csv and report.html from the run files; returns the terminal summary."""
     from sdmoe.experiments.claims import summarize, summary_csv, summary_text
+    from sdmoe.files import write_text_atomic
     from sdmoe.report.compare import write_report
-    from sdmoe.report.html import write_text_atomic
 
     out = Path(out_dir)
     cfg = load_compare_config(out)

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sdmoe.report.html import write_bytes_atomic  # noqa: E402
+from sdmoe.files import write_bytes_atomic  # noqa: E402
 
 DPI = 90
 

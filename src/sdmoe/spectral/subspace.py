@@ -114,7 +114,7 @@ def top_subspace(
     method: str = "gram",
     *,
     oversample: int = 10,
-    iters: int = 3,
+    iters: int = 2,
     seed: int = 0,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -146,7 +146,7 @@ def expert_subspaces(
     method: str = "gram",
     *,
     oversample: int = 10,
-    iters: int = 3,
+    iters: int = 2,
     seed: int = 0,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -178,7 +178,7 @@ def common_subspace(
     weights=None,
     *,
     oversample: int = 10,
-    iters: int = 3,
+    iters: int = 2,
     seed: int = 0,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdmoe.errors import UserError
-from sdmoe.jsonfiles import write_json_atomic
+from sdmoe.files import write_json_atomic
 
 _PREFIX = "step_"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmoe.errors import UserError
-from sdmoe.jsonfiles import read_jsonl
+from sdmoe.files import read_jsonl
 
 
 class MetricsLog:

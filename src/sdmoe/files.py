@@ -1,8 +1,8 @@
-"""JSON on disk, the one way the project does it: atomic writes, forgiving reads, JSON-safe values.
+"""Files on disk, the one way the project writes them: atomic writes, forgiving reads, JSON-safe values.
 
-Every record a run, an analysis or a compare leaves behind goes through here,
-so a crash never leaves half a file and a reader never trips on a line a
-killed process cut off.
+Every record, report and figure a run, an analysis or a compare leaves behind
+goes through here, so a crash never leaves half a file and a reader never
+trips on a line a killed process cut off.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def write_json_atomic(path: str | Path, payload: Any, indent: int = 2) -> Path:
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write to a temp file beside `path`, fsync, rename: the old file or the new one, never half."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=indent)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
@@ -44,6 +44,14 @@ def write_json_atomic(path: str | Path, payload: Any, indent: int = 2) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, payload: Any, indent: int = 2) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=indent) + "\n")
 
 
 def read_json(path: str | Path) -> Any | None:
