@@ -237,9 +237,22 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
     rerun, first = final(cfg.styles[0], "baseline-rerun", 1.0, 0), final(cfg.styles[0], "baseline", 1.0, 0)
     same_seed = abs(rerun - first) if rerun is not None and first is not None else None
     per_style = {st: _ci(v for k, v in diffs.items() if k.startswith(st + "/")) for st in cfg.styles}
+    # A gain over an untuned baseline is no gain: say so when the LR sweep found a better baseline rate.
+    untuned = []
+    for st in cfg.styles[: cfg.lr_sweep_styles]:
+        rates = {m: final(st, "baseline", m, 0) for m in cfg.lr_multipliers}
+        rates = {m: v for m, v in rates.items() if v is not None and math.isfinite(v)}
+        if rates and min(rates, key=rates.get) != 1.0:
+            best = min(rates, key=rates.get)
+            sd_best = final(st, "sd-moe", best, 0)
+            untuned.append(f"{st}: the baseline's best rate in the sweep is {fmt_mult(best)}x, not 1x "
+                           f"(baseline {rates[best]:.3f}, SD-MoE {_fmt(sd_best)} there, seed 0): the pairs' "
+                           "baseline is not tuned; rerun with --set optim.lr=<that rate>")
     claims.append(_claim_row(ca, iv, stats.verdict(iv["lo"], iv["hi"], ca.threshold, ca.direction),
                              _figure(iv, unit=" nats"),
-                             "baseline seed-to-seed std: " + ", ".join(f"{st} {_fmt(v)}" for st, v in base_spread.items())
+                             "; ".join(["WARNING " + u for u in untuned]
+                                       + ["baseline seed-to-seed std: "
+                                          + ", ".join(f"{st} {_fmt(v)}" for st, v in base_spread.items())])
                              + ("; same-seed rerun of the baseline: " + (f"{same_seed:.4f} nats apart" if same_seed
                                 is not None else "not run")),
                              per_pair=diffs, per_style=per_style, baseline_std=base_spread, same_seed_noise=same_seed))
