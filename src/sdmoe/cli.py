@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=8)
     a.add_argument("--out", help="output directory (default: PATH/../analysis)")
     a.add_argument("--force", action="store_true", help="overwrite a previous analysis in --out")
+    a.add_argument("--weights-only", action="store_true",
+                   help="parameter findings alone, read layer by layer without loading the model "
+                        "(for checkpoints larger than memory)")
     c = sub.add_parser("compare", help="baseline against SD-MoE: matched seeds, sweeps, one report with verdicts",
                        description="Train matched pairs (same initial weights, data order and seed; the only "
                                    "difference is SD-MoE) plus the control and the sweeps of the preset, then write "
@@ -188,7 +191,8 @@ def _analyze(args) -> int:
         except ValueError:
             raise UserError(f"--layers takes comma-separated integers, got {args.layers!r}") from None
     result = analyze_path(args.path, text=args.text or None, layers=layers, rank=args.rank, out=args.out,
-                          n_batches=args.batches, seq_len=args.seq_len, batch_size=args.batch_size, force=args.force)
+                          n_batches=args.batches, seq_len=args.seq_len, batch_size=args.batch_size, force=args.force,
+                          weights_only=args.weights_only)
     print(result.summary())
     return 0
 

@@ -79,3 +79,18 @@ def test_analyze_path_dense_model_is_a_clear_error(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     with pytest.raises(UserError, match="no MoE layers found"):
         analyze_path(tmp_path / "llama", rank=4, progress=False)
+
+
+def test_analyze_path_weights_only_never_loads_the_model(checkpoint_dir, tmp_path, monkeypatch):
+    import sdmoe.analysis.run as run_module
+
+    def refuse(path):
+        raise AssertionError("weights_only must not load the model")
+
+    monkeypatch.setattr(run_module, "_load_model_and_tokenizer", refuse)
+    full = analyze_path(checkpoint_dir, rank=4, write=False, weights_only=True, progress=False)
+    assert full.meta["weights_only"] and full.gradients == [] and full.gating == []
+    assert len(full.parameters) == 3 * len(full.meta["layers"])  # gate, up, down per layer
+    out = tmp_path / "wo"
+    analyze_path(checkpoint_dir, rank=4, out=out, weights_only=True, progress=False)
+    assert (out / "report.html").is_file() and "Finding 1" in (out / "report.html").read_text()

@@ -273,10 +273,13 @@ def analyze_path(
     seed: int = 0,
     progress: bool = True,
     write: bool = True,
+    weights_only: bool = False,
 ) -> AnalysisResult:
     """Analyse a local checkpoint directory; write `analysis.json`, plots and `report.html` to `out`.
 
     `out=None`: PATH/../analysis (the CLI's default); `write=False`: write nothing.
+    `weights_only`: finding 1 alone, read layer by layer; the model is never loaded whole
+    (the way to analyse a checkpoint larger than memory).
     """
     from sdmoe.data import DataConfig, prepare_dataset
 
@@ -303,6 +306,16 @@ def analyze_path(
         bar = tqdm(total=len(layers or ckpt.layers), desc="parameter spectra", unit="layer", disable=not progress or None, leave=False)
         params = parameter_findings(ckpt.iter_layers(layers, dtype=torch.float32), rank, rank, progress=bar)
         bar.close()
+
+    if weights_only:
+        meta = {"model": str(path), "model_type": ckpt.config.get("model_type", ""), "layers": layers or ckpt.layers,
+                "num_experts": ckpt.num_experts, "hidden_size": d, "expert_ffn": ckpt.expert_ffn,
+                "top_k": ckpt.top_k, "k": rank, "r": rank, "n_batches": 0, "n_tokens": 0, "weights_only": True,
+                "seconds": round(time.perf_counter() - t0, 2)}
+        result = AnalysisResult(meta, params, [], [], [], [])
+        if out is not None:
+            result.save(out, force=force)
+        return result
 
     model, tokenizer = _load_model_and_tokenizer(path)
     vocab = model.get_input_embeddings().weight.shape[0]
