@@ -1,5 +1,6 @@
 """The command line as a user meets it: help, a tiny run, generation, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def test_module_entry_point_prints_help():
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "analyze"])
+@pytest.mark.parametrize("command", ["train", "generate", "analyze", "compare", "evaluate", "report"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -66,3 +67,30 @@ def test_empty_corpus_file(tmp_path, capsys):
     empty.write_text("   \n")
     assert main(["train", "--preset", "tiny", "--text", str(empty), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "empty" in _error_line(capsys)
+
+
+def test_compare_then_report_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "tiny", "--seeds", "1", "--steps", "6", "--out", str(out), "--quiet",
+            "--set", "sdmoe.split_step=2", "--set", "loop.eval_every=3"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "(a)" in text and "unigram entropy" in text and (out / "report.html").is_file()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").is_file() and "(g)" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--variants", "baseline,control"]) == 2  # other settings, same --out
+    assert "other settings" in _error_line(capsys)
+
+
+def test_evaluate_scores_a_model_with_the_harness(tmp_path, capsys):
+    pytest.importorskip("lm_eval")  # the eval extra; `make test` installs it
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--steps", "4", "--out", str(out), "--quiet",
+                 "--set", "loop.monitor_every=0"]) == 0
+    capsys.readouterr()
+    scores_file = tmp_path / "scores.json"
+    assert main(["evaluate", str(out / "model"), "--limit", "3", "--out", str(scores_file)]) == 0
+    scores = json.loads(scores_file.read_text())
+    assert {"sdmoe_cloze_drama", "sdmoe_mc_drama"} <= set(scores)
+    assert 0.0 <= scores["sdmoe_mc_drama"]["acc"] <= 1.0
