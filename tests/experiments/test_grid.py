@@ -20,7 +20,9 @@ def test_demo_plan_contents():
     specs = plan(compare_preset("demo"))
     ids = [s.run_id for s in specs]
     assert len(ids) == len(set(ids))
-    main = [s for s in specs if s.lr_mult == 1.0 and s.variant != "baseline-rerun"]
+    main = [s for s in specs if s.lr_mult == 1.0 and s.variant not in ("baseline-rerun", "fixed-weights")]
+    assert [s.run_id for s in specs if s.variant == "fixed-weights"] == [
+        f"qwen2_moe/fixed-weights/lr1/seed{k}" for k in range(3)]
     assert len(main) == 2 * 3 * 3  # styles x seeds x (baseline, sd-moe, control)
     rerun = [s for s in specs if s.variant == "baseline-rerun"]
     base0 = next(s for s in specs if s.run_id == "qwen2_moe/baseline/lr1/seed0")
