@@ -124,20 +124,9 @@ def top_subspace(
     ``oversample``/``iters``/``seed`` only affect ``method="randomized"``.
     """
     w_FD = check_tensor(w_FD, 2, "w_FD", "F x D")
-    d = w_FD.shape[-1]
-    check_rank(k, d)
-    _check_method(method, _METHODS)
-    w = w_FD.to(compute_dtype(w_FD, dtype))
-    if method == "gram":
-        u, _ = top_eigh(w.T @ w, k)
-    elif method == "svd":
-        full = k > min(w.shape)
-        vh = torch.linalg.svd(w, full_matrices=full).Vh
-        u = vh[:k].T
-    else:
-        _check_randomized(oversample, iters)
-        u, _ = _randomized_batched(w, k, oversample, iters, seed)
-    return fix_signs(u)
+    # One matrix is the one-expert case of the batched routine.
+    return expert_subspaces(w_FD.unsqueeze(0), k, method, oversample=oversample, iters=iters, seed=seed,
+                            dtype=dtype)[0]
 
 
 def expert_subspaces(
