@@ -26,6 +26,12 @@ def _nan(v):
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def _overall_badge(sec, what: str, rows) -> None:
+    """One badge for a finding: its mean overlap ratio to random over every layer and projection."""
+    label, verdict = _ratio_verdict(_mean(r["ratio"] for r in rows))
+    sec.badge(f"{what}: {label}", verdict)
+
+
 def _ratio_verdict(ratio) -> tuple[str, str]:
     if _nan(ratio):
         return "n/a", "info"
@@ -115,7 +121,7 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
         "subspace of all experts stacked (random: r/d).",
     )
     if params:
-        sec.badge("parameters: " + _ratio_verdict(_mean(r["ratio"] for r in params))[0], _ratio_verdict(_mean(r["ratio"] for r in params))[1])
+        _overall_badge(sec, "parameters", params)
         sec.table(
             [
                 {
@@ -145,7 +151,7 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
         "the layer input's second moment E[x x^T].",
     )
     if grads:
-        sec.badge("gradients: " + _ratio_verdict(_mean(r["ratio"] for r in grads))[0], _ratio_verdict(_mean(r["ratio"] for r in grads))[1])
+        _overall_badge(sec, "gradients", grads)
         sec.table(
             [
                 {
