@@ -29,3 +29,14 @@ def tiny_config():
     cfg = preset("tiny")
     cfg.loop.monitor_every = 0
     return cfg
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny shapes: one thread is faster and immune to oversubscribed cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -2,14 +2,8 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is faster and immune to oversubscribed cores."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

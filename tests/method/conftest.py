@@ -9,11 +9,5 @@ def kind(request):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread is faster and immune to oversubscribed cores."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)

@@ -20,11 +20,8 @@ E, F, D, K = 4, 8, 12, 3
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _stack(kind: str, dtype=torch.float32) -> torch.Tensor:

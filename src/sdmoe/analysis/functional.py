@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sdmoe.errors import UserError
+from sdmoe.spectral import mean_off_diagonal
 
 
 @dataclass
@@ -104,7 +105,7 @@ def functional_findings(
     if weights is not None and sample_TD is not None and sample_TD.shape[0]:
         c = output_cosine(sample_TD, weights.gate_EFD, weights.up_EFD, weights.down_EDF)
         cos = c.tolist()
-        cos_mean = float((c.sum() - c.diagonal().sum()) / (e * (e - 1))) if e > 1 else None
+        cos_mean = mean_off_diagonal(c) if e > 1 else None
     out = FunctionalFindings(
         layer=layer,
         num_experts=e,

@@ -25,6 +25,7 @@ from sdmoe.spectral import (
     data_subspace,
     expert_subspaces,
     lowrank_share,
+    mean_off_diagonal,
     overlap_matrix,
     random_overlap_baseline,
 )
@@ -91,8 +92,7 @@ def gradient_overlap(g_EFD: torch.Tensor, k: int, r: int, layer: int = 0, projec
         idx = torch.tensor(active)
         o[idx[:, None], idx[None, :]] = o_AA
         if len(active) >= 2:
-            a = len(active)
-            mean = float((o_AA.sum() - o_AA.diagonal().sum()) / (a * (a - 1)))
+            mean = mean_off_diagonal(o_AA)
     base = random_overlap_baseline(k, d)
     return GradientFindings(
         layer=layer,

@@ -126,10 +126,7 @@ class SDMoE:
         out = {"mode": self.cfg.mode, "shared_form": self.cfg.shared_form,
                "gradient_split": self.cfg.gradient_split, "layers": layers}
         if io is not None:
-            changes, logits_change = io.changes()
-            for rec, c in zip(layers, changes):
-                rec["rel_change"] = c
-            out["logits_rel_change"] = logits_change
+            io.record(out)
         return out
 
     @torch.no_grad()
@@ -276,10 +273,7 @@ class SDMoE:
         self.collector.reset()
         out = {"layers": layers}
         if io is not None:
-            changes, logits_change = io.changes()
-            for rec, c in zip(layers, changes):
-                rec["rel_change"] = c
-            out["logits_rel_change"] = logits_change
+            io.record(out)
         return out
 
     # -- optimizer -----------------------------------------------------------------
@@ -476,6 +470,13 @@ class _BlockIO:
         return hook
 
     @torch.no_grad()
+    def record(self, out: dict) -> None:
+        """Write each layer's output change (and the logits') into a split/re-estimation record."""
+        changes, logits_change = self.changes()
+        for rec, c in zip(out["layers"], changes):
+            rec["rel_change"] = c
+        out["logits_rel_change"] = logits_change
+
     def changes(self) -> tuple[list[float], float]:
         rel = []
         for i, b in enumerate(self.blocks):
