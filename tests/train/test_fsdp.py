@@ -12,10 +12,19 @@ import torch
 
 STEPS, BATCH = 4, 4
 UNSUPPORTED = 3  # the worker's exit code when this torch build cannot run fully_shard on CPU/gloo
+# name -> SD-MoE settings (None: the plain model); every one split before sharding (split_step=0)
+VARIANTS = {
+    "baseline": None,
+    "none": dict(gradient_split="none"),
+    "per_step": dict(gradient_split="per_step", exact_every=3, tracker_oversample=2),
+    "fixed": dict(gradient_split="fixed"),
+    "per_expert": dict(mode="per_expert", gradient_split="per_step"),
+    "gate_only": dict(projections=("gate",), normalize_tail_updates=True),
+}
 
 
-def run_losses(world: int, rank: int, sdmoe: bool) -> list[float]:
-    """A few AdamW steps of a tiny qwen3_moe (plain, or SD-MoE split before sharding, gradient_split='none')."""
+def run(world: int, rank: int, variant: str) -> dict:
+    """A few AdamW steps of a tiny qwen3_moe -> {losses, q (tracked bases), monitor}."""
     import torch.distributed as dist
 
     from sdmoe.method import SDMoE, SDMoEConfig
@@ -26,8 +35,8 @@ def run_losses(world: int, rank: int, sdmoe: bool) -> list[float]:
                       expert_ffn=32)
     model = build_model(cfg, vocab_size=256, seed=0)
     ctl = None
-    if sdmoe:
-        ctl = SDMoE(model, SDMoEConfig(split_step=0, gradient_split="none", rank=4))
+    if VARIANTS[variant] is not None:
+        ctl = SDMoE(model, SDMoEConfig(split_step=0, rank=4, **VARIANTS[variant]))
         ctl.split()
     if world > 1:
         shard_model(model, controller=ctl)
@@ -51,7 +60,11 @@ def run_losses(world: int, rank: int, sdmoe: bool) -> list[float]:
             dist.all_reduce(value)
             value /= world
         losses.append(float(value))
-    return losses
+    out = {"losses": losses}
+    if ctl is not None:
+        out["q"] = [s.q(p).tolist() for s in ctl.states for p in s.projs if s.q(p) is not None]
+        out["monitor"] = ctl.monitor(4)["layers"]  # collective under FSDP2: every rank calls it
+    return out
 
 
 def _worker(out: str) -> None:
@@ -61,7 +74,7 @@ def _worker(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        result = {"baseline": run_losses(world, rank, False), "sdmoe_none": run_losses(world, rank, True)}
+        result = {v: run(world, rank, v) for v in VARIANTS}
     except (NotImplementedError, RuntimeError) as e:  # only a backend/device refusal is "unsupported"
         msg = str(e).splitlines()[0]
         if any(s in msg.lower() for s in ("gloo", "backend", "not supported", "cpu")):
@@ -70,29 +83,44 @@ def _worker(out: str) -> None:
             dist.destroy_process_group()
             sys.exit(UNSUPPORTED)
         raise
+    every = [None] * world
+    dist.all_gather_object(every, result)
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(result, f)
+            json.dump(every, f)
     dist.destroy_process_group()
+
+
+def _close(a, b, tol: float) -> bool:
+    return bool(torch.allclose(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), atol=tol))
 
 
 @pytest.mark.distributed
 def test_fsdp2_two_processes_match_one(tmp_path):
+    """Plain and every SD-MoE gradient split on 2 FSDP2 processes: the one-process losses, the same
+    tracked bases on both ranks (and as one process), the monitor seeing all experts."""
     torch.set_num_threads(1)
-    out = tmp_path / "losses.json"
+    out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if done.returncode == UNSUPPORTED or "exitcode  : 3" in done.stderr:
         pytest.skip(next(line for line in done.stderr.splitlines() if "FSDP2 unsupported" in line))
     assert done.returncode == 0, done.stderr[-3000:]
-    two = json.loads(out.read_text())
-    for key, sdmoe in (("baseline", False), ("sdmoe_none", True)):
-        one = run_losses(1, 0, sdmoe)
-        assert len(two[key]) == STEPS
-        for a, b in zip(one, two[key], strict=True):
-            assert abs(a - b) < 1e-4, (key, one, two[key])
-    assert two["baseline"] != two["sdmoe_none"]  # the split model is a different model, not a no-op
+    rank0, rank1 = json.loads(out.read_text())
+    for variant in VARIANTS:
+        one, two = run(1, 0, variant), rank0[variant]
+        assert len(two["losses"]) == STEPS
+        assert _close(one["losses"], two["losses"], 1e-4), (variant, one["losses"], two["losses"])
+        if "q" in one:
+            assert two["q"] == rank1[variant]["q"]  # bit-identical bases on every rank
+            assert _close(one["q"], two["q"], 1e-3), variant  # the one-process tracker's subspace
+            assert two["monitor"] == rank1[variant]["monitor"]  # every rank sees every expert
+            for a, b in zip(one["monitor"], two["monitor"], strict=True):
+                for key in ("experts_overlap", "tails_overlap"):
+                    assert _close(list(a[key].values()), list(b[key].values()), 1e-3), (variant, key, a, b)
+    losses = {v: tuple(rank0[v]["losses"]) for v in VARIANTS}
+    assert len(set(losses.values())) == len(VARIANTS)  # each variant trains differently: none is a no-op
 
 
 def test_shard_model_refuses_what_fsdp2_cannot_run():
@@ -102,14 +130,32 @@ def test_shard_model_refuses_what_fsdp2_cannot_run():
     from sdmoe.train.fsdp import check_sdmoe, shard_model
 
     model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_experts=4, expert_ffn=32), 64)
-    ctl = SDMoE(model, SDMoEConfig(split_step=0, gradient_split="fixed", rank=4))
+    ctl = SDMoE(model, SDMoEConfig(split_step=0, gradient_split="fixed", rank=4, reestimate_every=5))
     with pytest.raises(UserError, match="after the SD-MoE split"):
         check_sdmoe(ctl)
     ctl.split()
-    with pytest.raises(UserError, match="gradient_split='fixed'"):
+    with pytest.raises(UserError, match="reestimate_every=5"):
         shard_model(model, controller=ctl)
+    ctl.cfg.reestimate_every = 0
+    check_sdmoe(ctl)  # the fixed split itself runs on shards
     with pytest.raises(UserError, match="process group"):
         shard_model(model)
+
+
+def test_fsdp2_refuses_the_split_on_module_list_experts():
+    from sdmoe.errors import UserError
+    from sdmoe.method import SDMoE, SDMoEConfig
+    from sdmoe.train.fsdp import check_sdmoe
+
+    from ..method.method_helpers import make_model
+
+    ctl = SDMoE(make_model("module_list"), SDMoEConfig(split_step=0, rank=4))
+    ctl.split()
+    with pytest.raises(UserError, match="needs fused experts under FSDP2"):
+        check_sdmoe(ctl)
+    control = SDMoE(make_model("module_list"), SDMoEConfig(split_step=0, rank=4, gradient_split="none"))
+    control.split()
+    check_sdmoe(control)  # the control trains on any layout
 
 
 if __name__ == "__main__":

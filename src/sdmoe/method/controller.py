@@ -26,13 +26,12 @@ from sdmoe.errors import UserError
 from sdmoe.moe import find_moe_blocks
 from sdmoe.spectral import (
     data_subspace,
-    exact_top,
     expert_subspaces,
     mean_off_diagonal,
     overlap_matrix,
 )
 
-from . import kernels
+from . import kernels, sharding
 from .basis import Collector, canonical, choose_bases, gram
 from .config import SDMoEConfig
 from .parametrization import STATE_NAME, SDMoEState, install
@@ -195,48 +194,63 @@ class SDMoE:
 
     # -- the per-step gradient split ---------------------------------------------------
     def after_backward(self, step: int) -> None:
-        """Split this step's gradients (per_step / fixed); nothing for the control ("none"). No host syncs."""
+        """Split this step's gradients (per_step / fixed); nothing for the control ("none"). No host syncs.
+
+        Works on FSDP2-sharded parameters too (`sharding`): tails on their local experts,
+        the tracker's M Q all-reduced before its QR, shared parts gathered whole."""
         if not self.split_done:
             return
         cfg = self.cfg
         collect = self._in_window(step) and self.collector.need_grads
-        for state in self.states:
-            half = state.undecomposed_half()
-            if half is not None and (g := state.coef_grad(half)) is not None:
-                g.zero_()  # that half is not decomposed: its tails carry the whole weight
-        if cfg.gradient_split == "none" and not collect:
-            return
+        split = cfg.gradient_split != "none"
         rr = cfg.tracker_oversample > 0
         exact = cfg.gradient_split == "per_step" and cfg.exact_every and step % cfg.exact_every == 0
         for li, state in enumerate(self.states):
+            half = state.undecomposed_half()
+            if half is None and not split and not collect:
+                continue
+            full = state.form == "full" and (split or half is not None)
+            shared, commit_shared = state.shared_grads() if full else ({}, lambda: None)
+            if half is not None and (g := state.shared_grad_view(shared, half)) is not None:
+                g.zero_()  # that half is not decomposed: its tails carry the whole weight
             views, commit = state.tail_views("grad")
             if collect:
                 for p, g in views.items():
                     key = (li, p)
                     self.collector.grads[key] = self.collector.grads.get(key, 0) + gram(g)
-            if cfg.gradient_split == "none":
-                continue
-            for projs, g in _groups(state, views):
-                if cfg.gradient_split == "per_step":
-                    qbuf = torch.stack([state.q(p) for p in projs])  # P x D x X
-                    q = kernels.track(g, qbuf, cfg.tracker_iters, state.r, rr)
-                    if exact:
-                        for k, p in enumerate(projs):
-                            e = exact_top(g[:, k], qbuf.shape[-1]).to(qbuf.dtype)
-                            self._drift[f"{li}.{p}"] = kernels.drift(q[k], e[:, : state.r])
-                            qbuf[k].copy_(e)
-                    for k, p in enumerate(projs):
-                        state.q(p).copy_(qbuf[k])
-                else:
-                    q = torch.stack([state.basis(p) for p in projs])
-                kernels.project_out(g, q, cfg.normalize_tail_updates)
-                if state.form == "full":
-                    sg = [state.coef_grad(p) for p in projs]
-                    if all(t is not None for t in sg):
-                        kernels.keep_inside(_stack_views(sg, state, projs), q)
+            if split:
+                self._split_grads(li, state, views, shared, exact, rr)
             commit()
+            commit_shared()
         if collect:
             self.collector.grad_batches += 1
+
+    def _split_grads(self, li: int, state: SDMoEState, views: dict[str, torch.Tensor],
+                     shared: dict[str, torch.Tensor], exact: bool, rr: bool) -> None:
+        """One layer: track Q (per_step), project the tails' gradients out of it, keep the shared one inside."""
+        cfg = self.cfg
+        reduce = sharding.reducer(state.tail_parameters()[0])  # sum over experts on every rank (FSDP2)
+        for projs, g in _groups(state, views):
+            if cfg.gradient_split == "per_step":
+                qbuf = torch.stack([state.q(p) for p in projs])  # P x D x X
+                q = kernels.track(g, qbuf, cfg.tracker_iters, state.r, rr, reduce)
+                if exact:
+                    for k, p in enumerate(projs):
+                        m = gram(g[:, k])
+                        if reduce is not None:
+                            reduce(m)
+                        e = data_subspace(m, qbuf.shape[-1])[0].to(qbuf.dtype)
+                        self._drift[f"{li}.{p}"] = kernels.drift(q[k], e[:, : state.r])
+                        qbuf[k].copy_(e)
+                for k, p in enumerate(projs):
+                    state.q(p).copy_(qbuf[k])
+            else:
+                q = torch.stack([state.basis(p) for p in projs])
+            kernels.project_out(g, q, cfg.normalize_tail_updates)
+            if state.form == "full":
+                sg = [state.shared_grad_view(shared, p) for p in projs]
+                if all(t is not None for t in sg):
+                    kernels.keep_inside(_stack_views(sg, state, projs, shared), q)
 
     def after_optimizer_step(self, step: int, reference_batch=None) -> dict | None:
         """Re-project tails (fixed split, per_expert mode); re-estimate U every K steps (returns its record)."""
@@ -331,20 +345,23 @@ class SDMoE:
         """Per layer/projection: mean off-diagonal overlap of the experts' (and tails') top-k subspaces."""
         layers = []
         for li, block in enumerate(self.blocks):
-            k_ = min(k, block.hidden_size)
-            rec = {"layer": block.layer, "experts_overlap": {}}
-            for p, w in canonical(block, "data").items():
-                rec["experts_overlap"][p] = mean_off_diagonal(overlap_matrix(expert_subspaces(w.float(), k_)))
-            if self.split_done:
-                views, _ = self.states[li].tail_views("data")
-                rec["tails_overlap"] = {p: mean_off_diagonal(overlap_matrix(expert_subspaces(t.float(), k_)))
-                                        for p, t in views.items()}
-                drift = {p: float(v) for key, v in self._drift.items()
-                         for (l_, p) in [key.split(".")] if int(l_) == li}
-                if drift:
-                    rec["tracker_drift"] = drift
-            layers.append(rec)
+            with sharding.unsharded(self.model, block.name):  # all experts, also under FSDP2
+                layers.append(self._monitor_layer(li, block, min(k, block.hidden_size)))
         return {"k": k, "random_baseline": k / self.blocks[0].hidden_size, "layers": layers}
+
+    def _monitor_layer(self, li: int, block, k: int) -> dict:
+        rec = {"layer": block.layer, "experts_overlap": {}}
+        for p, w in canonical(block, "data").items():
+            rec["experts_overlap"][p] = mean_off_diagonal(overlap_matrix(expert_subspaces(w.float(), k)))
+        if self.split_done:
+            views, _ = self.states[li].tail_views("data")
+            rec["tails_overlap"] = {p: mean_off_diagonal(overlap_matrix(expert_subspaces(t.float(), k)))
+                                    for p, t in views.items()}
+            drift = {p: float(v) for key, v in self._drift.items()
+                     for (l_, p) in [key.split(".")] if int(l_) == li}
+            if drift:
+                rec["tracker_drift"] = drift
+        return rec
 
     # -- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -384,11 +401,12 @@ class SDMoE:
 # -- helpers ----------------------------------------------------------------------------
 def _groups(state: SDMoEState, views: dict[str, torch.Tensor]):
     """(projections, E x P x F x D tensor) to split together: gate and up of a fused [gate; up]
-    gradient as one (E, 2, F, D) view (one batched pass), every other projection alone."""
+    gradient as one (E, 2, F, D) view (one batched pass), every other projection alone.
+    E is the local expert count under FSDP2."""
     lay = state.fused
     if lay is not None and lay.concatenated and not lay.transposed and "gate" in views and "up" in views:
-        gu = state.tails_gate_up.grad
-        yield ("gate", "up"), gu.view(state.e, 2, state.f, state.d)
+        gu = sharding.local(state.tails_gate_up.grad)
+        yield ("gate", "up"), gu.view(gu.shape[0], 2, state.f, state.d)
         rest = [p for p in views if p not in ("gate", "up")]
     else:
         rest = list(views)
@@ -396,10 +414,10 @@ def _groups(state: SDMoEState, views: dict[str, torch.Tensor]):
         yield (p,), views[p].unsqueeze(1)
 
 
-def _stack_views(grads: list[torch.Tensor], state: SDMoEState, projs) -> torch.Tensor:
+def _stack_views(grads: list[torch.Tensor], state: SDMoEState, projs, shared: dict[str, torch.Tensor]) -> torch.Tensor:
     """The shared gradients of `projs` as one (P, F, D) tensor aliasing them when possible."""
     if len(projs) == 2 and state.by_host:
-        return state.shared_gate_up.grad.view(2, state.f, state.d)  # concatenated, not transposed here
+        return shared["gate_up"].view(2, state.f, state.d)  # concatenated, not transposed here
     if len(projs) == 1:
         return grads[0].unsqueeze(0)
     raise AssertionError("grouped projections need a fused full-form shared gradient")

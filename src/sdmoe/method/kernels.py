@@ -15,6 +15,8 @@ external state tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # Added as _SHIFT * Q to M Q (as sdmoe.spectral.tracking does): keeps Q in place on a
@@ -32,10 +34,13 @@ def coeffs(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def track(g: torch.Tensor, q_buf: torch.Tensor, iters: int, r: int, rayleigh_ritz: bool) -> torch.Tensor:
+def track(g: torch.Tensor, q_buf: torch.Tensor, iters: int, r: int, rayleigh_ritz: bool,
+          reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Warm-started subspace iteration on M_p = sum_i G_ip^T G_ip, for P projections at once.
 
     g: (E, P, F, D) gradients (strided views welcome); q_buf: (P, D, X), updated in place.
+    reduce: sums M Q in place over the processes that hold the other experts (FSDP2), so
+    the QR sees the whole sum and every process gets the same Q.
     Returns the top-r columns (P, D, r). One iteration: 4 E F D X flops per projection, one batched QR.
     """
     q = q_buf
@@ -43,6 +48,8 @@ def track(g: torch.Tensor, q_buf: torch.Tensor, iters: int, r: int, rayleigh_rit
     for _ in range(iters):
         y = coeffs(g, q)  # E x P x F x X
         z = torch.matmul(g.transpose(-1, -2), y).sum(0).to(q_buf.dtype)  # P x D x X  (= M Q)
+        if reduce is not None:
+            reduce(z)
         q, rf = torch.linalg.qr(z.add_(q, alpha=_SHIFT), mode="reduced")
     if rayleigh_ritz and q.shape[-1] > r:
         u_small = torch.linalg.svd(rf).U

@@ -36,6 +36,8 @@ from torch.nn.utils import parametrize
 from sdmoe.errors import UserError
 from sdmoe.moe.layout import MoEBlock, _mlp_names
 
+from . import sharding
+
 PROJ_INDEX = {"gate": 0, "up": 1, "down": 2}
 STATE_NAME = "sdmoe"
 
@@ -190,6 +192,32 @@ class SDMoEState(nn.Module):
             return None if g is None else self._host_view(p, g)
         return self.coef(p).grad
 
+    def shared_grads(self) -> tuple[dict[str, torch.Tensor], callable]:
+        """({name: whole gradient of a shared part}, commit()); names are host names ("gate_up",
+        "down") when the shared parts follow the host's storage (`by_host`), projections otherwise.
+
+        Whole even under FSDP2, which shards these parameters on rows that cut across the
+        gate/up halves or the hidden dim: they are gathered, and commit() writes this
+        rank's rows back (`sharding.gathered`; unsharded, the views alias the gradients
+        and commit() does nothing)."""
+        if self.by_host:
+            params = {h: getattr(self, f"shared_{h}", None) for h in ("gate_up", "down")}
+        else:
+            params = {p: self.coef(p) for p in self.projs}
+        out, commits = {}, []
+        for name, prm in params.items():
+            if prm is not None and prm.grad is not None:
+                out[name], commit = sharding.gathered(prm.grad)
+                commits.append(commit)
+        return out, lambda: [c() for c in commits]
+
+    def shared_grad_view(self, grads: dict[str, torch.Tensor], p: str) -> torch.Tensor | None:
+        """Projection p's canonical view (F x D ...) into `shared_grads()`'s tensors, or None."""
+        if not self.by_host:
+            return grads.get(p)
+        g = grads.get("down" if p == "down" else "gate_up")
+        return None if g is None else self._host_view(p, g)
+
     def _host_view(self, p: str, x: torch.Tensor) -> torch.Tensor:
         if p == "down":
             return self.fused.down_view(x)
@@ -262,21 +290,28 @@ class SDMoEState(nn.Module):
     def tail_views(self, which: str) -> tuple[dict[str, torch.Tensor], callable]:
         """({p: E x F x D canonical view of the tails' grad or data}, commit()).
 
+        FSDP2-sharded tails give this rank's experts.
+
         In-place edits of the views land in the tails after commit() (a no-op for
         fused experts, whose views alias the storage; ModuleList tails are stacked
         and copied back). Projections whose tails have no grad are left out.
         """
         if self.layout == "fused":
+            # Under FSDP2 the fused tails are sharded on the expert dim: the local shard holds
+            # whole experts, and every per-expert edit is exact on it (sharding.local).
+            def canon(t: torch.Tensor | None) -> torch.Tensor | None:
+                if t is None:
+                    return None
+                return sharding.local(t.data if which == "data" else t.grad)
+
             out = {}
-            gu = self.tails_gate_up if ("gate" in self.projs or "up" in self.projs) else None
-            gu = gu if gu is None or which == "data" else gu.grad
+            gu = canon(self.tails_gate_up) if ("gate" in self.projs or "up" in self.projs) else None
             if gu is not None:
-                g, u = self.fused.gate_up_views(gu.data if which == "data" else gu)
+                g, u = self.fused.gate_up_views(gu)
                 out.update({k: v for k, v in (("gate", g), ("up", u)) if k in self.projs})
-            if "down" in self.projs:
-                dn = self.tails_down if which == "data" else self.tails_down.grad
-                if dn is not None:
-                    out["down"] = self.fused.down_view(dn.data if which == "data" else dn)
+            dn = canon(self.tails_down) if "down" in self.projs else None
+            if dn is not None:
+                out["down"] = self.fused.down_view(dn)
             return out, lambda: None
         out, targets = {}, []
         for p in self.projs:

@@ -8,7 +8,8 @@ Each decoder layer becomes one FSDP unit (its parameters are all-gathered for it
 and backward, its gradients reduce-scattered), then the root takes what is left
 (embeddings, final norm, LM head). Parameters become DTensors sharded on dim 0 over the
 mesh; `model.parameters()` yields the local shards, so the optimizer must be built after
-sharding. Status on CPU/gloo and with SD-MoE: docs/distributed.md.
+sharding. SD-MoE: split first (`controller.split()`), then shard; the controller's
+gradient split then runs on the shards (`sdmoe.method.sharding`). Status: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -32,22 +33,25 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def check_sdmoe(controller) -> None:
     """Refuse SD-MoE settings that cannot run on FSDP2-sharded parameters (docs/distributed.md).
 
-    Under FSDP2 the parametrized experts work (forward and backward through W_i = S + T_i
-    are ordinary autograd on the layer's unsharded parameters), so gradient_split="none"
-    trains. The gradient split and the tail re-projection do not: they combine the
-    parameters' sharded DTensor gradients/values with the bases, which are plain
-    (replicated, unsharded) buffers, and DTensor refuses mixed operands ("aten.bmm.default
-    got mixed torch.Tensor and DTensor"); and a split after sharding would replace
-    sharded parameters. Split before sharding (split_step=0)."""
+    The gradient split, the tracker and the tail re-projection run on the sharded
+    parameters (`sdmoe.method.sharding`: fused tails on their local experts, the
+    tracker's M Q all-reduced, shared parts gathered). Not supported: a split after
+    sharding (it would replace parameters FSDP already owns), re-estimating U during
+    training (it reads every expert's weights and rewrites the tails), and the split on
+    module-list experts (FSDP2 shards each expert's Linear on its rows, not on experts)."""
     if controller is None:
         return
     if not controller.split_done:
         raise UserError("shard the model after the SD-MoE split: call controller.split() (split_step=0) before "
                         "shard_model, or use DDP (torchrun + `sdmoe train`) for a split during training")
-    if controller.cfg.gradient_split != "none":
-        raise UserError(f"SD-MoE gradient_split={controller.cfg.gradient_split!r} (mode {controller.cfg.mode!r}) "
-                        "does not run on FSDP2-sharded parameters yet (the split mixes DTensor gradients with "
-                        "plain basis buffers); use DDP, or gradient_split='none' in shared mode under FSDP2")
+    cfg = controller.cfg
+    if cfg.reestimate_every:
+        raise UserError(f"SD-MoE reestimate_every={cfg.reestimate_every} does not run on FSDP2-sharded parameters; "
+                        "set reestimate_every=0 under FSDP2, or use DDP")
+    splits = cfg.gradient_split != "none" or cfg.mode == "per_expert"
+    if splits and any(s.layout != "fused" for s in controller.states):
+        raise UserError("the SD-MoE gradient split needs fused experts under FSDP2 (this model keeps its experts in "
+                        "a module list); use gradient_split='none', or DDP")
 
 
 def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True, controller=None) -> nn.Module:

@@ -1,0 +1,107 @@
+"""SD-MoE on FSDP2-sharded parameters: local shards, one all-reduce, gathered shared parts.
+
+Under `torch.distributed.fsdp.fully_shard` every parameter is a DTensor sharded on
+dim 0 over the mesh, and so is its gradient after backward (already averaged over
+ranks by FSDP's reduce-scatter). The bases U and the tracked Q are plain buffers,
+identical on every rank. DTensor refuses to mix the two in one op, and it should: the
+split's maths does not follow dim-0 sharding everywhere. What each part needs:
+
+- tails (fused experts, E x ... in the host's layout) are sharded on the expert dim:
+  each rank holds whole experts, so every per-expert operation (projection of G_i or
+  T_i, per-expert normalisation) runs exactly on the local shard (`local`);
+- the tracker's M Q = sum_i G_i^T (G_i Q) sums over ALL experts: each rank's partial
+  sum is all-reduced (one D x X message per projection group) before the QR, which
+  then runs on identical input on every rank, so Q stays identical (`reducer`);
+- the shared parameters are sharded on their rows, which cut across the gate/up halves
+  (fused) or the hidden dim (down): they are gathered whole (the size of one expert),
+  split, and each rank writes back its own rows (`gathered`);
+- whatever reads the weights outside a forward (the spectral monitor) runs inside
+  `unsharded`, FSDP2's own all-gather of the owning layer, one layer at a time.
+
+Nothing here is used (or imported from torch.distributed) for unsharded tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(x: torch.Tensor | None) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(x, cls)
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place edits land in the DTensor); x itself otherwise."""
+    return x.to_local() if is_sharded(x) else x
+
+
+def reducer(x: torch.Tensor) -> Callable[[torch.Tensor], None] | None:
+    """An in-place sum over the ranks x is sharded across (None for a plain tensor)."""
+    if not is_sharded(x):
+        return None
+    group = x.device_mesh.get_group()
+
+    def all_reduce_(t: torch.Tensor) -> None:
+        torch.distributed.all_reduce(t, group=group)
+
+    return all_reduce_
+
+
+def gathered(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
+    """(the whole tensor, commit): edit the whole tensor, then commit() writes this rank's rows back.
+
+    For a plain tensor: (x, no-op). For a DTensor: an all-gather; commit() takes this
+    rank's shard of the edited whole tensor (a local slice: Replicate -> the DTensor's
+    own placements needs no communication) and copies it into the DTensor's shard.
+    """
+    if not is_sharded(x):
+        return x, lambda: None
+    from torch.distributed.tensor import DTensor, Replicate
+
+    full = x.full_tensor()
+
+    def commit() -> None:
+        whole = DTensor.from_local(full, x.device_mesh, [Replicate()] * x.device_mesh.ndim, run_check=False)
+        x.to_local().copy_(whole.redistribute(x.device_mesh, x.placements).to_local())
+
+    return full, commit
+
+
+@contextmanager
+def unsharded(model: nn.Module, name: str) -> Iterator[None]:
+    """`model.<name>` with whole, plain parameters inside the block (collective: every rank enters).
+
+    Unshards the FSDP2 unit that owns the module (its nearest `fully_shard`-ed ancestor,
+    e.g. the decoder layer) with FSDP's own all-gather, and reshards it after; without
+    FSDP2 it does nothing."""
+    unit = None
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        parts = name.split(".") if name else []
+        for depth in range(len(parts), -1, -1):
+            m = model.get_submodule(".".join(parts[:depth]))
+            if isinstance(m, FSDPModule):
+                unit = m
+                break
+    if unit is None:
+        yield
+        return
+    unit.unshard()
+    try:
+        yield
+    finally:
+        unit.reshard()
