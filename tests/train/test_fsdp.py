@@ -27,6 +27,7 @@ def run(world: int, rank: int, variant: str) -> dict:
     """A few AdamW steps of a tiny qwen3_moe -> {losses, q (tracked bases), monitor}."""
     import torch.distributed as dist
 
+    from sdmoe.analysis.monitor import spectral_snapshot
     from sdmoe.method import SDMoE, SDMoEConfig
     from sdmoe.models import ModelConfig, build_model
     from sdmoe.train.fsdp import shard_model
@@ -51,6 +52,8 @@ def run(world: int, rank: int, variant: str) -> dict:
         loss.backward()
         if ctl is not None:
             ctl.after_backward(step)
+        if step == STEPS - 1:  # as the training loop does: weights and this step's gradients
+            snapshot = spectral_snapshot(model, 4)
         opt.step()
         opt.zero_grad()
         if ctl is not None:
@@ -60,7 +63,7 @@ def run(world: int, rank: int, variant: str) -> dict:
             dist.all_reduce(value)
             value /= world
         losses.append(float(value))
-    out = {"losses": losses}
+    out = {"losses": losses, "snapshot": snapshot}
     if ctl is not None:
         out["q"] = [s.q(p).tolist() for s in ctl.states for p in s.projs if s.q(p) is not None]
         out["monitor"] = ctl.monitor(4)["layers"]  # collective under FSDP2: every rank calls it
@@ -112,6 +115,9 @@ def test_fsdp2_two_processes_match_one(tmp_path):
         one, two = run(1, 0, variant), rank0[variant]
         assert len(two["losses"]) == STEPS
         assert _close(one["losses"], two["losses"], 1e-4), (variant, one["losses"], two["losses"])
+        assert one["snapshot"].keys() == two["snapshot"].keys() == rank1[variant]["snapshot"].keys()
+        assert any(k.startswith("grad_overlap/") for k in one["snapshot"]) == (variant == "baseline")
+        assert _close(list(one["snapshot"].values()), list(two["snapshot"].values()), 1e-3), variant
         if "q" in one:
             assert two["q"] == rank1[variant]["q"]  # bit-identical bases on every rank
             assert _close(one["q"], two["q"], 1e-3), variant  # the one-process tracker's subspace

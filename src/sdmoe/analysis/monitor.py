@@ -10,6 +10,7 @@ Works on a plain model and on one whose experts are parametrized (SD-MoE):
 reading the expert weights through `sdmoe.moe` returns the materialised W_i.
 Gradients are read only from plain expert parameters (a parametrized weight
 is not a leaf and has no `.grad`). Runs under no_grad; touches nothing.
+Under FSDP2 it is collective (every rank calls it) and sees every expert.
 Cost per layer and projection: E Gram products and eigendecompositions of
 D x D (randomized subspace iteration above D = 1024).
 """
@@ -22,6 +23,7 @@ from torch import nn
 from sdmoe.analysis.capture import canonical_grads
 from sdmoe.analysis.parameters import choose_method
 from sdmoe.moe import find_moe_blocks
+from sdmoe.moe.sharding import unsharded, whole
 from sdmoe.spectral import expert_subspaces, mean_off_diagonal, overlap_matrix
 
 PROJECTIONS = ("gate", "up", "down")
@@ -47,19 +49,21 @@ def spectral_snapshot(model: nn.Module, k: int = 8, layers: list[int] | None = N
     d = None
     for block in find_moe_blocks(model, layers):
         d = block.hidden_size
-        for p, w in block.projections().items():
-            v = _mean_overlap(w, k)
-            if v is not None:
-                out[f"param_overlap/L{block.layer}/{p}"] = v
-                params.append(v)
+        # FSDP2: gradients gathered whole, weights read inside an unshard of their layer
         g = canonical_grads(block) if grads else None
         if g is not None:
             for p, w in g.items():
-                v = _mean_overlap(w, k)
+                v = _mean_overlap(whole(w), k)
                 if v is None:
                     continue
                 out[f"grad_overlap/L{block.layer}/{p}"] = v
                 grad_vals.append(v)
+        with unsharded(model, block.name):
+            for p, w in block.projections().items():
+                v = _mean_overlap(w, k)
+                if v is not None:
+                    out[f"param_overlap/L{block.layer}/{p}"] = v
+                    params.append(v)
     if params:
         out["param_overlap/mean"] = sum(params) / len(params)
     if grad_vals:

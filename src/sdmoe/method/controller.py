@@ -24,6 +24,7 @@ from torch import nn
 
 from sdmoe.errors import UserError
 from sdmoe.moe import find_moe_blocks
+from sdmoe.moe.sharding import unsharded
 from sdmoe.spectral import (
     data_subspace,
     expert_subspaces,
@@ -345,7 +346,7 @@ class SDMoE:
         """Per layer/projection: mean off-diagonal overlap of the experts' (and tails') top-k subspaces."""
         layers = []
         for li, block in enumerate(self.blocks):
-            with sharding.unsharded(self.model, block.name):  # all experts, also under FSDP2
+            with unsharded(self.model, block.name):  # all experts, also under FSDP2
                 layers.append(self._monitor_layer(li, block, min(k, block.hidden_size)))
         return {"k": k, "random_baseline": k / self.blocks[0].hidden_size, "layers": layers}
 

@@ -122,6 +122,11 @@ class _ExpertWeight(nn.Module):
     def forward(self, _placeholder: torch.Tensor) -> torch.Tensor:
         return self._state[0].materialise(self.host, self.index)
 
+    @property
+    def shape(self) -> torch.Size:
+        """W's shape (its tails'), known without materialising W: read by sdmoe.moe's layout detection."""
+        return self._state[0].host_tails(self.host, self.index).shape
+
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         # Assigning a weight keeps the shared part and puts the rest into the tails (exact).
         self._state[0].assign(self.host, self.index, w)

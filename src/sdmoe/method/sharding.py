@@ -16,31 +16,18 @@ split's maths does not follow dim-0 sharding everywhere. What each part needs:
   (fused) or the hidden dim (down): they are gathered whole (the size of one expert),
   split, and each rank writes back its own rows (`gathered`);
 - whatever reads the weights outside a forward (the spectral monitor) runs inside
-  `unsharded`, FSDP2's own all-gather of the owning layer, one layer at a time.
+  `sdmoe.moe.sharding.unsharded`, FSDP2's own all-gather of the owning layer.
 
 Nothing here is used (or imported from torch.distributed) for unsharded tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
-
-def _dtensor_type():
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def is_sharded(x: torch.Tensor | None) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(x, cls)
+from sdmoe.moe.sharding import is_sharded
 
 
 def local(x: torch.Tensor) -> torch.Tensor:
@@ -78,30 +65,3 @@ def gathered(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
         x.to_local().copy_(whole.redistribute(x.device_mesh, x.placements).to_local())
 
     return full, commit
-
-
-@contextmanager
-def unsharded(model: nn.Module, name: str) -> Iterator[None]:
-    """`model.<name>` with whole, plain parameters inside the block (collective: every rank enters).
-
-    Unshards the FSDP2 unit that owns the module (its nearest `fully_shard`-ed ancestor,
-    e.g. the decoder layer) with FSDP's own all-gather, and reshards it after; without
-    FSDP2 it does nothing."""
-    unit = None
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FSDPModule
-
-        parts = name.split(".") if name else []
-        for depth in range(len(parts), -1, -1):
-            m = model.get_submodule(".".join(parts[:depth]))
-            if isinstance(m, FSDPModule):
-                unit = m
-                break
-    if unit is None:
-        yield
-        return
-    unit.unshard()
-    try:
-        yield
-    finally:
-        unit.reshard()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sdmoe.errors import UserError
 
@@ -134,18 +135,29 @@ def _router_of(block: nn.Module, num_experts: int, hidden: int) -> nn.Module | N
     return None
 
 
+def _shape(module: nn.Module, attr: str) -> torch.Size | None:
+    """module.<attr>'s shape, without materialising a parametrized tensor whose
+    parametrization states it (SD-MoE's does; reading W would compute it, and under FSDP2
+    outside a forward it could not be computed from the sharded parts at all)."""
+    if parametrize.is_parametrized(module, attr):
+        known = getattr(module.parametrizations[attr][-1], "shape", None)
+        if known is not None:
+            return torch.Size(known)
+    t = getattr(module, attr, None)
+    return t.shape if isinstance(t, torch.Tensor) else None
+
+
 def _as_block(name: str, block: nn.Module) -> MoEBlock | None:
     experts = getattr(block, "experts", None)
     if experts is None:
         return None
-    if isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) and experts.gate_up_proj.ndim == 3:
-        w = experts.gate_up_proj
+    if (shape := _shape(experts, "gate_up_proj")) is not None and len(shape) == 3:
         transposed = getattr(experts, "is_transposed", False)
-        e, two_f, d = (w.shape[0], w.shape[2], w.shape[1]) if transposed else tuple(w.shape)
+        e, two_f, d = (shape[0], shape[2], shape[1]) if transposed else tuple(shape)
         layout, num_experts, hidden, ffn = "fused", e, d, two_f // 2
     elif isinstance(experts, nn.ModuleList) and len(experts) and all(_mlp_names(m) for m in experts):
         first = _mlp_names(experts[0])
-        ffn, hidden = getattr(experts[0], first[0]).weight.shape
+        ffn, hidden = _shape(getattr(experts[0], first[0]), "weight")
         layout, num_experts = "module_list", len(experts)
     else:
         return None
