@@ -91,6 +91,9 @@ CASES = [
     ("wrong_type_int", lambda w, o: [*TRAIN, "--set", "model.hidden_size=3.5", "--out", o], "model.hidden_size takes an integer"),
     ("set_without_equals", lambda w, o: [*TRAIN, "--set", "optim.lr", "--out", o], "--set takes key=value"),
     ("config_not_json", lambda w, o: [*TRAIN, "--config", str(w.text / "bad.json"), "--out", o], "is not valid JSON"),
+    ("parallel_unknown", lambda w, o: [*TRAIN, "--set", "loop.parallel=zero3", "--out", o], "loop.parallel must be ddp or fsdp"),
+    ("fsdp_split_later", lambda w, o: [*TRAIN, "--method", "sd-moe", "--set", "loop.parallel=fsdp", "--out", o], "set sdmoe.split_step=0"),
+    ("fsdp_reestimate", lambda w, o: [*TRAIN, "--method", "sd-moe", "--set", "loop.parallel=fsdp", "--set", "sdmoe.split_step=0", "--set", "sdmoe.reestimate_every=5", "--out", o], "set sdmoe.reestimate_every=0"),
     ("split_after_end", lambda w, o: [*TRAIN, "--method", "sd-moe", "--steps", "3", "--out", o], "sdmoe.split_step=5 is not before loop.steps=3"),
     # -- corpora
     ("corpus_empty_file", lambda w, o: [*TRAIN, "--text", str(w.text / "empty.txt"), "--out", o], "is empty or whitespace only"),

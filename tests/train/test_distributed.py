@@ -48,3 +48,43 @@ def test_ddp_matches_single_process_and_resumes(tmp_path):
         assert abs(a - b) < 5e-3, (a, b)
     assert json.loads((two / "run.json").read_text())["status"] == "done"
     assert (two / "model" / "config.json").is_file()
+
+
+def test_fsdp2_training_matches_single_process_resumes_and_exports(tmp_path):
+    """`--set loop.parallel=fsdp`: SD-MoE split at step 0, then sharded; checkpoints hold the whole model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    single, two = tmp_path / "single", tmp_path / "two"
+    split0, fsdp = ["--set", "sdmoe.split_step=0", "--set", "loop.monitor_every=10"], ["--set", "loop.parallel=fsdp"]
+    _sdmoe(split0 + ["--steps", "12"], single)
+    _sdmoe(split0 + ["--steps", "20", "--resume"], single)
+    _sdmoe(split0 + fsdp + ["--steps", "12"], two, nproc=2)
+    _sdmoe(split0 + fsdp + ["--steps", "20", "--resume"], two, nproc=2)
+
+    records = read_metrics(two / "metrics.jsonl")
+    assert [(r["event"], r["step"]) for r in records if r.get("event") in ("split", "monitor")] == \
+        [("split", 0), ("monitor", 10), ("monitor", 20)]  # rank 0 alone writes; the monitor sees every expert
+    monitor = [r for r in records if r.get("event") == "monitor"][-1]
+    assert monitor["sdmoe"]["layers"][0]["tails_overlap"] and "param_overlap/mean" in monitor
+    for a, b in zip(_losses(single), _losses(two), strict=True):
+        assert abs(a - b) < 5e-3, (a, b)
+    # The final model is the whole, exported model: plain transformers loads it, and it computes
+    # what the one-process model computes (up to the per-slice balance loss's effect on training).
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = [AutoModelForCausalLM.from_pretrained(d / "model")(input_ids=ids).logits for d in (single, two)]
+    assert not any(".sdmoe." in k for k in _safetensors_keys(two / "model"))
+    assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[0].abs().max()
+    # An FSDP2 checkpoint holds the optimizer state by parameter name: it resumes only under FSDP2.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "sdmoe", "train", "--preset", "tiny", "--method", "sd-moe",
+                           "--out", str(two), "--steps", "30", "--resume", *split0], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 2 and "written with loop.parallel=fsdp" in done.stderr, done.stderr[-500:]
+
+
+def _safetensors_keys(model_dir):
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return list(f.keys())

@@ -27,12 +27,9 @@ from collections.abc import Callable
 
 import torch
 
-from sdmoe.moe.sharding import is_sharded
+from sdmoe.moe.sharding import is_sharded, local
 
-
-def local(x: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: in-place edits land in the DTensor); x itself otherwise."""
-    return x.to_local() if is_sharded(x) else x
+__all__ = ["gathered", "local", "reducer"]
 
 
 def reducer(x: torch.Tensor) -> Callable[[torch.Tensor], None] | None:

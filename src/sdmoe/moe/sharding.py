@@ -25,6 +25,11 @@ def is_sharded(x: torch.Tensor | None) -> bool:
     return isinstance(x, DTensor)
 
 
+def local(x: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place edits land in the DTensor); x itself otherwise."""
+    return x.to_local() if is_sharded(x) else x
+
+
 def whole(x: torch.Tensor) -> torch.Tensor:
     """The whole tensor: an all-gather for a DTensor (collective: every rank calls it), x itself otherwise."""
     return x.full_tensor() if is_sharded(x) else x

@@ -47,6 +47,9 @@ class LoopConfig:
     bf16: bool = False  # bf16 autocast for forward/backward
     deterministic: bool = True
     nan_policy: str = "stop"  # "stop" | "skip": what a NaN/Inf loss or gradient does
+    # under torchrun: "ddp" (replicate the model) or "fsdp" (FSDP2: shard every decoder layer;
+    # SD-MoE then splits at step 0, before sharding). Ignored in a single process.
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -217,6 +220,15 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if cfg.loop.nan_policy not in ("stop", "skip"):
         raise UserError(f"loop.nan_policy must be stop or skip, got {cfg.loop.nan_policy!r}")
+    if cfg.loop.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"loop.parallel must be ddp or fsdp, got {cfg.loop.parallel!r}")
+    if cfg.loop.parallel == "fsdp" and cfg.method == "sd-moe":
+        if cfg.sdmoe.split_step != 0:  # FSDP2 shards the split model; a later split would replace sharded parameters
+            raise UserError(f"loop.parallel=fsdp needs the SD-MoE split before sharding: set sdmoe.split_step=0 "
+                            f"(got {cfg.sdmoe.split_step}), or use loop.parallel=ddp")
+        if cfg.sdmoe.reestimate_every:
+            raise UserError("loop.parallel=fsdp cannot re-estimate U during training: set sdmoe.reestimate_every=0, "
+                            "or use loop.parallel=ddp")
     for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(cfg.loop, name) <= 0:
             raise UserError(f"loop.{name} must be positive, got {getattr(cfg.loop, name)}")

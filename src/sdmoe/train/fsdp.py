@@ -14,6 +14,7 @@ gradient split then runs on the shards (`sdmoe.method.sharding`). Status: docs/d
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -75,3 +76,48 @@ def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
+
+
+# -- what `sdmoe train --set loop.parallel=fsdp` needs ------------------------------------
+
+
+def shard_for_training(model: nn.Module, optimizer: torch.optim.Optimizer, controller=None) -> None:
+    """Shard `model` (split first) and point `optimizer`'s groups at the sharded parameters.
+
+    FSDP2 replaces every parameter with a DTensor one, so an optimizer built before
+    sharding would hold the wrong tensors; its groups (names, lr multipliers, weight
+    decay, order) are kept and re-pointed by parameter name. It must hold no state yet:
+    load that after sharding (`load_optimizer_state`)."""
+    if any(optimizer.state.values()):
+        raise UserError("shard_for_training needs an optimizer without state; load its state after sharding")
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    shard_model(model, controller=controller)
+    sharded = dict(model.named_parameters())
+    for group, members in zip(optimizer.param_groups, group_names):
+        group["params"] = [sharded[n] for n in members]
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of the whole, unsharded model, keyed by parameter name, on
+    rank 0's CPU ({} on other ranks). Collective: every rank calls it. The model's keys are
+    those of the plain model, so `model.load_state_dict` of an unsharded copy takes them."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _full_options()
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else {}
+    return model_sd, optim_sd
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a `full_state_dicts` optimizer state (every rank holds it whole) into the sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -33,8 +33,10 @@ from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
 from sdmoe.method import SDMoE, export
 from sdmoe.models import build_model, count_parameters
 from sdmoe.moe import find_moe_blocks
+from sdmoe.moe.sharding import local, whole
 from sdmoe.train import checkpoint as ckpt
 from sdmoe.train import distributed as dist
+from sdmoe.train import fsdp as fsdp_train
 from sdmoe.train.balance import LoadTracker
 from sdmoe.train.config import RunConfig, from_dict, validate
 from sdmoe.train.metrics import MetricsLog, NullLog, truncate_after
@@ -108,7 +110,7 @@ def _jsonable(value: Any) -> Any:
 
 def _first_nonfinite_grad(model: torch.nn.Module) -> str:
     for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+        if p.grad is not None and not torch.isfinite(local(p.grad)).all():  # this rank's shard under FSDP2
             return name
     return "none (the loss itself)"
 
@@ -139,6 +141,7 @@ def train(
     torch.manual_seed(lc.seed)
     device = ctx.device
 
+    fsdp = ctx.enabled and lc.parallel == "fsdp"
     data = dataset or prepare_dataset(cfg.data, seed=lc.seed)
     model = build_model(cfg.model, len(data.tokenizer), seed=lc.seed, eos_token_id=data.tokenizer.eos_token_id).to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -152,14 +155,19 @@ def train(
     if ctx.is_main:
         ckpt.clean_partial(ckpt_root)
         ckpt.clean_partial(out)  # a final model or run.json a killed process was writing
-    start_step = 0
+    start_step, optim_state = 0, None
     if resume and (found := ckpt.list_checkpoints(ckpt_root)):
         model_state, optim_state, state = ckpt.load_checkpoint(found[-1])
+        written_by = state.get("parallel", "ddp")  # the optimizer state's format: by tensor (ddp) or by name (fsdp)
+        if written_by != ("fsdp" if fsdp else "ddp"):
+            raise UserError(f"the checkpoint in {found[-1]} was written with loop.parallel={written_by}; resume with "
+                            f"--set loop.parallel={written_by}" + (" under torchrun" if written_by == "fsdp" else ""))
         if controller is not None and state.get("sdmoe", {}).get("split_done"):
             controller.prepare_for_load()
             controller.rebind_optimizer(optimizer)
         model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
+        if not fsdp:  # FSDP2: loaded once the optimizer holds the sharded parameters
+            optimizer.load_state_dict(optim_state)
         if controller is not None:
             controller.load_state_dict(state["sdmoe"])
         ckpt.set_rng_state(state["rng"])
@@ -170,19 +178,40 @@ def train(
         if resume:  # killed before its first checkpoint: start over, without the dead run's records
             truncate_after(out / "metrics.jsonl", -1)
         ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "running"})
-    engine = dist.wrap(model, ctx)  # DDP in a torchrun launch, the model itself otherwise
-
     log = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tensorboard") if ctx.is_main else NullLog()
     if start_step == 0:
         log.write({"event": "start", "step": 0, "trainable_parameters": count_parameters(model),
                    "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains})
 
+    def split(step: int) -> bool:
+        """The SD-MoE split at `step` if due (logged); whether it happened."""
+        if controller is None or not (record := controller.maybe_split(step, optimizer, reference_batch)):
+            return False
+        dist.broadcast_buffers(model, ctx)  # bases computed once, identical on every rank
+        log.write({"event": "split", "step": step, "ranks_agree": dist.buffers_agree(model, ctx),
+                   "trainable_parameters": count_parameters(model), **record})
+        return True
+
+    if fsdp:  # FSDP2 shards the split model (split_step is 0): split, shard, then the optimizer's state
+        split(start_step)
+        fsdp_train.shard_for_training(model, optimizer, controller)
+        if optim_state is not None:
+            fsdp_train.load_optimizer_state(model, optimizer, optim_state)
+        engine = model
+    else:
+        engine = dist.wrap(model, ctx)  # DDP in a torchrun launch, the model itself otherwise
+
     def save(step: int) -> None:
+        if fsdp:  # collective: every rank gathers, rank 0 receives the whole state
+            model_state, optim_state = fsdp_train.full_state_dicts(model, optimizer)
         if not ctx.is_main:
             return
-        state = {"config": cfg.to_dict(), "sdmoe": controller.state_dict() if controller else {}}
+        if not fsdp:
+            model_state, optim_state = model.state_dict(), optimizer.state_dict()
+        state = {"config": cfg.to_dict(), "sdmoe": controller.state_dict() if controller else {},
+                 "parallel": "fsdp" if fsdp else "ddp"}
         try:
-            ckpt.save_checkpoint(ckpt_root, step, model.state_dict(), optimizer.state_dict(), state, lc.keep_checkpoints)
+            ckpt.save_checkpoint(ckpt_root, step, model_state, optim_state, state, lc.keep_checkpoints)
         except OSError as e:
             raise UserError(f"could not write checkpoint {step} to {ckpt_root} ({e.strerror}); free space or fix permissions, then --resume") from None
 
@@ -195,11 +224,8 @@ def train(
     window_t0, window_steps, skipped = time.perf_counter(), 0, 0
     model.train()
     for step in bar:
-        if controller is not None and (record := controller.maybe_split(step, optimizer, reference_batch)):
-            dist.broadcast_buffers(model, ctx)  # bases computed once, identical on every rank
-            engine = dist.wrap(model, ctx)  # the split replaced the expert parameters
-            log.write({"event": "split", "step": step, "ranks_agree": dist.buffers_agree(model, ctx),
-                       "trainable_parameters": count_parameters(model), **record})
+        if split(step):
+            engine = dist.wrap(model, ctx)  # DDP: the split replaced the expert parameters
         lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, cfg.loop.steps, cfg.optim))
 
         input_ids, _ = data.train.sample(step)
@@ -220,7 +246,7 @@ def train(
                 controller.after_backward(step)
             else:
                 controller.observe(step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item()
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)).item()
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             where = _first_nonfinite_grad(model)
             if lc.nan_policy == "skip":
@@ -275,24 +301,39 @@ def train(
 
     model_dir = None
     final_step = end_step
-    if final_step >= cfg.loop.steps and ctx.is_main:
-        if not val_loss:
+    if final_step >= cfg.loop.steps:
+        if not val_loss:  # on every rank: a forward under FSDP2 is collective
             val_loss = evaluate_loss(model, data.val, device)
-        if controller is not None and controller.split_done:
-            export(model)  # W_i = shared + tail written back into the host's own weights
-        try:
-            model_dir = save_final_model(model, data.tokenizer, out / "model")
-        except OSError as e:
-            raise UserError(f"could not write the final model to {out / 'model'} ({e.strerror or e}); "
-                            "free space or fix permissions, then --resume") from None
-        ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "done",
-                                                  "val_loss": val_loss, "skipped_steps": skipped})
+        # FSDP2: the whole weights gathered into a plain copy on rank 0 (collective)
+        final = _unsharded_model(model, cfg, data.tokenizer, controller) if fsdp else model
+        if ctx.is_main:
+            if controller is not None and controller.split_done:
+                export(final)  # W_i = shared + tail written back into the host's own weights
+            try:
+                model_dir = save_final_model(final, data.tokenizer, out / "model")
+            except OSError as e:
+                raise UserError(f"could not write the final model to {out / 'model'} ({e.strerror or e}); "
+                                "free space or fix permissions, then --resume") from None
+            ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "done",
+                                                      "val_loss": val_loss, "skipped_steps": skipped})
     log.close()
     loads.remove()
     dist.barrier(ctx)
     dist.cleanup(ctx)
     return TrainResult(out, model_dir, final_step, val_loss, data.unigram_entropy_nats,
                        time.perf_counter() - started, count_parameters(model), rank=ctx.rank)
+
+
+def _unsharded_model(model, cfg: RunConfig, tokenizer, controller) -> torch.nn.Module | None:
+    """An FSDP2 model's whole weights in a plain copy on rank 0 (None elsewhere); collective."""
+    state, _ = fsdp_train.full_state_dicts(model)
+    if not state:
+        return None
+    plain = build_model(cfg.model, len(tokenizer), seed=cfg.loop.seed, eos_token_id=tokenizer.eos_token_id)
+    if controller is not None and controller.split_done:
+        SDMoE(plain, cfg.sdmoe).prepare_for_load()
+    plain.load_state_dict(state)
+    return plain
 
 
 def save_final_model(model, tokenizer, target: Path) -> Path:
