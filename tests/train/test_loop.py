@@ -100,6 +100,20 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ti
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_0000005"]
 
 
+def test_the_loop_reads_the_device_only_where_it_reads_anyway(tmp_path, tiny_config, tiny_dataset, monkeypatch):
+    """nan_policy=stop: the finiteness check (a host-device sync) runs at log/eval/checkpoint steps only."""
+    tiny_config.loop.log_every, tiny_config.loop.eval_every, tiny_config.loop.checkpoint_every = 5, 100, 100
+    tiny_config.method = "sd-moe"
+    watch = loop_module.NonFiniteWatch
+    real_update, real_first = watch.update, watch.first_step
+    steps, checked = [], []
+    monkeypatch.setattr(watch, "update", lambda self, step, *v: steps.append(step) or real_update(self, step, *v))
+    monkeypatch.setattr(watch, "first_step", lambda self: checked.append(real_first(self)) or checked[-1])
+    train(tiny_config, tmp_path / "run", progress=False, dataset=tiny_dataset)
+    assert steps == list(range(20))
+    assert checked == [None] * 4  # at steps 5, 10, 15, 20 of 20, not every step; all finite
+
+
 def test_nan_skip_policy_skips_the_batch_and_finishes(tmp_path, tiny_config, tiny_dataset, monkeypatch):
     tiny_config.loop.nan_policy = "skip"
     tiny_config.loop.eval_every = 100

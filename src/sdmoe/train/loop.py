@@ -13,7 +13,6 @@ stopped at step k and resumed gives the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -106,6 +105,28 @@ def _jsonable(value: Any) -> Any:
 
 
 # -- the run --------------------------------------------------------------------
+
+
+class NonFiniteWatch:
+    """The first step whose loss or gradient norm was not finite, kept on the device.
+
+    Testing `math.isfinite(loss.item())` every step would make the host wait for the
+    device every step; this records the step in a device tensor instead, and the loop
+    reads it where it reads values anyway."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, step: int, *values: torch.Tensor) -> None:
+        bad = ~torch.stack([v.detach().float().reshape(()) for v in values]).isfinite().all()
+        self.first = torch.where(bad & (self.first < 0), step, self.first)
+
+    def first_step(self) -> int | None:
+        step = int(self.first)
+        return None if step < 0 else step
+
+    def reset(self) -> None:
+        self.first.fill_(-1)
 
 
 def _first_nonfinite_grad(model: torch.nn.Module) -> str:
@@ -222,6 +243,7 @@ def train(
                disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
     val_loss: dict[str, float] = {}
     window_t0, window_steps, skipped = time.perf_counter(), 0, 0
+    nonfinite = NonFiniteWatch(device)
     model.train()
     for step in bar:
         if split(step):
@@ -238,7 +260,6 @@ def train(
                 else (None if loads.has_bias() else loads.aux_loss(cfg.model.aux_loss_coef))
             )
             loss = lm_loss if balance is None else lm_loss + balance
-        loss_value = dist.mean_across(lm_loss.item(), ctx)
         loss.backward()
 
         if controller is not None:
@@ -246,25 +267,36 @@ def train(
                 controller.after_backward(step)
             else:
                 controller.observe(step)
-        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)).item()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        nonfinite.update(step, lm_loss, grad_norm)
+        done = step + 1
+        due_log = done % lc.log_every == 0 or done == cfg.loop.steps
+        due_monitor = bool(lc.monitor_every) and done % lc.monitor_every == 0
+        due_eval = done % lc.eval_every == 0 or done == cfg.loop.steps
+        due_save = done % lc.checkpoint_every == 0 or done == end_step
+        # Reading a value from the device makes the host wait for it: the loop reads only at
+        # steps that read anyway (log, monitor, eval, checkpoint), or every step when a bad
+        # batch must be skipped before the optimizer applies it.
+        if (lc.nan_policy == "skip" or due_log or due_monitor or due_eval or due_save) and \
+                (bad := nonfinite.first_step()) is not None:
             where = _first_nonfinite_grad(model)
             if lc.nan_policy == "skip":
+                nonfinite.reset()
                 optimizer.zero_grad(set_to_none=True)
                 loads.end_step(0.0)
                 skipped += 1
-                log.write({"event": "skipped", "step": step, "loss": loss_value, "nonfinite": where})
+                log.write({"event": "skipped", "step": step, "loss": lm_loss.item(), "nonfinite": where})
                 continue
             last = ckpt.list_checkpoints(ckpt_root)
             log.close()
             raise NonFiniteError(
-                f"loss {loss_value} / gradient norm {grad_norm} is not finite at step {step} "
-                f"(first non-finite gradient: {where}); last good checkpoint: "
-                f"{last[-1].name if last else 'none'}; lower optim.lr or use --set loop.nan_policy=skip"
+                f"the loss or gradient norm is not finite at step {bad} (first non-finite gradient at step {step}: "
+                f"{where}); last good checkpoint: {last[-1].name if last else 'none'}; lower optim.lr or use "
+                "--set loop.nan_policy=skip"
             )
 
         monitor = None
-        if lc.monitor_every and (step + 1) % lc.monitor_every == 0:
+        if due_monitor:
             monitor = spectral_snapshot(model, lc.monitor_rank)
             if controller is not None and controller.split_done:
                 monitor["sdmoe"] = controller.monitor(lc.monitor_rank)
@@ -276,11 +308,11 @@ def train(
                 log.write({"event": "reestimate", "step": step, **record})
 
         window_steps += 1
-        done = step + 1
-        if done % lc.log_every == 0 or done == cfg.loop.steps:
+        if due_log:
+            loss_value = dist.mean_across(lm_loss.item(), ctx)
             elapsed = time.perf_counter() - window_t0
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_per_s": tok_s, "step_time": elapsed / window_steps,
                       "load": loads.take_window().tolist()}
             if balance is not None:
@@ -290,12 +322,12 @@ def train(
             window_t0, window_steps = time.perf_counter(), 0
         if monitor is not None:
             log.write({"event": "monitor", "step": done, **monitor})
-        if done % lc.eval_every == 0 or done == cfg.loop.steps:
+        if due_eval:
             val_loss = evaluate_loss(model, data.val, device)
             log.write({"event": "eval", "step": done, "val": val_loss})
             if ctx.is_main and progress:
                 bar.write(f"step {done}: validation loss {val_loss['mean']:.3f}")
-        if done % lc.checkpoint_every == 0 or done == end_step:
+        if due_save:
             save(done)
     bar.close()
 
