@@ -147,8 +147,8 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(s: dict, sdmoe: bool, steps: int) -> None:
-    torch.set_num_threads(2)
+def memory_child(s: dict, sdmoe: bool, steps: int, threads: int) -> None:
+    torch.set_num_threads(threads)
     side = Side(s, sdmoe)
     side.step()
     with open("/proc/self/clear_refs", "w") as f:
@@ -160,10 +160,11 @@ def memory_child(s: dict, sdmoe: bool, steps: int) -> None:
     print(json.dumps({"peak_kb": peak, "step_kb": peak - before}))
 
 
-def memory(s_quick: bool, steps: int) -> dict:
+def memory(s_quick: bool, steps: int, threads: int) -> dict:
     out = {}
     for name, flag in (("baseline", "0"), ("sdmoe", "1")):
-        cmd = [sys.executable, __file__, "--memory-child", flag, "--steps", str(steps)] + (["--quick"] if s_quick else [])
+        cmd = [sys.executable, __file__, "--memory-child", flag, "--steps", str(steps), "--threads", str(threads)]
+        cmd += ["--quick"] if s_quick else []
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -181,7 +182,7 @@ def main() -> None:
     s = shapes(args.quick)
     steps = args.steps or (20 if args.quick else 30)
     if args.memory_child is not None:
-        memory_child(s, args.memory_child == "1", args.warmup + 3)
+        memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
         return
     torch.set_num_threads(args.threads)
     print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, interleaved")
@@ -204,7 +205,7 @@ def main() -> None:
     bd = split_breakdown(sd, reps=10)
     print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))
     if not args.no_memory:
-        mem = memory(args.quick, args.warmup)
+        mem = memory(args.quick, args.warmup, args.threads)
         b, m = mem["baseline"], mem["sdmoe"]
         print(f"peak RSS during training steps (VmHWM, whole process): baseline {b['peak_kb'] / 1024:.0f} MiB, sdmoe "
               f"{m['peak_kb'] / 1024:.0f} MiB, ratio {m['peak_kb'] / b['peak_kb']:.3f}; step working set "
