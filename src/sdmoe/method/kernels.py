@@ -27,7 +27,7 @@ def _hidden_last(x: torch.Tensor) -> bool:
 
 
 def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    # Tensor.to is a dispatch even when it is a no-op; the hot path calls this a few hundred times a step
+    # Tensor.to costs a dispatch even when it is a no-op
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
@@ -88,6 +88,9 @@ def project_out(x: torch.Tensor, q: torch.Tensor, normalize: bool = False) -> No
     """
     x, q = _grouped(x, q)
     q = _as(q, x)
+    # One projection at a time. For gate and up, x[:, p] is not contiguous, so bmm's batched path does not
+    # apply and PyTorch updates expert by expert; in a training step that measured faster (lab model: 1.5
+    # against 1.8 ms a step) than one (E P)-batched update, which needs Q^T copied per expert.
     for p in range(x.shape[1]):
         _project_out_one(x[:, p], q[p], normalize)
 
