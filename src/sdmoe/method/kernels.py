@@ -28,9 +28,31 @@ def _hidden_last(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1
 
 
+def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # Tensor.to costs a dispatch even when it is a no-op
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _grouped(x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, P, F, D) and (P, D, K) views of x (E, F, D) or (E, P, F, D) and q (D, K) or (P, D, K)."""
+    if x.ndim == 3:
+        return x.unsqueeze(1), q.unsqueeze(0)
+    return x, q
+
+
+def _each(x_EFD: torch.Tensor, m_DK: torch.Tensor) -> torch.Tensor:
+    """x_i m for every i -> (E, F, K).
+
+    m is broadcast over the experts as a stride-0 view, which bmm reads in place;
+    torch.matmul's broadcasting would copy it once per expert first.
+    """
+    return torch.bmm(x_EFD, m_DK.expand(x_EFD.shape[0], -1, -1))
+
+
 def coeffs(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """x_i Q for every expert (and group) -> y (E, P, F, K) for x (E, P, F, D), q (P, D, K)."""
-    return torch.matmul(x, q.to(x.dtype))
+    q = _as(q, x)
+    return torch.stack([_each(x[:, p], q[p]) for p in range(x.shape[1])], dim=1)
 
 
 @torch.no_grad()
@@ -38,16 +60,16 @@ def track(g: torch.Tensor, q_buf: torch.Tensor, iters: int, r: int, rayleigh_rit
           reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Warm-started subspace iteration on M_p = sum_i G_ip^T G_ip, for P projections at once.
 
-    g: (E, P, F, D) gradients (strided views welcome); q_buf: (P, D, X), updated in place.
+    g: (E, P, F, D) gradients (strided views welcome), q_buf: (P, D, X); or g (E, F, D), q_buf (D, X).
+    q_buf is updated in place. Returns its top-r columns (P, D, r) (or (D, r)).
     reduce: sums M Q in place over the processes that hold the other experts (FSDP2), so
     the QR sees the whole sum and every process gets the same Q.
-    Returns the top-r columns (P, D, r). One iteration: 4 E F D X flops per projection, one batched QR.
+    One iteration: 4 E F D X flops per projection, one batched QR.
     """
-    q = q_buf
+    g_EPFD, q = _grouped(g, q_buf)
     rf = None
     for _ in range(iters):
-        y = coeffs(g, q)  # E x P x F x X
-        z = torch.matmul(g.transpose(-1, -2), y).sum(0).to(q_buf.dtype)  # P x D x X  (= M Q)
+        z = torch.stack([_gram_times(g_EPFD[:, p], q[p]) for p in range(q.shape[0])])  # P x D x X (= M Q)
         if reduce is not None:
             reduce(z)
         q, rf = torch.linalg.qr(z.add_(q, alpha=_SHIFT), mode="reduced")
@@ -55,8 +77,14 @@ def track(g: torch.Tensor, q_buf: torch.Tensor, iters: int, r: int, rayleigh_rit
         u_small = torch.linalg.svd(rf).U
         live = rf.abs().amax(dim=(-1, -2), keepdim=True) > 1e3 * _SHIFT
         q = torch.where(live, q @ u_small, q)
-    q_buf.copy_(q)
+    q_buf.copy_(q.view(q_buf.shape))
     return q_buf[..., :r]
+
+
+def _gram_times(g_EFD: torch.Tensor, q_DX: torch.Tensor) -> torch.Tensor:
+    """sum_i G_i^T (G_i Q) -> (D, X) in q's dtype, never forming the D x D matrix."""
+    y_EFX = _each(g_EFD, _as(q_DX, g_EFD))
+    return _as(torch.bmm(g_EFD.transpose(-1, -2), y_EFX).sum(0), q_DX)
 
 
 @torch.no_grad()
@@ -65,31 +93,46 @@ def project_out(x: torch.Tensor, q: torch.Tensor, normalize: bool = False) -> No
 
     normalize: rescale each x_ip to its Frobenius norm before the projection.
     """
-    if x.ndim == 3:
-        x, q = x.unsqueeze(1), q.unsqueeze(0)
-    e, p = x.shape[:2]
-    q = q.to(x.dtype)
-    y = coeffs(x, q)  # E x P x F x R
+    x, q = _grouped(x, q)
+    q = _as(q, x)
+    # One projection at a time. For gate and up, x[:, p] is not contiguous, so bmm's batched path does not
+    # apply and PyTorch updates expert by expert; in a training step that measured faster (lab model: 1.5
+    # against 1.8 ms a step) than one (E P)-batched update, which needs Q^T copied per expert.
+    for p in range(x.shape[1]):
+        _project_out_one(x[:, p], q[p], normalize)
+
+
+def _project_out_one(x_EFD: torch.Tensor, q_DR: torch.Tensor, normalize: bool) -> None:
+    e = x_EFD.shape[0]
+    y_EFR = _each(x_EFD, q_DR)
     if normalize:
-        full = x.square().sum((-1, -2))
-        inside = y.square().sum((-1, -2))
-    if _hidden_last(x):
-        flat = x.flatten(0, 1)
-        flat.baddbmm_(y.flatten(0, 1), q.transpose(-1, -2).expand(e, -1, -1, -1).flatten(0, 1), alpha=-1.0)
-    else:  # a transposed view (down projection): edit the contiguous storage orientation
-        flat = x.transpose(-1, -2).flatten(0, 1)
-        flat.baddbmm_(q.expand(e, -1, -1, -1).flatten(0, 1), y.transpose(-1, -2).flatten(0, 1), alpha=-1.0)
+        full = x_EFD.square().sum((-1, -2))
+        inside = y_EFR.square().sum((-1, -2))
+    # x -= y Q^T, in place, in whichever orientation has the contiguous rows (a down view is transposed)
+    if _hidden_last(x_EFD):
+        x_EFD.baddbmm_(y_EFR, q_DR.T.expand(e, -1, -1), alpha=-1.0)
+    else:
+        x_EFD.transpose(-1, -2).baddbmm_(q_DR.expand(e, -1, -1), y_EFR.transpose(-1, -2), alpha=-1.0)
     if normalize:
         rest = (full - inside).clamp_min(0.0)
         scale = torch.where(rest > 1e-12 * full, (full / rest.clamp_min(1e-30)).sqrt(), torch.ones_like(full))
-        x.mul_(scale[..., None, None])
+        x_EFD.mul_(scale[:, None, None])
 
 
 @torch.no_grad()
 def keep_inside(x: torch.Tensor, q: torch.Tensor) -> None:
     """x_p <- x_p Q_p Q_p^T in place (the shared part's gradient); x (P, F, D) with q (P, D, R), or 2-D."""
-    q = q.to(x.dtype)
-    x.copy_((x @ q) @ q.transpose(-1, -2))
+    q = _as(q, x)
+    if x.ndim == 2:
+        x, q = x.unsqueeze(0), q.unsqueeze(0)
+    inner_PFR = torch.bmm(x, q)
+    # written straight into x's storage (no P x F x D temporary), in the orientation whose rows are contiguous
+    if x.is_contiguous():
+        torch.bmm(inner_PFR, q.transpose(-1, -2), out=x)
+    elif x.transpose(-1, -2).is_contiguous():  # a down view
+        torch.bmm(q, inner_PFR.transpose(-1, -2), out=x.transpose(-1, -2))
+    else:
+        x.copy_(torch.bmm(inner_PFR, q.transpose(-1, -2)))
 
 
 def drift(q_DR: torch.Tensor, exact_DR: torch.Tensor) -> torch.Tensor:
