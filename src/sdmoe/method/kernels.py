@@ -15,7 +15,8 @@ external state tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -72,13 +73,34 @@ def track(g: torch.Tensor, q_buf: torch.Tensor, iters: int, r: int, rayleigh_rit
         z = torch.stack([_gram_times(g_EPFD[:, p], q[p]) for p in range(q.shape[0])])  # P x D x X (= M Q)
         if reduce is not None:
             reduce(z)
-        q, rf = torch.linalg.qr(z.add_(q, alpha=_SHIFT), mode="reduced")
+        with _one_cpu_thread(z):
+            q, rf = torch.linalg.qr(z.add_(q, alpha=_SHIFT), mode="reduced")
     if rayleigh_ritz and q.shape[-1] > r:
         u_small = torch.linalg.svd(rf).U
         live = rf.abs().amax(dim=(-1, -2), keepdim=True) > 1e3 * _SHIFT
         q = torch.where(live, q @ u_small, q)
     q_buf.copy_(q.view(q_buf.shape))
     return q_buf[..., :r]
+
+
+@contextmanager
+def _one_cpu_thread(x: torch.Tensor) -> Iterator[None]:
+    """Run a small CPU LAPACK call on one thread.
+
+    A thin QR of a D x X block (128 x 32 in the lab model) is too small to share: with 2
+    threads LAPACK spent 190 us on one where 1 thread takes 59 us (torch 2.13, this
+    machine), about 1 ms of a lab-model step over 8 calls. Switching the intra-op
+    thread count costs well under a microsecond.
+    """
+    n = torch.get_num_threads()
+    if x.device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _gram_times(g_EFD: torch.Tensor, q_DX: torch.Tensor) -> torch.Tensor:
