@@ -76,7 +76,8 @@ def track(g: torch.Tensor, q_buf: torch.Tensor, iters: int, r: int, rayleigh_rit
         with _one_cpu_thread(z):
             q, rf = torch.linalg.qr(z.add_(q, alpha=_SHIFT), mode="reduced")
     if rayleigh_ritz and q.shape[-1] > r:
-        u_small = torch.linalg.svd(rf).U
+        with _one_cpu_thread(rf):  # X x X
+            u_small = torch.linalg.svd(rf).U
         live = rf.abs().amax(dim=(-1, -2), keepdim=True) > 1e3 * _SHIFT
         q = torch.where(live, q @ u_small, q)
     q_buf.copy_(q.view(q_buf.shape))
