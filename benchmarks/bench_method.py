@@ -167,12 +167,13 @@ def memory_child(s: dict, sdmoe: bool, steps: int, threads: int) -> None:
     print(json.dumps({"peak_kb": peak, "step_kb": peak - before}))
 
 
-def memory(s_quick: bool, steps: int, threads: int) -> dict:
+def memory(s_quick: bool, steps: int, threads: int, batch: int = 0) -> dict:
     out = {}
     env = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), **os.environ}  # see the module docstring
     for name, flag in (("baseline", "0"), ("sdmoe", "1")):
         cmd = [sys.executable, __file__, "--memory-child", flag, "--steps", str(steps), "--threads", str(threads)]
         cmd += ["--quick"] if s_quick else []
+        cmd += ["--batch", str(batch)] if batch else []
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -185,9 +186,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="sequences per step (default: the shape's, 16); the split's cost does not grow with it")
     ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     s = shapes(args.quick)
+    if args.batch:
+        s["batch"] = args.batch
     steps = args.steps or (20 if args.quick else 30)
     if args.memory_child is not None:
         memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
@@ -213,7 +218,7 @@ def main() -> None:
     bd = split_breakdown(sd, reps=10)
     print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))
     if not args.no_memory:
-        mem = memory(args.quick, args.warmup, args.threads)
+        mem = memory(args.quick, args.warmup, args.threads, args.batch)
         b, m = mem["baseline"], mem["sdmoe"]
         print(f"peak RSS during training steps (VmHWM, whole process): baseline {b['peak_kb'] / 1024:.0f} MiB, sdmoe "
               f"{m['peak_kb'] / 1024:.0f} MiB, ratio {m['peak_kb'] / b['peak_kb']:.3f}; step working set "
