@@ -63,7 +63,7 @@ class Side:
 
     def __init__(self, s: dict, sdmoe: bool, cfg: SDMoEConfig | None = None):
         self.model = build(s)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.get("lr", 1e-3), weight_decay=0.1)
         self.ctl = SDMoE(self.model, cfg or SDMoEConfig(split_step=0)) if sdmoe else None
         if self.ctl is not None:
             self.ctl.maybe_split(0, self.opt)
@@ -186,6 +186,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="AdamW's rate (default 1e-3); 0 keeps both models the same function (SD-MoE's split is "
+                         "exact), so their routing and the experts' work stay equal and the ratio is SD-MoE's own cost")
     ap.add_argument("--batch", type=int, default=0,
                     help="sequences per step (default: the shape's, 16); the split's cost does not grow with it")
     ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
@@ -193,6 +196,8 @@ def main() -> None:
     s = shapes(args.quick)
     if args.batch:
         s["batch"] = args.batch
+    if args.lr is not None:
+        s["lr"] = args.lr
     steps = args.steps or (20 if args.quick else 30)
     if args.memory_child is not None:
         memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
