@@ -125,11 +125,7 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
         sec.table(
             [
                 {
-                    "layer": r["layer"],
-                    "projection": r["projection"],
-                    "mean overlap": r["mean_overlap"],
-                    "random k/d": r["baseline"],
-                    "ratio": r["ratio"],
+                    **_overlap_cells(r),
                     "verdict": Raw(badge_html(*_ratio_verdict(r["ratio"]))),
                     "top-k energy": _mean(r["topk_energy"]),
                     "common energy": _mean(r["common_energy"]),
@@ -139,9 +135,7 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
             ],
             floatfmt="{:.3f}",
         )
-        for name in sorted(pngs, key=_figure_order):
-            if name.startswith(("param_overlap", "spectra_")):
-                sec.image(pngs[name], name.removesuffix(".png"))
+        _images(sec, pngs, ("param_overlap", "spectra_"))
 
     grads, data = d.get("gradients", []), d.get("data", [])
     sec = doc.section(
@@ -155,11 +149,7 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
         sec.table(
             [
                 {
-                    "layer": r["layer"],
-                    "projection": r["projection"],
-                    "mean overlap": r["mean_overlap"],
-                    "random k/d": r["baseline"],
-                    "ratio": r["ratio"],
+                    **_overlap_cells(r),
                     "experts with grad": len(r["active_experts"]),
                     "top-r energy": _mean([v for i, v in enumerate(r["lowrank_share"]) if i in set(r["active_experts"])]),
                     "flat-spectrum r/min(f,d)": r["lowrank_baseline"],
@@ -183,9 +173,7 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
             ],
             floatfmt="{:.3f}",
         )
-    for name in sorted(pngs, key=_figure_order):
-        if name.startswith(("grad_overlap", "data_spectrum")):
-            sec.image(pngs[name], name.removesuffix(".png"))
+    _images(sec, pngs, ("grad_overlap", "data_spectrum"))
 
     gating = d.get("gating", [])
     sec = doc.section(
@@ -242,10 +230,21 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
             ],
             floatfmt="{:.3f}",
         )
-        for name in sorted(pngs, key=_figure_order):
-            if name.startswith(("load_", "coactivation_")):
-                sec.image(pngs[name], name.removesuffix(".png"))
+        _images(sec, pngs, ("load_", "coactivation_"))
     return doc
+
+
+def _overlap_cells(r: dict) -> dict:
+    """The columns every subspace-overlap finding (parameters, gradients) starts its row with."""
+    return {"layer": r["layer"], "projection": r["projection"], "mean overlap": r["mean_overlap"],
+            "random k/d": r["baseline"], "ratio": r["ratio"]}
+
+
+def _images(sec, pngs: dict, prefixes: tuple[str, ...]) -> None:
+    """The section's figures: every PNG whose name starts with one of `prefixes`, in figure order."""
+    for name in sorted(pngs, key=_figure_order):
+        if name.startswith(prefixes):
+            sec.image(pngs[name], name.removesuffix(".png"))
 
 
 def _figure_order(name: str):
