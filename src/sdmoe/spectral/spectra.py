@@ -138,7 +138,4 @@ def projected_share(w_ND: torch.Tensor, u_DK: torch.Tensor) -> torch.Tensor:
     w_ND = check_tensor(w_ND, 2, "w_ND", "N x D")
     u_DK = check_tensor(u_DK, 2, "u_DK", "D x K")
     _check_same_d(w_ND, u_DK, "w_ND", "u_DK")
-    cdt = compute_dtype(w_ND, None if u_DK.dtype != torch.float64 else torch.float64)
-    w = w_ND.to(cdt)
-    u = u_DK.to(device=w.device, dtype=cdt)
-    return _safe_ratio((w @ u).pow(2).sum(-1), w.pow(2).sum(-1))
+    return energy_share(w_ND.unsqueeze(1), u_DK)  # each row is a one-row "expert"
