@@ -61,9 +61,9 @@ def build(s: dict):
 class Side:
     """One training setup; `step()` returns its phase times (seconds)."""
 
-    def __init__(self, s: dict, sdmoe: bool, cfg: SDMoEConfig | None = None):
+    def __init__(self, s: dict, sdmoe: bool, cfg: SDMoEConfig | None = None, lr: float = 1e-3):
         self.model = build(s)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.get("lr", 1e-3), weight_decay=0.1)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1)
         self.ctl = SDMoE(self.model, cfg or SDMoEConfig(split_step=0)) if sdmoe else None
         if self.ctl is not None:
             self.ctl.maybe_split(0, self.opt)
@@ -186,8 +186,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--lr", type=float, default=None,
-                    help="AdamW's rate (default 1e-3); 0 keeps both models the same function (SD-MoE's split is "
+    ap.add_argument("--lr", type=float, default=1e-3,
+                    help="AdamW's rate; 0 keeps both models the same function (SD-MoE's split is "
                          "exact), so their routing and the experts' work stay equal and the ratio is SD-MoE's own cost")
     ap.add_argument("--batch", type=int, default=0,
                     help="sequences per step (default: the shape's, 16); the split's cost does not grow with it")
@@ -196,15 +196,13 @@ def main() -> None:
     s = shapes(args.quick)
     if args.batch:
         s["batch"] = args.batch
-    if args.lr is not None:
-        s["lr"] = args.lr
     steps = args.steps or (20 if args.quick else 30)
     if args.memory_child is not None:
         memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
         return
     torch.set_num_threads(args.threads)
     print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, interleaved")
-    base, sd = Side(s, False), Side(s, True)
+    base, sd = Side(s, False, lr=args.lr), Side(s, True, lr=args.lr)
     for _ in range(args.warmup):
         base.step()
         sd.step()

@@ -98,19 +98,17 @@ def shard_for_training(model: nn.Module, optimizer: torch.optim.Optimizer, contr
         group["params"] = [sharded[n] for n in members]
 
 
-def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
     """(model, optimizer) state dicts of the whole, unsharded model, keyed by parameter name, on
     rank 0's CPU ({} on other ranks). Collective: every rank calls it. The model's keys are
     those of the plain model, so `model.load_state_dict` of an unsharded copy takes them."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
-    options = _full_options()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=options)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else {}
     return model_sd, optim_sd
