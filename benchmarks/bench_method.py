@@ -6,7 +6,10 @@
 Both models are the same qwen3_moe (same seed); the baseline is a plain AdamW
 training step (forward, backward, clip 1.0, step, zero_grad), SD-MoE the same
 step driven by the controller (split at step 0, default config: shared/full,
-per-step gradient split, r = d/4, one tracker iteration). After a warm-up the
+per-step gradient split, r = d/4, one tracker iteration). A third side, the
+`control` (the same W = S + T parametrization, plain gradients), separates what
+carrying S and T costs from what the split costs; `--variants` picks the
+variants timed (any `sdmoe compare` variant name). After a warm-up the
 timed steps alternate A B A B ... so drift of the machine (other processes,
 clocks) hits both sides alike; medians are reported. Each step is also timed
 by phase (and by process CPU time, steadier than wall time when other
@@ -42,8 +45,11 @@ import time
 import torch
 from torch import nn
 
+from sdmoe.errors import UserError
+from sdmoe.experiments.grid import variant_overrides
 from sdmoe.method import SDMoE, SDMoEConfig, kernels
 from sdmoe.models import ModelConfig, build_model
+from sdmoe.train.config import RunConfig, set_value
 
 
 def shapes(quick: bool) -> dict:
@@ -58,17 +64,31 @@ def build(s: dict):
     return build_model(cfg, s["vocab"], seed=0)
 
 
-class Side:
-    """One training setup; `step()` returns its phase times (seconds)."""
+def variant_config(name: str) -> SDMoEConfig | None:
+    """The SDMoEConfig of a compare variant (`sdmoe compare --variants` names), split at step 0;
+    None for the baseline."""
+    overrides = variant_overrides(name)
+    if overrides.get("method", "sd-moe") == "baseline":
+        return None
+    run = RunConfig()
+    for key, value in overrides.items():
+        if key != "method":
+            set_value(run, key, value)
+    run.sdmoe.split_step = 0
+    return run.sdmoe
 
-    def __init__(self, s: dict, sdmoe: bool, cfg: SDMoEConfig | None = None, lr: float = 1e-3):
+
+class Side:
+    """One training setup; `step()` returns its phase times (seconds). cfg None: the plain MoE."""
+
+    def __init__(self, s: dict, cfg: SDMoEConfig | None, lr: float = 1e-3):
         self.model = build(s)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1)
-        self.ctl = SDMoE(self.model, cfg or SDMoEConfig(split_step=0)) if sdmoe else None
-        if self.ctl is not None:
-            self.ctl.maybe_split(0, self.opt)
         g = torch.Generator().manual_seed(0)
         self.batches = [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g) for _ in range(4)]
+        self.ctl = SDMoE(self.model, cfg) if cfg is not None else None
+        if self.ctl is not None:  # the batch feeds variants whose basis comes from gradients or inputs
+            self.ctl.maybe_split(0, self.opt, self.batches[0])
         self.n = 0
 
     def step(self) -> dict[str, float]:
@@ -156,7 +176,7 @@ def _status_kb(field: str) -> int:
 
 def memory_child(s: dict, sdmoe: bool, steps: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    side = Side(s, sdmoe)
+    side = Side(s, variant_config("sd-moe") if sdmoe else None)
     side.step()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -191,6 +211,9 @@ def main() -> None:
                          "exact), so their routing and the experts' work stay equal and the ratio is SD-MoE's own cost")
     ap.add_argument("--batch", type=int, default=0,
                     help="sequences per step (default: the shape's, 16); the split's cost does not grow with it")
+    ap.add_argument("--variants", default="control,sd-moe",
+                    help="compare variants timed against the baseline (names as in `sdmoe compare --variants`, "
+                         "e.g. control,sd-moe,fixed-weights,rank-16); the memory and split figures are sd-moe's")
     ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     s = shapes(args.quick)
@@ -201,25 +224,39 @@ def main() -> None:
         memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
         return
     torch.set_num_threads(args.threads)
-    print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, interleaved")
-    base, sd = Side(s, False, lr=args.lr), Side(s, True, lr=args.lr)
+    names = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
+    print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, "
+          f"interleaved ({', '.join(names)})")
+    try:
+        sides = {n: Side(s, variant_config(n), lr=args.lr) for n in names}
+    except UserError as e:
+        ap.error(f"{e}")
     for _ in range(args.warmup):
-        base.step()
-        sd.step()
-    times = {"baseline": [], "sdmoe": []}
+        for side in sides.values():
+            side.step()
+    times = {n: [] for n in names}
     for _ in range(steps):
-        times["baseline"].append(base.step())
-        times["sdmoe"].append(sd.step())
+        for n, side in sides.items():
+            times[n].append(side.step())
     med = {k: {ph: 1e3 * statistics.median(t[ph] for t in v) for ph in v[0]} for k, v in times.items()}
-    for k in ("baseline", "sdmoe"):
-        print(f"{k:9s} median step {med[k]['total']:8.1f} ms  (" +
-              ", ".join(f"{ph} {ms:.1f}" for ph, ms in med[k].items() if ph not in ("total", "cpu")) + f"; process CPU time {med[k]['cpu']:.1f})")
-    pair = [b["total"] / a["total"] for a, b in zip(times["baseline"], times["sdmoe"])]
-    print(f"step time ratio sdmoe/baseline: median of medians {med['sdmoe']['total'] / med['baseline']['total']:.3f}, "
-          f"median of paired ratios {statistics.median(pair):.3f} (target <= 1.03; paper ~1.05); "
-          f"process CPU time ratio {med['sdmoe']['cpu'] / med['baseline']['cpu']:.3f}")
-    bd = split_breakdown(sd, reps=10)
-    print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))
+    for k in names:
+        print(f"{k:14s} median step {med[k]['total']:8.1f} ms  (" +
+              ", ".join(f"{ph} {ms:.1f}" for ph, ms in med[k].items() if ph not in ("total", "cpu")) +
+              f"; process CPU time {med[k]['cpu']:.1f})")
+    for k in names[1:]:
+        pair = [b["total"] / a["total"] for a, b in zip(times["baseline"], times[k])]
+        print(f"step time ratio {k}/baseline: median of medians {med[k]['total'] / med['baseline']['total']:.3f}, "
+              f"median of paired ratios {statistics.median(pair):.3f}"
+              + (" (target <= 1.03; paper ~1.05)" if k == "sd-moe" else "")
+              + f"; process CPU time ratio {med[k]['cpu'] / med['baseline']['cpu']:.3f}")
+    if "control" in sides and "sd-moe" in sides:
+        # The control is the same reparameterisation with plain gradients: what is left is the split's own cost.
+        pair = [b["total"] / a["total"] for a, b in zip(times["control"], times["sd-moe"])]
+        print(f"  of which the reparameterisation W = S + T (control/baseline) and the gradient split "
+              f"(sd-moe/control, paired): {statistics.median(pair):.3f}")
+    if "sd-moe" in sides:
+        bd = split_breakdown(sides["sd-moe"], reps=10)
+        print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))
     if not args.no_memory:
         mem = memory(args.quick, args.warmup, args.threads, args.batch)
         b, m = mem["baseline"], mem["sdmoe"]
