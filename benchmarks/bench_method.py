@@ -1,7 +1,8 @@
 """Step time and peak memory of SD-MoE training against the plain MoE, in one process.
 
-    .venv/bin/python benchmarks/bench_method.py            # the spec's lab model (d=128, 4 layers, E=8, top-2)
-    .venv/bin/python benchmarks/bench_method.py --quick    # smaller, ~1 minute
+    .venv/bin/python benchmarks/bench_method.py            # the small preset: the spec's lab model (d=128, 4 layers, E=8, top-2)
+    .venv/bin/python benchmarks/bench_method.py --preset demo
+    .venv/bin/python benchmarks/bench_method.py --quick    # the demo preset, fewer steps, ~1 minute
 
 Both models are the same qwen3_moe (same seed); the baseline is a plain AdamW
 training step (forward, backward, clip 1.0, step, zero_grad), SD-MoE the same
@@ -49,17 +50,19 @@ from sdmoe.errors import UserError
 from sdmoe.experiments.grid import variant_overrides
 from sdmoe.method import SDMoE, SDMoEConfig, kernels
 from sdmoe.models import ModelConfig, build_model
-from sdmoe.train.config import RunConfig, set_value
+from sdmoe.train.config import PRESETS, RunConfig, preset, set_value
 
 
-def shapes(quick: bool) -> dict:
-    if quick:
-        return dict(d=64, layers=2, experts=8, top_k=2, f=64, vocab=1024, batch=8, seq=64)
-    return dict(d=128, layers=4, experts=8, top_k=2, f=128, vocab=4096, batch=16, seq=128)
+def shapes(preset_name: str = "small") -> dict:
+    """The model and batch of a train preset (`small` is the spec's lab model)."""
+    p = preset(preset_name)
+    m = p.model
+    return dict(style=m.style, d=m.hidden_size, layers=m.num_layers, heads=m.num_heads, experts=m.num_experts,
+                top_k=m.top_k, f=m.expert_ffn, vocab=p.data.vocab_size, batch=p.data.batch_size, seq=p.data.seq_len)
 
 
 def build(s: dict):
-    cfg = ModelConfig(style="qwen3_moe", hidden_size=s["d"], num_layers=s["layers"], num_heads=4,
+    cfg = ModelConfig(style=s["style"], hidden_size=s["d"], num_layers=s["layers"], num_heads=s["heads"],
                       num_experts=s["experts"], top_k=s["top_k"], expert_ffn=s["f"], aux_loss_coef=0.0)
     return build_model(cfg, s["vocab"], seed=0)
 
@@ -187,12 +190,12 @@ def memory_child(s: dict, sdmoe: bool, steps: int, threads: int) -> None:
     print(json.dumps({"peak_kb": peak, "step_kb": peak - before}))
 
 
-def memory(s_quick: bool, steps: int, threads: int, batch: int = 0) -> dict:
+def memory(preset_name: str, steps: int, threads: int, batch: int = 0) -> dict:
     out = {}
     env = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), **os.environ}  # see the module docstring
     for name, flag in (("baseline", "0"), ("sdmoe", "1")):
         cmd = [sys.executable, __file__, "--memory-child", flag, "--steps", str(steps), "--threads", str(threads)]
-        cmd += ["--quick"] if s_quick else []
+        cmd += ["--preset", preset_name]
         cmd += ["--batch", str(batch)] if batch else []
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -201,8 +204,10 @@ def memory(s_quick: bool, steps: int, threads: int, batch: int = 0) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller model and batch")
-    ap.add_argument("--steps", type=int, default=0, help="timed steps per side (default 30, quick 20)")
+    ap.add_argument("--preset", default="small", choices=sorted(PRESETS),
+                    help="the train preset whose model and batch are timed (default small: the spec's lab model)")
+    ap.add_argument("--quick", action="store_true", help="the demo preset's model, fewer steps (~1 minute)")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per side (default 30 for small, 90 for the shorter presets, 20 with --quick)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -216,10 +221,11 @@ def main() -> None:
                          "e.g. control,sd-moe,fixed-weights,rank-16); the memory and split figures are sd-moe's")
     ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    s = shapes(args.quick)
+    name = "demo" if args.quick else args.preset
+    s = shapes(name)
     if args.batch:
         s["batch"] = args.batch
-    steps = args.steps or (20 if args.quick else 30)
+    steps = args.steps or (20 if args.quick else 30 if name == "small" else 90)  # short steps: more of them
     if args.memory_child is not None:
         memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
         return
@@ -252,13 +258,13 @@ def main() -> None:
     if "control" in sides and "sd-moe" in sides:
         # The control is the same reparameterisation with plain gradients: what is left is the split's own cost.
         pair = [b["total"] / a["total"] for a, b in zip(times["control"], times["sd-moe"])]
-        print(f"  of which the reparameterisation W = S + T (control/baseline) and the gradient split "
-              f"(sd-moe/control, paired): {statistics.median(pair):.3f}")
+        print(f"the gradient split alone (sd-moe/control, median of paired ratios): {statistics.median(pair):.3f}; "
+              f"control/baseline is what carrying W = S + T costs")
     if "sd-moe" in sides:
         bd = split_breakdown(sides["sd-moe"], reps=10)
         print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))
     if not args.no_memory:
-        mem = memory(args.quick, args.warmup, args.threads, args.batch)
+        mem = memory(name, args.warmup, args.threads, args.batch)
         b, m = mem["baseline"], mem["sdmoe"]
         print(f"peak RSS during training steps (VmHWM, whole process): baseline {b['peak_kb'] / 1024:.0f} MiB, sdmoe "
               f"{m['peak_kb'] / 1024:.0f} MiB, ratio {m['peak_kb'] / b['peak_kb']:.3f}; step working set "
