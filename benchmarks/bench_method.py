@@ -215,7 +215,7 @@ def main() -> None:
                     help="AdamW's rate; 0 keeps both models the same function (SD-MoE's split is "
                          "exact), so their routing and the experts' work stay equal and the ratio is SD-MoE's own cost")
     ap.add_argument("--batch", type=int, default=0,
-                    help="sequences per step (default: the shape's, 16); the split's cost does not grow with it")
+                    help="sequences per step (default: the preset's); the split's cost does not grow with it")
     ap.add_argument("--variants", default="control,sd-moe",
                     help="compare variants timed against the baseline (names as in `sdmoe compare --variants`, "
                          "e.g. control,sd-moe,fixed-weights,rank-16); the memory and split figures are sd-moe's")
