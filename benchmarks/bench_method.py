@@ -204,9 +204,10 @@ def memory(preset_name: str, steps: int, threads: int, batch: int = 0) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="small", choices=sorted(PRESETS),
-                    help="the train preset whose model and batch are timed (default small: the spec's lab model)")
-    ap.add_argument("--quick", action="store_true", help="the demo preset's model, fewer steps (~1 minute)")
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="the train preset whose model and batch are timed (default small, the spec's lab model; "
+                         "demo with --quick)")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, on the demo preset unless --preset says otherwise")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per side (default 30 for small, 90 for the shorter presets, 20 with --quick)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -221,7 +222,7 @@ def main() -> None:
                          "e.g. control,sd-moe,fixed-weights,rank-16); the memory and split figures are sd-moe's")
     ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    name = "demo" if args.quick else args.preset
+    name = args.preset or ("demo" if args.quick else "small")
     s = shapes(name)
     if args.batch:
         s["batch"] = args.batch
@@ -249,16 +250,18 @@ def main() -> None:
         print(f"{k:14s} median step {med[k]['total']:8.1f} ms  (" +
               ", ".join(f"{ph} {ms:.1f}" for ph, ms in med[k].items() if ph not in ("total", "cpu")) +
               f"; process CPU time {med[k]['cpu']:.1f})")
+    def paired(over: str, side: str) -> float:
+        """Median over the interleaved steps of side's step time / over's."""
+        return statistics.median(b["total"] / a["total"] for a, b in zip(times[over], times[side]))
+
     for k in names[1:]:
-        pair = [b["total"] / a["total"] for a, b in zip(times["baseline"], times[k])]
         print(f"step time ratio {k}/baseline: median of medians {med[k]['total'] / med['baseline']['total']:.3f}, "
-              f"median of paired ratios {statistics.median(pair):.3f}"
+              f"median of paired ratios {paired('baseline', k):.3f}"
               + (" (target <= 1.03; paper ~1.05)" if k == "sd-moe" else "")
               + f"; process CPU time ratio {med[k]['cpu'] / med['baseline']['cpu']:.3f}")
     if "control" in sides and "sd-moe" in sides:
         # The control is the same reparameterisation with plain gradients: what is left is the split's own cost.
-        pair = [b["total"] / a["total"] for a, b in zip(times["control"], times["sd-moe"])]
-        print(f"the gradient split alone (sd-moe/control, median of paired ratios): {statistics.median(pair):.3f}; "
+        print(f"the gradient split alone (sd-moe/control, median of paired ratios): {paired('control', 'sd-moe'):.3f}; "
               f"control/baseline is what carrying W = S + T costs")
     if "sd-moe" in sides:
         bd = split_breakdown(sides["sd-moe"], reps=10)

@@ -20,8 +20,6 @@ def main() -> int:
     extra = sys.argv[1:]
     failed = []
     for name, own in BENCHMARKS:
-        if "--quick" in extra and own == ["--preset", "small"]:
-            continue  # bench_method --quick times the demo preset whatever --preset says: run it once
         args = [*own, *extra]
         print(f"\n=== {name} {' '.join(args)}", flush=True)
         if subprocess.run([sys.executable, str(HERE / name), *args]).returncode:
