@@ -15,7 +15,10 @@ timed steps alternate A B A B ... so drift of the machine (other processes,
 clocks) hits both sides alike; medians are reported. Each step is also timed
 by phase (and by process CPU time, steadier than wall time when other
 processes share the cores), and the split's own work is timed alone (tracker, applying the
-split, materialising W = S + T).
+split, materialising W = S + T). Last, torch's FlopCounterMode counts the matmul
+work of one forward + backward and of one split: their ratio, and the rate each
+achieves in the step, say whether the split's cost is its arithmetic (as on the
+lab model) or the overhead of many small kernels (as on the demo preset).
 
 Peak memory: each side runs again in its own subprocess (`--memory-child`)
 that builds the model, runs one step (so optimizer state and, for SD-MoE, the
@@ -45,6 +48,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import variant_overrides
@@ -169,6 +173,28 @@ def split_breakdown(side: Side, reps: int) -> dict[str, float]:
     return r
 
 
+def flop_share(base: Side, sd: Side) -> dict[str, float]:
+    """Matmul work (torch's FlopCounterMode) of one forward + backward of the baseline and of one split.
+
+    Their ratio is the floor of the split's time overhead for an implementation whose matmuls run
+    as efficiently as the model's own: the split is all batched matmuls (plus a few thin QRs, whose
+    flops are negligible and not counted)."""
+    ids = base.batches[0]
+
+    def fwd_bwd(side: Side) -> None:
+        logits = side.model(input_ids=ids).logits
+        nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+    with FlopCounterMode(display=False) as model_count:
+        fwd_bwd(base)
+    fwd_bwd(sd)
+    with FlopCounterMode(display=False) as split_count:
+        sd.ctl.after_backward(sd.n)
+    for side in (base, sd):
+        side.opt.zero_grad(set_to_none=True)
+    return {"model": float(model_count.get_total_flops()), "split": float(split_count.get_total_flops())}
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -266,6 +292,14 @@ def main() -> None:
     if "sd-moe" in sides:
         bd = split_breakdown(sides["sd-moe"], reps=10)
         print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))
+        fl = flop_share(sides["baseline"], sides["sd-moe"])
+        # achieved rates: how far each part runs from the machine's matmul speed (overhead-bound or flop-bound)
+        model_rate = fl["model"] / (med["baseline"]["fwd_bwd"] * 1e6)
+        split_rate = fl["split"] / (med["sd-moe"]["split"] * 1e6)
+        print(f"matmul work a step: forward + backward {fl['model'] / 1e9:.2f} GFLOP ({model_rate:.0f} GFLOP/s achieved), "
+              f"the split {fl['split'] / 1e6:.1f} MFLOP ({split_rate:.0f} GFLOP/s achieved), "
+              f"{100 * fl['split'] / fl['model']:.1f}% of the forward + backward's: the split's overhead if it ran "
+              f"at the forward + backward's rate")
     if not args.no_memory:
         mem = memory(name, args.warmup, args.threads, args.batch)
         b, m = mem["baseline"], mem["sdmoe"]
