@@ -85,6 +85,12 @@ def variant_config(name: str) -> SDMoEConfig | None:
     return run.sdmoe
 
 
+def forward_backward(model: nn.Module, ids: torch.Tensor) -> None:
+    """Next-token cross-entropy of one batch, backward into the parameters' .grad."""
+    logits = model(input_ids=ids).logits
+    nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+
 class Side:
     """One training setup; `step()` returns its phase times (seconds). cfg None: the plain MoE."""
 
@@ -102,9 +108,7 @@ class Side:
         ids = self.batches[self.n % len(self.batches)]
         c0 = time.process_time()
         t0 = time.perf_counter()
-        logits = self.model(input_ids=ids).logits
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
+        forward_backward(self.model, ids)
         t1 = time.perf_counter()
         if self.ctl is not None:
             self.ctl.after_backward(self.n)
@@ -124,9 +128,7 @@ class Side:
 def split_breakdown(side: Side, reps: int) -> dict[str, float]:
     """The split's own work per training step, each part timed alone (median ms over reps)."""
     ctl = side.ctl
-    ids = side.batches[0]
-    logits = side.model(input_ids=ids).logits
-    nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    forward_backward(side.model, side.batches[0])
     grads = [{p: g.clone() for p, g in st.tail_views("grad")[0].items()} for st in ctl.states]
     qs = [{p: st.q(p).clone() for p in st.projs} for st in ctl.states]
 
@@ -180,14 +182,9 @@ def flop_share(base: Side, sd: Side) -> dict[str, float]:
     as efficiently as the model's own: the split is all batched matmuls (plus a few thin QRs, whose
     flops are negligible and not counted)."""
     ids = base.batches[0]
-
-    def fwd_bwd(side: Side) -> None:
-        logits = side.model(input_ids=ids).logits
-        nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-
     with FlopCounterMode(display=False) as model_count:
-        fwd_bwd(base)
-    fwd_bwd(sd)
+        forward_backward(base.model, ids)
+    forward_backward(sd.model, ids)
     with FlopCounterMode(display=False) as split_count:
         sd.ctl.after_backward(sd.n)
     for side in (base, sd):
