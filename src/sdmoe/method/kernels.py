@@ -50,12 +50,6 @@ def _each(x_EFD: torch.Tensor, m_DK: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x_EFD, m_DK.expand(x_EFD.shape[0], -1, -1))
 
 
-def coeffs(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x_i Q for every expert (and group) -> y (E, P, F, K) for x (E, P, F, D), q (P, D, K)."""
-    q = _as(q, x)
-    return torch.stack([_each(x[:, p], q[p]) for p in range(x.shape[1])], dim=1)
-
-
 @torch.no_grad()
 def track(g: torch.Tensor, q_buf: torch.Tensor, iters: int, r: int, rayleigh_ritz: bool,
           reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
