@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_method.py            # the small preset: the spec's lab model (d=128, 4 layers, E=8, top-2)
     .venv/bin/python benchmarks/bench_method.py --preset demo
     .venv/bin/python benchmarks/bench_method.py --quick    # the demo preset, fewer steps, ~1 minute
+    .venv/bin/python benchmarks/bench_method.py --repeat 5 # five fresh processes: median and range of the ratios
 
 Both models are the same qwen3_moe (same seed); the baseline is a plain AdamW
 training step (forward, backward, clip 1.0, step, zero_grad), SD-MoE the same
@@ -19,6 +20,11 @@ split, materialising W = S + T). Last, torch's FlopCounterMode counts the matmul
 work of one forward + backward and of one split: their ratio, and the rate each
 achieves in the step, say whether the split's cost is its arithmetic (as on the
 lab model) or the overhead of many small kernels (as on the demo preset).
+
+`--repeat N` runs all of that in N fresh processes and ends with the median
+and range of their ratios: the ratio moves more between processes (each gets
+its own heap and page layout, so page faults land on different sides) than
+between the steps of one, so one process is one sample of that spread.
 
 Peak memory: each side runs again in its own subprocess (`--memory-child`)
 that builds the model, runs one step (so optimizer state and, for SD-MoE, the
@@ -85,10 +91,12 @@ def variant_config(name: str) -> SDMoEConfig | None:
     return run.sdmoe
 
 
-def forward_backward(model: nn.Module, ids: torch.Tensor) -> None:
-    """Next-token cross-entropy of one batch, backward into the parameters' .grad."""
+def forward_backward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of one batch, backward into the parameters' .grad; returns the loss."""
     logits = model(input_ids=ids).logits
-    nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return loss.detach()
 
 
 class Side:
@@ -108,7 +116,7 @@ class Side:
         ids = self.batches[self.n % len(self.batches)]
         c0 = time.process_time()
         t0 = time.perf_counter()
-        forward_backward(self.model, ids)
+        self.last_loss = forward_backward(self.model, ids)
         t1 = time.perf_counter()
         if self.ctl is not None:
             self.ctl.after_backward(self.n)
@@ -225,42 +233,13 @@ def memory(preset_name: str, steps: int, threads: int, batch: int = 0) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS),
-                    help="the train preset whose model and batch are timed (default small, the spec's lab model; "
-                         "demo with --quick)")
-    ap.add_argument("--quick", action="store_true", help="fewer steps, on the demo preset unless --preset says otherwise")
-    ap.add_argument("--steps", type=int, default=0, help="timed steps per side (default 30 for small, 90 for the shorter presets, 20 with --quick)")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--lr", type=float, default=1e-3,
-                    help="AdamW's rate; 0 keeps both models the same function (SD-MoE's split is "
-                         "exact), so their routing and the experts' work stay equal and the ratio is SD-MoE's own cost")
-    ap.add_argument("--batch", type=int, default=0,
-                    help="sequences per step (default: the preset's); the split's cost does not grow with it")
-    ap.add_argument("--variants", default="control,sd-moe",
-                    help="compare variants timed against the baseline (names as in `sdmoe compare --variants`, "
-                         "e.g. control,sd-moe,fixed-weights,rank-16); the memory and split figures are sd-moe's")
-    ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    name = args.preset or ("demo" if args.quick else "small")
-    s = shapes(name)
-    if args.batch:
-        s["batch"] = args.batch
-    steps = args.steps or (20 if args.quick else 30 if name == "small" else 90)  # short steps: more of them
-    if args.memory_child is not None:
-        memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
-        return
-    torch.set_num_threads(args.threads)
+def time_sides(args, s: dict, steps: int) -> dict[str, float]:
+    """Interleaved timing of the baseline and args.variants; prints phases, ratios, the split's own cost
+    and its flops; returns each variant's median paired step-time ratio to the baseline."""
     names = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
     print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, "
           f"interleaved ({', '.join(names)})")
-    try:
-        sides = {n: Side(s, variant_config(n), lr=args.lr) for n in names}
-    except UserError as e:
-        ap.error(f"{e}")
+    sides = {n: Side(s, variant_config(n), lr=args.lr) for n in names}
     for _ in range(args.warmup):
         for side in sides.values():
             side.step()
@@ -273,18 +252,21 @@ def main() -> None:
         print(f"{k:14s} median step {med[k]['total']:8.1f} ms  (" +
               ", ".join(f"{ph} {ms:.1f}" for ph, ms in med[k].items() if ph not in ("total", "cpu")) +
               f"; process CPU time {med[k]['cpu']:.1f})")
+
     def paired(over: str, side: str) -> float:
         """Median over the interleaved steps of side's step time / over's."""
         return statistics.median(b["total"] / a["total"] for a, b in zip(times[over], times[side]))
 
+    ratios = {k: paired("baseline", k) for k in names[1:]}
     for k in names[1:]:
         print(f"step time ratio {k}/baseline: median of medians {med[k]['total'] / med['baseline']['total']:.3f}, "
-              f"median of paired ratios {paired('baseline', k):.3f}"
+              f"median of paired ratios {ratios[k]:.3f}"
               + (" (target <= 1.03; paper ~1.05)" if k == "sd-moe" else "")
               + f"; process CPU time ratio {med[k]['cpu'] / med['baseline']['cpu']:.3f}")
     if "control" in sides and "sd-moe" in sides:
         # The control is the same reparameterisation with plain gradients: what is left is the split's own cost.
-        print(f"the gradient split alone (sd-moe/control, median of paired ratios): {paired('control', 'sd-moe'):.3f}; "
+        ratios["sd-moe/control"] = paired("control", "sd-moe")
+        print(f"the gradient split alone (sd-moe/control, median of paired ratios): {ratios['sd-moe/control']:.3f}; "
               f"control/baseline is what carrying W = S + T costs")
     if "sd-moe" in sides:
         bd = split_breakdown(sides["sd-moe"], reps=10)
@@ -297,6 +279,78 @@ def main() -> None:
               f"the split {fl['split'] / 1e6:.1f} MFLOP ({split_rate:.0f} GFLOP/s achieved), "
               f"{100 * fl['split'] / fl['model']:.1f}% of the forward + backward's: the split's overhead if it ran "
               f"at the forward + backward's rate")
+    return ratios
+
+
+def repeat(args, n: int) -> None:
+    """The timing in n fresh processes: each gets its own heap and page layout, the largest source of
+    run-to-run spread here, so one process's ratio is one sample of it."""
+    cmd = [sys.executable, __file__, "--repeat-child", "--no-memory", "--preset", args.preset_name,
+           "--steps", str(args.steps_used), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--lr", str(args.lr), "--batch", str(args.batch), "--variants", args.variants]
+    runs = []
+    for i in range(n):
+        print(f"--- process {i + 1} of {n}", flush=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        *lines, last = res.stdout.strip().splitlines()
+        print("\n".join(line for line in lines if line.startswith(("step time ratio", "the gradient split"))), flush=True)
+        runs.append(json.loads(last))
+    print(f"over {n} processes (median, min-max of each process's median paired ratio):")
+    for k in runs[0]:
+        v = sorted(r[k] for r in runs)
+        print(f"  {k + ('/baseline' if '/' not in k else ''):22s} {statistics.median(v):.3f}  [{v[0]:.3f}, {v[-1]:.3f}]"
+              + ("  (target <= 1.03; paper ~1.05)" if k == "sd-moe" else ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="the train preset whose model and batch are timed (default small, the spec's lab model; "
+                         "demo with --quick)")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, on the demo preset unless --preset says otherwise")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per side (default 30 for small, 90 for the shorter presets, 20 with --quick)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the timing in this many fresh processes and print the median and range of their "
+                         "ratios (the spread between processes is larger than within one)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--lr", type=float, default=1e-3,
+                    help="AdamW's rate; 0 keeps both models the same function (SD-MoE's split is "
+                         "exact), so their routing and the experts' work stay equal and the ratio is SD-MoE's own cost")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="sequences per step (default: the preset's); the split's cost does not grow with it")
+    ap.add_argument("--variants", default="control,sd-moe",
+                    help="compare variants timed against the baseline (names as in `sdmoe compare --variants`, "
+                         "e.g. control,sd-moe,fixed-weights,rank-16); the memory and split figures are sd-moe's")
+    ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
+    ap.add_argument("--repeat-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    name = args.preset or ("demo" if args.quick else "small")
+    s = shapes(name)
+    if args.batch:
+        s["batch"] = args.batch
+    steps = args.steps or (20 if args.quick else 30 if name == "small" else 90)  # short steps: more of them
+    if args.memory_child is not None:
+        memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    for v in args.variants.split(","):
+        if v:
+            try:
+                variant_config(v)
+            except UserError as e:
+                ap.error(f"{e}")
+    if args.repeat > 1:
+        args.preset_name, args.steps_used = name, steps
+        repeat(args, args.repeat)
+    else:
+        ratios = time_sides(args, s, steps)
+        if args.repeat_child:
+            print(json.dumps(ratios))
+            return
     if not args.no_memory:
         mem = memory(name, args.warmup, args.threads, args.batch)
         b, m = mem["baseline"], mem["sdmoe"]
