@@ -34,7 +34,7 @@ import statistics
 import time
 
 import torch
-from bench_method import Side, forward_backward, shapes, variant_config
+from bench_method import Side, forward_backward, interleave, shapes, variant_config
 from torch import nn
 
 from sdmoe.method import kernels
@@ -184,13 +184,7 @@ def main() -> None:
     sides = {"baseline": Side(s, None, args.lr), "folded": FoldedSide(s, shipped, args.lr, False),
              "folded-batched": FoldedSide(s, shipped, args.lr, True), "sd-moe": shipped}
     print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, interleaved")
-    for _ in range(args.warmup):
-        for side in sides.values():
-            side.step()
-    times = {n: [] for n in sides}
-    for _ in range(steps):
-        for n, side in sides.items():
-            times[n].append(side.step())
+    times = interleave(sides, args.warmup, steps)
     for n, ts in times.items():
         med = {ph: 1e3 * statistics.median(t[ph] for t in ts) for ph in ts[0]}
         paired = statistics.median(b["total"] / a["total"] for a, b in zip(times["baseline"], ts))

@@ -233,6 +233,19 @@ def memory(preset_name: str, steps: int, threads: int, batch: int = 0) -> dict:
     return out
 
 
+def interleave(sides: dict[str, Side], warmup: int, steps: int) -> dict[str, list[dict[str, float]]]:
+    """Warm every side up, then step them in turn (A B A B ...) so drift of the machine hits all alike;
+    each side's phase times, step by step."""
+    for _ in range(warmup):
+        for side in sides.values():
+            side.step()
+    times = {n: [] for n in sides}
+    for _ in range(steps):
+        for n, side in sides.items():
+            times[n].append(side.step())
+    return times
+
+
 def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     """Interleaved timing of the baseline and args.variants; prints phases, ratios, the split's own cost
     and its flops; returns each variant's median paired step-time ratio to the baseline."""
@@ -240,13 +253,7 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, "
           f"interleaved ({', '.join(names)})")
     sides = {n: Side(s, variant_config(n), lr=args.lr) for n in names}
-    for _ in range(args.warmup):
-        for side in sides.values():
-            side.step()
-    times = {n: [] for n in names}
-    for _ in range(steps):
-        for n, side in sides.items():
-            times[n].append(side.step())
+    times = interleave(sides, args.warmup, steps)
     med = {k: {ph: 1e3 * statistics.median(t[ph] for t in v) for ph in v[0]} for k, v in times.items()}
     for k in names:
         print(f"{k:14s} median step {med[k]['total']:8.1f} ms  (" +
