@@ -51,7 +51,7 @@ class FoldedSide(Side):
         experts = [b.experts for b in find_moe_blocks(self.model)]
         self.weights = [(ex.gate_up_proj, ex.down_proj) for ex in experts]
         self.r = twin.ctl.states[0].r
-        # per layer: Q of (gate, up) as 2 x D x r, of down as 1 x D x r; the shared deltas likewise (canonical F x D)
+        # per layer: Q of (gate, up) as 2 x D x r, of down as 1 x D x r
         self.q = [(torch.stack([st.q("gate"), st.q("up")]).clone(), st.q("down").unsqueeze(0).clone())
                   for st in twin.ctl.states]
         # per layer: (gate, up)'s delta canonical (2 x F x D), down's in its storage layout (D x F), so that

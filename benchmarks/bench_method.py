@@ -289,16 +289,19 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     return ratios
 
 
-def repeat(args, n: int) -> None:
-    """The timing in n fresh processes: each gets its own heap and page layout, the largest source of
-    run-to-run spread here, so one process's ratio is one sample of it."""
-    cmd = [sys.executable, __file__, "--repeat-child", "--no-memory", "--preset", args.preset_name,
-           "--steps", str(args.steps_used), "--warmup", str(args.warmup), "--threads", str(args.threads),
+def repeat(args, preset_name: str, steps: int) -> None:
+    """The timing in args.repeat fresh processes: each gets its own heap and page layout, the largest
+    source of run-to-run spread here, so one process's ratio is one sample of it."""
+    n = args.repeat
+    cmd = [sys.executable, __file__, "--repeat-child", "--no-memory", "--preset", preset_name,
+           "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--lr", str(args.lr), "--batch", str(args.batch), "--variants", args.variants]
     runs = []
     for i in range(n):
         print(f"--- process {i + 1} of {n}", flush=True)
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"process {i + 1} of {n} failed:\n{res.stderr}")
         *lines, last = res.stdout.strip().splitlines()
         print("\n".join(line for line in lines if line.startswith(("step time ratio", "the gradient split"))), flush=True)
         runs.append(json.loads(last))
@@ -333,8 +336,9 @@ def main() -> None:
     ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
     ap.add_argument("--repeat-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.repeat < 1:
-        ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    for flag, least in (("repeat", 1), ("threads", 1), ("steps", 0), ("warmup", 0), ("batch", 0)):
+        if getattr(args, flag) < least:
+            ap.error(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
     name = args.preset or ("demo" if args.quick else "small")
     s = shapes(name)
     if args.batch:
@@ -351,8 +355,7 @@ def main() -> None:
             except UserError as e:
                 ap.error(f"{e}")
     if args.repeat > 1:
-        args.preset_name, args.steps_used = name, steps
-        repeat(args, args.repeat)
+        repeat(args, name, steps)
     else:
         ratios = time_sides(args, s, steps)
         if args.repeat_child:
