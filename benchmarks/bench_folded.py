@@ -51,15 +51,15 @@ class FoldedSide(Side):
         experts = [b.experts for b in find_moe_blocks(self.model)]
         self.weights = [(ex.gate_up_proj, ex.down_proj) for ex in experts]
         self.r = twin.ctl.states[0].r
-        # per layer: Q of (gate, up) as 2 x D x r, of down as 1 x D x r
-        self.q = [(torch.stack([st.q("gate"), st.q("up")]).clone(), st.q("down").unsqueeze(0).clone())
-                  for st in twin.ctl.states]
+        # per layer: Q of (gate, up) as 2 x D x r, then of down as 1 x D x r (the order of _canonical())
+        self.q = [q for st in twin.ctl.states
+                  for q in (torch.stack([st.q("gate"), st.q("up")]).clone(), st.q("down").unsqueeze(0).clone())]
         # per layer: (gate, up)'s delta canonical (2 x F x D), down's in its storage layout (D x F), so that
         # folding it into the experts is a contiguous broadcast (9 against 78 us a layer, lab model)
         self.deltas = [nn.Parameter(torch.zeros(shape)) for _ in experts
                        for shape in ((2, self.f, s["d"]), (s["d"], self.f))]
         self.opt.add_param_group({"params": self.deltas, "weight_decay": 0.0})
-        self.q_all = torch.cat([q for pair in self.q for q in pair])  # (3 L) x D x r, for the batched split
+        self.q_all = torch.cat(self.q)  # (3 L) x D x r, for the batched split
         self.buf = None
 
     def _canonical(self) -> list[torch.Tensor]:
@@ -73,8 +73,8 @@ class FoldedSide(Side):
     @torch.no_grad()
     def split(self) -> None:
         """The shipped kernels, layer by layer, on the model's own gradients."""
-        for g_PEFD, q, delta, w in zip(self._canonical(), [q for pair in self.q for q in pair], self.deltas,
-                                       [w for pair in self.weights for w in pair]):
+        weights = [w for pair in self.weights for w in pair]
+        for g_PEFD, q, delta, w in zip(self._canonical(), self.q, self.deltas, weights):
             g_EPFD = g_PEFD.transpose(0, 1)
             q_top = kernels.track(g_EPFD, q, 1, self.r, False)
             delta.grad = w.grad.sum(0).view(delta.shape)  # sum_i G_i, in the delta's layout
