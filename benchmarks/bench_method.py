@@ -303,7 +303,8 @@ def repeat(args, preset_name: str, steps: int) -> None:
         if res.returncode:
             raise SystemExit(f"process {i + 1} of {n} failed:\n{res.stderr}")
         *lines, last = res.stdout.strip().splitlines()
-        print("\n".join(line for line in lines if line.startswith(("step time ratio", "the gradient split"))), flush=True)
+        ratio_lines = [line for line in lines if line.startswith(("step time ratio", "the gradient split"))]
+        print("\n".join(ratio_lines), flush=True)
         runs.append(json.loads(last))
     print(f"over {n} processes (median, min-max of each process's median paired ratio):")
     for k in runs[0]:
