@@ -30,11 +30,10 @@ down_proj E x D x F) and the default config; it is a measurement, not an engine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
-from bench_method import Side, forward_backward, interleave, shapes, variant_config
+from bench_method import Side, forward_backward, interleave, median_ms, paired, shapes, variant_config
 from torch import nn
 
 from sdmoe.method import kernels
@@ -60,7 +59,8 @@ class FoldedSide(Side):
                        for shape in ((2, self.f, s["d"]), (s["d"], self.f))]
         self.opt.add_param_group({"params": self.deltas, "weight_decay": 0.0})
         self.q_all = torch.cat(self.q)  # (3 L) x D x r, for the batched split
-        self.buf = None
+        # the batched split's gradient buffer, kept across steps: a fresh 0.8-6 MiB one would page-fault every step
+        self.buf = torch.empty(3 * len(experts), s["experts"], self.f, s["d"]) if batched else None
 
     def _canonical(self) -> list[torch.Tensor]:
         """Per layer: the (gate, up) gradients as 2 x E x F x D and down's as 1 x E x F x D (views)."""
@@ -85,8 +85,6 @@ class FoldedSide(Side):
     def split_batched(self) -> None:
         """One split for all layers and projections: gradients copied into one (3 L) x E x F x D buffer and back."""
         views = self._canonical()
-        if self.buf is None:  # kept across steps: a fresh 0.8-6 MiB buffer would page-fault every step
-            self.buf = torch.empty(sum(v.shape[0] for v in views), *views[0].shape[1:])
         buf, q = self.buf, self.q_all
         torch.cat(views, 0, out=buf)
         n, e, f, d = buf.shape
@@ -185,10 +183,8 @@ def main() -> None:
              "folded-batched": FoldedSide(s, shipped, args.lr, True), "sd-moe": shipped}
     print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, interleaved")
     times = interleave(sides, args.warmup, steps)
-    for n, ts in times.items():
-        med = {ph: 1e3 * statistics.median(t[ph] for t in ts) for ph in ts[0]}
-        paired = statistics.median(b["total"] / a["total"] for a, b in zip(times["baseline"], ts))
-        print(f"{n:15s} step / baseline (median of paired ratios) {paired:.3f}; median ms: " +
+    for n, med in median_ms(times).items():
+        print(f"{n:15s} step / baseline (median of paired ratios) {paired(times, 'baseline', n):.3f}; median ms: " +
               ", ".join(f"{ph} {ms:.2f}" for ph, ms in med.items()))
 
 

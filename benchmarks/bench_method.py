@@ -246,6 +246,16 @@ def interleave(sides: dict[str, Side], warmup: int, steps: int) -> dict[str, lis
     return times
 
 
+def median_ms(times: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each side's median time of each phase, in ms."""
+    return {k: {ph: 1e3 * statistics.median(t[ph] for t in v) for ph in v[0]} for k, v in times.items()}
+
+
+def paired(times: dict[str, list[dict[str, float]]], over: str, side: str) -> float:
+    """Median over the interleaved steps of side's step time / over's."""
+    return statistics.median(b["total"] / a["total"] for a, b in zip(times[over], times[side]))
+
+
 def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     """Interleaved timing of the baseline and args.variants; prints phases, ratios, the split's own cost
     and its flops; returns each variant's median paired step-time ratio to the baseline."""
@@ -254,17 +264,12 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
           f"interleaved ({', '.join(names)})")
     sides = {n: Side(s, variant_config(n), lr=args.lr) for n in names}
     times = interleave(sides, args.warmup, steps)
-    med = {k: {ph: 1e3 * statistics.median(t[ph] for t in v) for ph in v[0]} for k, v in times.items()}
+    med = median_ms(times)
     for k in names:
         print(f"{k:14s} median step {med[k]['total']:8.1f} ms  (" +
               ", ".join(f"{ph} {ms:.1f}" for ph, ms in med[k].items() if ph not in ("total", "cpu")) +
               f"; process CPU time {med[k]['cpu']:.1f})")
-
-    def paired(over: str, side: str) -> float:
-        """Median over the interleaved steps of side's step time / over's."""
-        return statistics.median(b["total"] / a["total"] for a, b in zip(times[over], times[side]))
-
-    ratios = {k: paired("baseline", k) for k in names[1:]}
+    ratios = {k: paired(times, "baseline", k) for k in names[1:]}
     for k in names[1:]:
         print(f"step time ratio {k}/baseline: median of medians {med[k]['total'] / med['baseline']['total']:.3f}, "
               f"median of paired ratios {ratios[k]:.3f}"
@@ -272,7 +277,7 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
               + f"; process CPU time ratio {med[k]['cpu'] / med['baseline']['cpu']:.3f}")
     if "control" in sides and "sd-moe" in sides:
         # The control is the same reparameterisation with plain gradients: what is left is the split's own cost.
-        ratios["sd-moe/control"] = paired("control", "sd-moe")
+        ratios["sd-moe/control"] = paired(times, "control", "sd-moe")
         print(f"the gradient split alone (sd-moe/control, median of paired ratios): {ratios['sd-moe/control']:.3f}; "
               f"control/baseline is what carrying W = S + T costs")
     if "sd-moe" in sides:
