@@ -50,7 +50,7 @@ def test_train_then_generate(tmp_path, capsys):
         (["train", "--preset", "huge"], "unknown preset"),
         (["train", "--preset", "tiny", "--set", "model.top_k=9"], "exceeds model.num_experts"),
         (["train", "--preset", "tiny", "--set", "model.num_heads=3"], "not divisible by model.num_heads"),
-        (["train", "--preset", "tiny", "--set", "data.vocab_size=100"], "vocab_size is 100"),
+        (["train", "--preset", "tiny", "--set", "data.vocab_size=100"], "data.vocab_size=100 is out of range"),
         (["train", "--preset", "tiny", "--text", "/nonexistent/corpus"], "/nonexistent/corpus"),
         (["generate", "/nonexistent/model"], "is not a directory"),
     ],

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="baseline against SD-MoE: matched seeds, sweeps, one report with verdicts",
                        description="Train matched pairs (same initial weights, data order and seed; the only "
                                    "difference is SD-MoE) plus the control and the sweeps of the preset, then write "
-                                   "OUT/report.html: every claim of the paper with our measured figure, its 95%% "
+                                   "OUT/report.html: every claim of the paper with our measured figure, its 95% "
                                    "interval and a verdict computed from the runs. Re-running the same command "
                                    "skips finished runs and resumes interrupted ones.",
                        formatter_class=_Help)
@@ -154,21 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from pathlib import Path
 
-    from sdmoe.train.config import apply_overrides, load_config_file, preset
+    from sdmoe.train.config import apply_overrides, load_config_file, preset, set_value, validate
     from sdmoe.train.loop import train
 
     cfg = load_config_file(args.config, preset(args.preset)) if args.config else preset(args.preset)
     apply_overrides(cfg, args.overrides)
-    if args.method:
-        cfg.method = args.method
-    if args.style:
-        cfg.model.style = args.style
-    if args.steps is not None:
-        cfg.loop.steps = args.steps
-    if args.seed is not None:
-        cfg.loop.seed = args.seed
-    if args.text:
-        cfg.data.text = list(args.text)
+    # Flags set config keys the way --set does: one declaration checks the value of either.
+    flags = {"method": args.method, "model.style": args.style, "loop.steps": args.steps, "loop.seed": args.seed,
+             "data.text": list(args.text) or None}
+    for key, value in flags.items():
+        if value is not None:
+            set_value(cfg, key, value)
+    validate(cfg)  # before the default --out below is named after cfg, and before anything is written
     out = Path(args.out or f"runs/{cfg.name}-{cfg.method}-seed{cfg.loop.seed}")
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
     if result.rank == 0:  # under torchrun, one summary
@@ -199,33 +196,22 @@ def _analyze(args) -> int:
     return 0
 
 
-def _names(csv: str) -> list[str]:
-    return [x.strip() for x in csv.split(",") if x.strip()]
-
-
 def _compare(args) -> int:
+    from sdmoe.config_fields import assign
     from sdmoe.experiments.compare import run_compare
     from sdmoe.experiments.grid import compare_preset
 
     cfg = compare_preset(args.preset)
-    if args.styles:
-        cfg.styles = _names(args.styles)
-    if args.seeds is not None:
-        cfg.seeds = args.seeds
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.variants:
-        cfg.variants = _names(args.variants)
-    if args.ablations:
-        cfg.ablations = _names(args.ablations)
-    if args.lr_multipliers:
-        try:
-            cfg.lr_multipliers = [float(m) for m in _names(args.lr_multipliers)]
-        except ValueError:
-            raise UserError(f"--lr-multipliers takes comma-separated numbers, got {args.lr_multipliers!r}") from None
+    # Each flag sets its compare setting through the setting's declaration (type, range, finite numbers).
+    flags = {"styles": args.styles, "seeds": args.seeds, "steps": args.steps, "variants": args.variants,
+             "ablations": args.ablations, "lr_multipliers": args.lr_multipliers, "text": list(args.text) or None}
+    for key, value in flags.items():
+        if value is not None:
+            try:
+                assign(cfg, key, value)
+            except UserError as e:
+                raise UserError(f"--{key.replace('_', '-')}: {e}") from None
     cfg.overrides = list(cfg.overrides) + list(args.overrides)
-    if args.text:
-        cfg.text = list(args.text)
     result = run_compare(cfg, args.out, progress=not args.quiet)
     print(result.text)
     return 0

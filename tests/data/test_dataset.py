@@ -51,9 +51,9 @@ def test_cache_dir_from_environment(user_corpus, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(seq_len=1), "seq_len is 1"),
-    (dict(batch_size=0), "batch_size is 0"),
-    (dict(vocab_size=100), "vocab_size is 100"),
+    (dict(seq_len=1), "seq_len=1 is out of range"),
+    (dict(batch_size=0), "batch_size=0 is out of range"),
+    (dict(vocab_size=100), "vocab_size=100 is out of range"),
     (dict(val_fraction=1.5), "val_fraction"),
     (dict(domain_weights="equal"), "domain_weights"),
     (dict(seq_len=4096), "fewer than one eval window"),

@@ -1,9 +1,22 @@
 """Real text to batches: corpora, tokenizer, token cache, training and eval batches.
 
-Imports nothing of ours but `sdmoe.errors`.
+Imports nothing of ours but `sdmoe.errors` (and the torch-free `sdmoe.config_fields`).
+Names resolve on first use, so `sdmoe.data.config` loads without torch.
 """
 
-from sdmoe.data.corpus import Document, load_corpus
-from sdmoe.data.dataset import DataConfig, Dataset, prepare_dataset
+_LAZY = {
+    "DataConfig": "sdmoe.data.config",
+    "Dataset": "sdmoe.data.dataset",
+    "prepare_dataset": "sdmoe.data.dataset",
+    "Document": "sdmoe.data.corpus",
+    "load_corpus": "sdmoe.data.corpus",
+}
+__all__ = list(_LAZY)
 
-__all__ = ["DataConfig", "Dataset", "Document", "load_corpus", "prepare_dataset"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sdmoe.data' has no attribute {name!r}")

@@ -15,27 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdmoe.data.batches import DOMAIN_WEIGHTS, TokenBatches, eval_batches
+from sdmoe.config_fields import check_tree
+from sdmoe.data.batches import TokenBatches, eval_batches
 from sdmoe.data.cache import tokenize_to_cache
+from sdmoe.data.config import DataConfig
 from sdmoe.data.corpus import load_corpus, split_corpus
-from sdmoe.data.tokenizer import MIN_VOCAB, load_or_train_tokenizer
+from sdmoe.data.tokenizer import load_or_train_tokenizer
 from sdmoe.errors import UserError
 
 # Below this a corpus cannot train a tokenizer or a model worth analysing;
 # saying so up front beats a confusing token-count error later.
 MIN_CORPUS_CHARS = 1000
-
-
-@dataclass
-class DataConfig:
-    text: list[str] = field(default_factory=list)  # files/dirs; empty = bundled corpora
-    vocab_size: int = 4096
-    seq_len: int = 128
-    batch_size: int = 16
-    val_fraction: float = 0.05
-    eval_batches: int = 8  # per domain
-    cache_dir: str = ""  # "" -> $SDMOE_CACHE, else ~/.cache/sdmoe
-    domain_weights: str = "proportional"  # or "uniform"
 
 
 @dataclass
@@ -55,18 +45,8 @@ def resolve_cache_dir(cache_dir: str = "") -> Path:
 
 
 def _validate(cfg: DataConfig, training_tokenizer: bool) -> None:
-    if cfg.seq_len < 2:
-        raise UserError(f"seq_len is {cfg.seq_len}; use at least 2 (one token to predict the next)")
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size is {cfg.batch_size}; use at least 1")
-    if cfg.eval_batches < 1:
-        raise UserError(f"eval_batches is {cfg.eval_batches}; use at least 1")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise UserError(f"val_fraction is {cfg.val_fraction}; use a value between 0 and 1, e.g. 0.05")
-    if cfg.domain_weights not in DOMAIN_WEIGHTS:
-        raise UserError(f"domain_weights is {cfg.domain_weights!r}; use one of {', '.join(DOMAIN_WEIGHTS)}")
-    if training_tokenizer and cfg.vocab_size < MIN_VOCAB:
-        raise UserError(f"vocab_size is {cfg.vocab_size}; use at least {MIN_VOCAB}, e.g. 4096")
+    # vocab_size says how large a tokenizer to train: it means nothing with a given tokenizer.
+    check_tree(cfg, skip=() if training_tokenizer else ("vocab_size",))
 
 
 def unigram_entropy(tokens: list[np.ndarray], vocab_size: int) -> float:

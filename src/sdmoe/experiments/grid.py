@@ -16,10 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from sdmoe.config_fields import assign, check_tree, setting
 from sdmoe.errors import UserError
+from sdmoe.models.config import Style
+from sdmoe.train.config import PresetName, apply_overrides, parse_setting, preset, set_value, validate
 
 # Variants every compare knows by name; parametrised ones (rank-<r>, tail-lr-<m>,
 # shared-lr-<m>, reestimate-<k>, tracker-<n>) are parsed by `variant_overrides`.
@@ -39,10 +42,11 @@ FIXED_VARIANTS: dict[str, dict[str, Any]] = {
     "normalized-tails": {"method": "sd-moe", "sdmoe.normalize_tail_updates": True},
 }
 _PARAM_VARIANTS = {
-    "rank": ("sdmoe.rank", int),
-    "tail-lr": ("sdmoe.lr_tail_mult", float),
-    "shared-lr": ("sdmoe.lr_shared_mult", float),
-    "tracker": ("sdmoe.tracker_iters", int),
+    "rank": "sdmoe.rank",
+    "tail-lr": "sdmoe.lr_tail_mult",
+    "shared-lr": "sdmoe.lr_shared_mult",
+    "tracker": "sdmoe.tracker_iters",
+    "reestimate": "sdmoe.reestimate_every",
 }
 _PARAM_RE = re.compile(r"^(rank|tail-lr|shared-lr|tracker|reestimate)-([0-9]+(?:\.[0-9]+)?)$")
 
@@ -54,12 +58,15 @@ def variant_overrides(name: str) -> dict[str, Any]:
     m = _PARAM_RE.match(name)
     if m:
         kind, raw = m.groups()
+        key = _PARAM_VARIANTS[kind]
+        try:  # the value as the field declares it: rank-4.5 is an error, not rank 4
+            value = parse_setting(key, raw)
+        except UserError as e:
+            raise UserError(f"compare variant {name!r}: {e}") from None
         if kind == "reestimate":
             # A basis from gradients, re-estimated every K steps, tails projected against it.
             return {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.shared_form": "lowrank",
-                    "sdmoe.basis_source": "gradients", "sdmoe.reestimate_every": int(float(raw))}
-        key, typ = _PARAM_VARIANTS[kind]
-        value = typ(float(raw)) if typ is int else typ(raw)
+                    "sdmoe.basis_source": "gradients", key: value}
         return {"method": "sd-moe", key: value}
     known = ", ".join(list(FIXED_VARIANTS) + ["rank-<r>", "tail-lr-<m>", "shared-lr-<m>", "tracker-<n>",
                                               "reestimate-<k>"])
@@ -73,22 +80,22 @@ def fmt_mult(m: float) -> str:
 
 @dataclass
 class CompareConfig:
-    preset: str = "demo"  # the train preset every run starts from
-    styles: list[str] = field(default_factory=lambda: ["qwen2_moe", "deepseek_v3"])
-    seeds: int = 3
-    variants: list[str] = field(default_factory=lambda: ["baseline", "sd-moe", "control"])
+    preset: PresetName = setting("demo", label="train preset")  # the train preset every run starts from
+    styles: list[Style] = setting(["qwen2_moe", "deepseek_v3"], min_len=1, unique=True, label="model style")
+    seeds: int = setting(3, ge=1)
+    variants: list[str] = setting(["baseline", "sd-moe", "control"], min_len=1)
     # Multiples of the preset's (tuned) rate: 0.5 shows the baseline is tuned, 4 tests "stable up to 4x".
-    lr_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
-    lr_sweep_styles: int = 1  # how many styles (first N) get the LR sweep; 0 = none
-    lr_sweep_seeds: int = 1  # how many seeds (first N) get the LR sweep
-    lr_sweep_variants: list[str] = field(default_factory=lambda: ["baseline", "sd-moe"])
-    rank_sweep: list[int] = field(default_factory=list)  # -> variants rank-<r>
-    ablations: list[str] = field(default_factory=list)  # further variant names, at lr 1x
-    ablation_styles: int = 0  # how many styles get the rank sweep / ablations; 0 = all
-    ablation_seeds: int = 0  # how many seeds; 0 = all
-    steps: int = 0  # 0 = the preset's loop.steps
-    overrides: list[str] = field(default_factory=list)  # "key=value" applied to every run (e.g. loop.threads=2)
-    text: list[str] = field(default_factory=list)  # user text (data.text); empty = bundled corpora
+    lr_multipliers: list[float] = setting([0.5, 1.0, 2.0, 4.0], gt=0, min_len=1)
+    lr_sweep_styles: int = setting(1, ge=0, note="0 = none")  # how many styles (first N) get the LR sweep
+    lr_sweep_seeds: int = setting(1, ge=0, note="0 = none")  # how many seeds (first N) get the LR sweep
+    lr_sweep_variants: list[str] = setting(["baseline", "sd-moe"])
+    rank_sweep: list[int] = setting([], ge=1)  # -> variants rank-<r>
+    ablations: list[str] = setting([])  # further variant names, at lr 1x
+    ablation_styles: int = setting(0, ge=0, note="0 = all")  # how many styles get the rank sweep / ablations
+    ablation_seeds: int = setting(0, ge=0, note="0 = all")  # how many seeds
+    steps: int = setting(0, ge=0, note="0 = the preset's loop.steps")
+    overrides: list[str] = setting([])  # "key=value" applied to every run (e.g. loop.threads=2)
+    text: list[str] = setting([])  # user text (data.text); empty = bundled corpora
     analyze: bool = True  # post-hoc routing analysis of each final model (expert load, domain MI)
     rerun_baseline: bool = True  # train the first style's baseline seed 0 twice: the same-seed noise
 
@@ -101,34 +108,20 @@ class CompareConfig:
         unknown = set(raw) - names
         if unknown:
             raise UserError(f"unknown compare setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-        return cls(**raw)
+        cfg = cls()
+        for key, value in raw.items():  # each value converted to its declared type and range-checked
+            assign(cfg, key, value)
+        return cfg
 
     def validate(self) -> "CompareConfig":
-        from sdmoe.models import STYLES
-        from sdmoe.train.config import PRESETS
-
-        if self.preset not in PRESETS:
-            raise UserError(f"unknown train preset {self.preset!r} for compare; choose one of {', '.join(PRESETS)}")
-        if not self.styles:
-            raise UserError("compare needs at least one model style, e.g. --styles qwen2_moe")
-        for s in self.styles:
-            if s not in STYLES:
-                raise UserError(f"unknown model style {s!r}; choose from {', '.join(STYLES)}")
-        if not isinstance(self.seeds, int) or self.seeds < 1:
-            raise UserError(f"compare seeds must be a positive integer, got {self.seeds!r}")
+        """Every field against its declaration (prefix "compare"), then the rules between fields."""
+        check_tree(self, "compare")
         if "baseline" not in self.variants:
             raise UserError("compare variants must include 'baseline': every difference is measured against it")
         for v in list(self.variants) + list(self.ablations) + list(self.lr_sweep_variants):
             variant_overrides(v)
-        for r in self.rank_sweep:
-            if not isinstance(r, int) or r < 1:
-                raise UserError(f"rank_sweep holds {r!r}; ranks are positive integers (1..d-1)")
-        if not self.lr_multipliers or any(not isinstance(m, (int, float)) or m <= 0 for m in self.lr_multipliers):
-            raise UserError(f"lr_multipliers must be positive numbers, got {self.lr_multipliers!r}")
-        if 1 not in [float(m) for m in self.lr_multipliers]:
+        if 1.0 not in self.lr_multipliers:
             raise UserError("lr_multipliers must include 1 (the tuned rate every other rate is relative to)")
-        if self.steps < 0:
-            raise UserError(f"compare steps must be >= 0 (0 = the preset's), got {self.steps}")
         for item in self.overrides:
             if "=" not in item:
                 raise UserError(f"compare override {item!r} is not key=value (e.g. loop.threads=2)")
@@ -179,8 +172,6 @@ class RunSpec:
 
     def run_config(self, cfg: CompareConfig | None = None):
         """The RunConfig of this run: the preset, the compare's own overrides, then this run's."""
-        from sdmoe.train.config import apply_overrides, preset, set_value
-
         cfg = cfg or CompareConfig()
         rc = preset(cfg.preset)
         apply_overrides(rc, list(cfg.overrides))
@@ -211,9 +202,8 @@ def plan(cfg: CompareConfig) -> list[RunSpec]:
     LR sweep: `lr_sweep_variants` at every other multiplier, on the first
     `lr_sweep_styles` styles and `lr_sweep_seeds` seeds. Ablations (rank sweep
     + named ablations) at 1x on the first `ablation_styles` / `ablation_seeds`.
+    Every run's config is validated here, before a compare trains (or writes) anything.
     """
-    from sdmoe.train.config import apply_overrides, preset
-
     cfg.validate()
     base = apply_overrides(preset(cfg.preset), list(cfg.overrides))
     base_lr = base.optim.lr
@@ -245,4 +235,9 @@ def plan(cfg: CompareConfig) -> list[RunSpec]:
                 add(style, "baseline", seed, 1.0)  # every ablation has its paired baseline
                 for variant in ablations:
                     add(style, variant, seed, 1.0)
+    for spec in specs:
+        try:
+            validate(spec.run_config(cfg))
+        except UserError as e:
+            raise UserError(f"compare run {spec.run_id}: {e}") from None
     return specs

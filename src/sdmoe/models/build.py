@@ -1,14 +1,13 @@
 """Small MoE language models built from transformers' own classes.
 
-One `ModelConfig` describes a model in the terms the paper uses (d, f, E,
-top-k); `to_hf_config` translates it into each architecture's own config so
+One `ModelConfig` (`sdmoe.models.config`) describes a model in the terms the
+paper uses (d, f, E, top-k); `to_hf_config` translates it into each architecture's own config so
 the model that trains is exactly the transformers class a user already runs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -18,66 +17,10 @@ from transformers import (
     PreTrainedModel,
 )
 
-from sdmoe.errors import UserError
+from sdmoe.models.config import EXPERTS_IMPLEMENTATIONS, STYLES, ModelConfig, validate
 
-# Architectures whose MoE blocks we know and test; the first two are the
-# defaults of `compare` (softmax router + gated shared expert; sigmoid router
-# with score-correction bias + fine-grained shared experts).
-STYLES = ("qwen2_moe", "deepseek_v3", "qwen3_moe", "deepseek_v2", "olmoe", "mixtral")
-EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
-
-
-@dataclass
-class ModelConfig:
-    style: str = "qwen3_moe"
-    hidden_size: int = 128  # d
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 0  # 0 -> same as num_heads
-    num_experts: int = 8  # E routed experts
-    top_k: int = 2
-    expert_ffn: int = 128  # f, each routed expert's intermediate width
-    shared_expert_ffn: int = 0  # 0 -> expert_ffn; only styles with shared experts use it
-    max_seq_len: int = 512
-    aux_loss_coef: float = 0.01  # the host model's own load-balancing loss
-    init_std: float = 0.02
-    tie_embeddings: bool = False
-    # transformers' expert kernel: "eager" (a loop over the experts a batch hits),
-    # "batched_mm" or "grouped_mm"; SD-MoE runs unchanged on each (benchmarks/bench_experts.py).
-    experts_implementation: str = "eager"
-
-
-def validate(cfg: ModelConfig, vocab_size: int) -> None:
-    """Reject configs that cannot build, with the fix in the message."""
-    if cfg.style not in STYLES:
-        raise UserError(f"unknown model style {cfg.style!r}; choose one of {', '.join(STYLES)}")
-    for name in ("hidden_size", "num_layers", "num_heads", "num_experts", "top_k", "expert_ffn"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"model.{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.top_k > cfg.num_experts:
-        raise UserError(
-            f"model.top_k={cfg.top_k} exceeds model.num_experts={cfg.num_experts}; "
-            "set model.top_k <= model.num_experts"
-        )
-    if cfg.hidden_size % cfg.num_heads:
-        raise UserError(
-            f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}; "
-            "pick a head count that divides the hidden size"
-        )
-    kv = cfg.num_kv_heads or cfg.num_heads
-    if cfg.num_heads % kv:
-        raise UserError(f"model.num_heads={cfg.num_heads} is not divisible by model.num_kv_heads={kv}")
-    if (cfg.hidden_size // cfg.num_heads) % 2:
-        raise UserError(
-            f"head size {cfg.hidden_size // cfg.num_heads} is odd; rotary embeddings need an even head size"
-        )
-    if cfg.style.startswith("deepseek") and cfg.num_experts % 2:
-        raise UserError("deepseek styles route within expert groups; use an even model.num_experts")
-    if cfg.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
-        raise UserError(f"unknown model.experts_implementation {cfg.experts_implementation!r}; "
-                        f"choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
-    if vocab_size < 16:
-        raise UserError(f"vocab size {vocab_size} is too small for a language model; use at least 256")
+__all__ = ["EXPERTS_IMPLEMENTATIONS", "STYLES", "ModelConfig", "build_model", "count_parameters", "to_hf_config",
+           "unigram_baseline_nats", "validate"]
 
 
 def to_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:

@@ -1,61 +1,85 @@
 """One run's whole configuration: presets, config files and `--set key=value`.
 
-A run is a tree of dataclasses (model, data, optim, loop, method). Presets are
+A run is a tree of dataclasses (model, data, optim, loop, sdmoe). Presets are
 plain instances; a JSON config file or `--set section.key=value` overrides any
-leaf. Unknown keys and values of the wrong type are user errors.
+leaf. Every field declares its type, its range and whether a resume may change
+it next to its default (`sdmoe.config_fields`): values are converted and checked
+against that one declaration when they are set, and `validate` checks the whole
+tree (however it was built) plus the rules between fields, before anything is
+written. Imports no torch: `sdmoe train --help` and a bad value cost no torch import.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from sdmoe.data import DataConfig
+from sdmoe.config_fields import assign, check_tree, parse_value, setting
+from sdmoe.data.config import DataConfig
 from sdmoe.errors import UserError
-from sdmoe.method import SDMoEConfig
-from sdmoe.models import ModelConfig
-from sdmoe.models.build import validate as validate_model
+from sdmoe.method.config import SDMoEConfig
+from sdmoe.models.config import ModelConfig
+from sdmoe.models.config import validate as validate_model
+
+Method = Literal["baseline", "sd-moe"]
+NanPolicy = Literal["stop", "skip"]
+Parallel = Literal["ddp", "fsdp"]
+PresetName = Literal["tiny", "demo", "small"]
+METHODS = get_args(Method)
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+# A config file is a few hundred bytes; reading is bounded so a wrong path (a huge file) fails fast.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    lr: float = setting(3e-3, gt=0)
+    weight_decay: float = setting(0.1, ge=0)
+    betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)
+    eps: float = setting(1e-8, gt=0)
+    # max gradient norm; > 0 (torch's clip_grad_norm_ scales by max_norm / norm: 0 would zero
+    # every gradient, a negative value reverse it). No clipping: a large value such as 1e9.
+    grad_clip: float = setting(1.0, gt=0)
+    warmup_steps: int = setting(20, ge=0)
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     # DeepSeek-style aux-loss-free balancing: bias += rate * sign(mean load - load).
-    bias_update_rate: float = 1e-3
+    bias_update_rate: float = setting(1e-3, ge=0, note="0 = off")
 
 
+# `resume="any"`: the setting changes what is logged, evaluated or kept, never the numbers of
+# training (evaluation and the monitor run under no_grad, count no router load, draw no
+# random numbers), so a resume may change it. loop.steps may grow: see prepare_out_dir.
 @dataclass
 class LoopConfig:
-    steps: int = 300
-    eval_every: int = 50
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    monitor_every: int = 50  # spectral monitor (parameter / gradient overlap); 0 = off
-    monitor_rank: int = 8
-    seed: int = 0
-    threads: int = 0  # torch threads; 0 = leave PyTorch's default
+    steps: int = setting(300, ge=1, resume="grow")
+    eval_every: int = setting(50, ge=1, resume="any")
+    log_every: int = setting(10, ge=1, resume="any")
+    checkpoint_every: int = setting(100, ge=1, resume="any")
+    keep_checkpoints: int = setting(2, ge=1, resume="any")
+    # spectral monitor (parameter / gradient overlap)
+    monitor_every: int = setting(50, ge=0, note="0 = off", resume="any")
+    monitor_rank: int = setting(8, ge=1, resume="any")
+    seed: int = setting(0, ge=0, le=MAX_SEED)
+    # torch threads; a resume may change it (float sums may then differ in the last bits)
+    threads: int = setting(0, ge=0, le=MAX_THREADS, note="0 = PyTorch's default", resume="any")
     bf16: bool = False  # bf16 autocast for forward/backward
     deterministic: bool = True
-    nan_policy: str = "stop"  # "stop" | "skip": what a NaN/Inf loss or gradient does
+    # what a NaN/Inf loss or gradient does; a resume may change it (it acts only at such a step)
+    nan_policy: NanPolicy = setting("stop", resume="any")
     # under torchrun: "ddp" (replicate the model) or "fsdp" (FSDP2: shard every decoder layer;
     # SD-MoE then splits at step 0, before sharding). Ignored in a single process.
-    parallel: str = "ddp"
+    parallel: Parallel = "ddp"
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    method: str = "baseline"  # "baseline" | "sd-moe"
+    name: str = setting("run", resume="any")  # the progress bar's label and the default --out
+    method: Method = "baseline"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -64,9 +88,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-METHODS = ("baseline", "sd-moe")
 
 
 def _preset_tiny() -> RunConfig:
@@ -107,74 +128,24 @@ def _preset_small() -> RunConfig:
     )
 
 
-PRESETS = {"tiny": _preset_tiny, "demo": _preset_demo, "small": _preset_small}
+PRESETS = {"tiny": _preset_tiny, "demo": _preset_demo, "small": _preset_small}  # the names of PresetName
 
 
 def preset(name: str) -> RunConfig:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Convert a config-file or command-line value to the type of the default."""
-    if isinstance(value, str) and not isinstance(current, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            # Let bare words through for typed errors below (e.g. lr=fast).
-            pass
-    if isinstance(current, bool):
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise UserError(f"{key} takes true or false, got {value!r}")
-        return value
-    if isinstance(current, int) and not isinstance(current, bool):
-        if isinstance(value, list) and key.endswith("rank"):
-            return [int(v) for v in value]
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserError(f"{key} takes an integer, got {value!r}")
-        return value
-    if isinstance(current, float):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise UserError(f"{key} takes a number, got {value!r}")
-        return float(value)
-    if isinstance(current, (tuple, list)):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key} takes a list (comma-separated or JSON), got {value!r}")
-        return type(current)(value)
-    if isinstance(current, str) and not isinstance(value, str):
-        raise UserError(f"{key} takes a string, got {value!r}")
-    return value
-
-
 def set_value(cfg: RunConfig, key: str, value: Any) -> None:
-    """Set a dotted key (`model.hidden_size`) on the config tree."""
-    node: Any = cfg
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(node)]
-        if part not in names:
-            where = ".".join(parts[:i]) or "the top level"
-            raise UserError(f"unknown config key {key!r}: {where} has {', '.join(names)}")
-        if i == len(parts) - 1:
-            current = getattr(node, part)
-            if dataclasses.is_dataclass(current):
-                if not isinstance(value, dict):
-                    raise UserError(f"{key} is a section; set its keys, e.g. {key}.{names[0]}=...")
-                for k, v in value.items():
-                    set_value(cfg, f"{key}.{k}", v)
-            else:
-                setattr(node, part, _coerce(value, current, key))
-        else:
-            node = getattr(node, part)
-            if not dataclasses.is_dataclass(node):
-                raise UserError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+    """Set a dotted key (`model.hidden_size`) on the config tree, converted to its declared
+    type and checked against its declared range; a dict for a section sets its keys."""
+    assign(cfg, key, value)
+
+
+def parse_setting(key: str, value: Any) -> Any:
+    """The value `set_value` would store at `key`, checked the same way, without a config."""
+    return parse_value(RunConfig, key, value)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -186,18 +157,50 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return cfg
 
 
+def _read_config_text(p: Path) -> str:
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise UserError(f"config file {p} does not exist; pass a JSON file (see `sdmoe train --help`)") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {p} ({e.strerror}); pass a readable JSON file") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"config file {p} is a directory; pass a JSON file inside it")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise UserError(f"config file {p} is not a regular file; pass a JSON file")
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"cannot read config file {p} ({e.strerror}); pass a readable JSON file") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {p} is larger than {MAX_CONFIG_BYTES >> 20} MiB, too large for a config; "
+                        "pass the small JSON file of sections")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {p} is not valid JSON ({e}); save it as UTF-8 text") from None
+
+
 def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     """A JSON file of nested sections; `"preset": "demo"` at the top picks the base."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist; pass a JSON file (see `sdmoe train --help`)")
+    text = _read_config_text(p)
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = json.loads(text)
+    except RecursionError:
+        raise UserError(f"config file {p} nests too deeply to be a config; it holds sections of values") from None
+    except ValueError as e:  # JSONDecodeError, or an integer with more digits than Python converts
         raise UserError(f"config file {p} is not valid JSON ({e}); fix the syntax") from None
     if not isinstance(raw, dict):
-        raise UserError(f"config file {p} must hold a JSON object of sections")
-    cfg = preset(raw.pop("preset")) if "preset" in raw else (base or RunConfig())
+        raise UserError(f"config file {p} must hold a JSON object of sections, got a {type(raw).__name__}")
+    if "preset" in raw:
+        name = raw.pop("preset")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise UserError(f"config file {p}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        cfg = preset(name)
+    else:
+        cfg = base or RunConfig()
     for key, value in raw.items():
         set_value(cfg, key, value)
     return cfg
@@ -212,16 +215,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if cfg.loop.steps <= 0:
-        raise UserError(f"loop.steps must be positive, got {cfg.loop.steps}")
-    if cfg.optim.lr <= 0:
-        raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")
-    if cfg.loop.nan_policy not in ("stop", "skip"):
-        raise UserError(f"loop.nan_policy must be stop or skip, got {cfg.loop.nan_policy!r}")
-    if cfg.loop.parallel not in ("ddp", "fsdp"):
-        raise UserError(f"loop.parallel must be ddp or fsdp, got {cfg.loop.parallel!r}")
+    """Every field against its declaration, then the rules between fields; raises a one-line UserError."""
+    check_tree(cfg)  # types, ranges, choices, finite numbers: also of values set in code or by a flag
     if cfg.loop.parallel == "fsdp" and cfg.method == "sd-moe":
         if cfg.sdmoe.split_step != 0:  # FSDP2 shards the split model; a later split would replace sharded parameters
             raise UserError(f"loop.parallel=fsdp needs the SD-MoE split before sharding: set sdmoe.split_step=0 "
@@ -229,13 +224,10 @@ def validate(cfg: RunConfig) -> None:
         if cfg.sdmoe.reestimate_every:
             raise UserError("loop.parallel=fsdp cannot re-estimate U during training: set sdmoe.reestimate_every=0, "
                             "or use loop.parallel=ddp")
-    for name in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if getattr(cfg.loop, name) <= 0:
-            raise UserError(f"loop.{name} must be positive, got {getattr(cfg.loop, name)}")
     # Model shape errors surface before any data is read or directory written.
     validate_model(cfg.model, cfg.data.vocab_size)
     if cfg.method == "sd-moe":
-        # So do SD-MoE errors (unknown basis source, rank out of range), not after the run dir exists.
+        # So do SD-MoE errors (rank out of range for d), not after the run dir exists.
         cfg.sdmoe.validate()
         cfg.sdmoe.resolve_ranks(cfg.model.hidden_size, cfg.model.num_layers)
         if cfg.sdmoe.split_step >= cfg.loop.steps:

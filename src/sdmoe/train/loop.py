@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdmoe.analysis.monitor import spectral_snapshot
+from sdmoe.config_fields import changed_settings, show
 from sdmoe.data import prepare_dataset
 from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
@@ -77,17 +78,28 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
     if resume:
         if not run_file.is_file():
             raise UserError(f"nothing to resume in {out}: it holds no run.json; drop --resume to start a new run")
-        saved = json.loads(run_file.read_text(encoding="utf-8"))
-        mine = cfg.to_dict()
-        # Only the length of the run and its logging may change on resume.
-        for section in ("model", "data", "optim", "sdmoe"):
-            if saved["config"].get(section) != _jsonable(mine[section]):
-                raise UserError(
-                    f"--resume with a different {section} config than the run in {out}; "
-                    "resume with the same preset/--set values or start a new --out"
-                )
-        if saved["config"].get("method") != cfg.method:
-            raise UserError(f"--resume with method {cfg.method!r} but {out} holds a {saved['config']['method']!r} run")
+        try:
+            saved = json.loads(run_file.read_text(encoding="utf-8"))["config"]
+            method = saved["method"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{run_file} is unreadable or corrupt ({type(e).__name__}); it records the run's "
+                            "settings: restore it, or start a new run in another --out") from None
+        if method != cfg.method:
+            raise UserError(f"--resume with method {cfg.method!r} but {out} holds a {method!r} run")
+        # A resume reproduces the interrupted run: only settings declared resume="any" (logging,
+        # evaluation, checkpoints kept, threads) may change, and loop.steps may grow ("grow").
+        for key, rule, old, new in changed_settings(saved, cfg):
+            section = key.split(".")[0] if "." in key else ""
+            if rule.resume == "any" or (section == "sdmoe" and cfg.method == "baseline"):  # a baseline ignores it
+                continue
+            if rule.resume == "grow" and isinstance(old, (int, float)) and new > old:
+                continue  # extends the run; documented in docs/reliability.md (the schedule spans the new length)
+            what = "shorten" if rule.resume == "grow" else "change"
+            raise UserError(
+                f"--resume with a different {section or 'run'} config than the run in {out}: {key}={show(new)}, "
+                f"but the run was written with {key}={show(old)}; a resume may not {what} it: resume with "
+                f"--set {key}={_as_set_value(old)}, or start a new run in another --out"
+            )
     elif out.exists() and any(out.iterdir()):
         if run_file.is_file():
             raise UserError(f"output directory {out} holds a previous run; pass --resume to continue it or choose another --out")
@@ -100,8 +112,9 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
         raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
+def _as_set_value(value: Any) -> str:
+    """`value` as `--set key=...` takes it back."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 # -- the run --------------------------------------------------------------------
