@@ -52,7 +52,7 @@ def test_train_then_generate(tmp_path, capsys):
         (["train", "--preset", "tiny", "--set", "model.num_heads=3"], "not divisible by model.num_heads"),
         (["train", "--preset", "tiny", "--set", "data.vocab_size=100"], "data.vocab_size=100 is out of range"),
         (["train", "--preset", "tiny", "--text", "/nonexistent/corpus"], "/nonexistent/corpus"),
-        (["generate", "/nonexistent/model"], "is not a directory"),
+        (["generate", "/nonexistent/model"], "does not exist"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, tmp_path, capsys):

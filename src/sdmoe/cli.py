@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Help)
     g.add_argument("model_dir", metavar="DIR", help="a save_pretrained directory, e.g. runs/demo-baseline-seed0/model")
     g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=60)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--max-new-tokens", type=int, default=60,
+                   help="tokens to sample, 1..4096 and within the model's context (max_position_embeddings)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; >= 0")
+    g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = no top-k cut")
     g.add_argument("--seed", type=int, default=0)
 
     a = sub.add_parser("analyze", help="measure the paper's three spectral findings on a MoE checkpoint",
@@ -189,6 +190,9 @@ def _analyze(args) -> int:
             layers = [int(x) for x in args.layers.split(",") if x.strip()]
         except ValueError:
             raise UserError(f"--layers takes comma-separated integers, got {args.layers!r}") from None
+        if not layers:
+            raise UserError(f"--layers {args.layers!r} names no layer; pass MoE layer indices such as 0,1 "
+                            "(or leave --layers out for all)")
     result = analyze_path(args.path, text=args.text or None, layers=layers, rank=args.rank, out=args.out,
                           n_batches=args.batches, seq_len=args.seq_len, batch_size=args.batch_size, force=args.force,
                           weights_only=args.weights_only)
@@ -221,13 +225,10 @@ def _evaluate(args) -> int:
     import json
     from pathlib import Path
 
-    from sdmoe.eval.tasks import build_tasks, score_with_harness
+    from sdmoe.eval.tasks import evaluate_model
     from sdmoe.files import write_json_atomic
 
-    model_dir = Path(args.model_dir)
-    tasks_dir = Path(args.tasks_dir or model_dir.parent / "eval-tasks")
-    build_tasks(tasks_dir, text=args.text or None)
-    scores = score_with_harness(model_dir, tasks_dir, limit=args.limit)
+    scores = evaluate_model(args.model_dir, text=args.text or None, tasks_dir=args.tasks_dir, limit=args.limit)
     if args.out:
         write_json_atomic(Path(args.out), scores)
     print(json.dumps(scores, indent=1))

@@ -14,8 +14,8 @@ import json, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 path = sys.argv[1]
-tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path).eval()
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False).eval()
 ids = tok("the quick brown fox", return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
 with torch.no_grad():

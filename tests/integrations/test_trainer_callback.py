@@ -109,7 +109,7 @@ def test_trainer_splits_schedules_clips_and_exports(tmp_path):
     SDMoECallback.export(trainer.model)
     assert not any("sdmoe" in n for n, _ in trainer.model.named_parameters())
     trainer.model.save_pretrained(tmp_path / "export")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=False).eval()
     with torch.no_grad():
         after = plain(input_ids=ids).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

@@ -76,7 +76,7 @@ from transformers import AutoModelForCausalLM
 assert "sdmoe" not in sys.modules
 jobs = json.load(open(sys.argv[1]))
 for job in jobs:
-    model = AutoModelForCausalLM.from_pretrained(job["dir"])
+    model = AutoModelForCausalLM.from_pretrained(job["dir"], trust_remote_code=False)
     model.eval()
     ids = torch.tensor(job["ids"])
     with torch.no_grad():

@@ -57,7 +57,7 @@ def world(tmp_path_factory, tiny_dataset):
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(dense)
-    AutoTokenizer.from_pretrained(good).save_pretrained(dense)
+    AutoTokenizer.from_pretrained(good, trust_remote_code=False).save_pretrained(dense)
 
     text = root / "text"
     text.mkdir()

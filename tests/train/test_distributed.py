@@ -72,7 +72,7 @@ def test_fsdp2_training_matches_single_process_resumes_and_exports(tmp_path):
     # The final model is the whole, exported model: plain transformers loads it, and it computes
     # what the one-process model computes (up to the per-slice balance loss's effect on training).
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits = [AutoModelForCausalLM.from_pretrained(d / "model")(input_ids=ids).logits for d in (single, two)]
+    logits = [AutoModelForCausalLM.from_pretrained(d / "model", trust_remote_code=False)(input_ids=ids).logits for d in (single, two)]
     assert not any(".sdmoe." in k for k in _safetensors_keys(two / "model"))
     assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[0].abs().max()
     # An FSDP2 checkpoint holds the optimizer state by parameter name: it resumes only under FSDP2.

@@ -24,7 +24,7 @@ def test_training_learns_and_saves_a_loadable_model(tmp_path, tiny_config, tiny_
     losses = _losses(tmp_path / "run")
     assert losses[20] < losses[5]
     assert result.val_loss["mean"] < torch.log(torch.tensor(512.0)).item()
-    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir, trust_remote_code=False)
     assert model.config.model_type == tiny_config.model.style
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "done"
 

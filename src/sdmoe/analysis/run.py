@@ -36,7 +36,7 @@ from sdmoe.analysis.parameters import ProjectionFindings, check_rank, parameter_
 from sdmoe.errors import UserError
 from sdmoe.files import json_safe
 from sdmoe.moe import find_moe_blocks
-from sdmoe.moe.checkpoint import ExpertCheckpoint, weights_of_block
+from sdmoe.moe.checkpoint import ExpertCheckpoint, check_model_dir, weights_of_block
 
 RESULT_FILE = "analysis.json"
 COSINE_TOKENS = 256  # tokens each expert is run on for the output-similarity matrix
@@ -294,7 +294,13 @@ def analyze_path(
     for name, v in (("n_batches", n_batches), ("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "seq_len" else 1):
             raise UserError(f"{name}={v!r} is invalid; pass a positive integer{' >= 2' if name == 'seq_len' else ''}")
-    ckpt = ExpertCheckpoint(path)
+    if layers is not None and not list(layers):
+        raise UserError("layers=[] names no layer; pass MoE layer indices, or None for all")
+    ckpt = ExpertCheckpoint(path)  # reads JSON and safetensors headers only: runs no checkpoint code
+    if not weights_only:
+        # Everything the model load later needs (no custom code, a known model type, tokenizer
+        # files), checked before minutes of parameter spectra rather than after.
+        check_model_dir(path)
     d = ckpt.hidden_size
     _validate_rank(rank, d)
     if layers is not None:

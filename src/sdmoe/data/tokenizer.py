@@ -133,7 +133,7 @@ def load_or_train_tokenizer(
     root = Path(cache_dir).expanduser() / "tokenizers"
     final = root / tokenizer_cache_key(split, vocab_size)
     if (final / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(final))
+        return PreTrainedTokenizerFast.from_pretrained(str(final), trust_remote_code=False)  # run no code
     texts = [t for d in split.domains for t in split.train[d]]
     tokenizer = train_tokenizer(texts, vocab_size)
     root.mkdir(parents=True, exist_ok=True)

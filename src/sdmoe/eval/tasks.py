@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmoe.errors import UserError
+from sdmoe.moe.checkpoint import check_model_dir
 
 TASK_PREFIX = "sdmoe"
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'\-]*[A-Za-z]$")
@@ -183,21 +184,19 @@ def task_names(tasks_dir: str | Path) -> list[str]:
 def score_with_harness(model_dir: str | Path, tasks_dir: str | Path, tasks: list[str] | None = None,
                        limit: int | float | None = None, batch_size: int = 8, device: str = "cpu") -> dict[str, dict]:
     """Run lm-evaluation-harness on a `save_pretrained` directory -> {task: {metric: value}}."""
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise UserError('lm-evaluation-harness is not installed; install the eval extra: '
-                        'pip install "sdmoe[eval]" (lm_eval==0.4.13 + accelerate)') from None
-    model_dir, tasks_dir = Path(model_dir), Path(tasks_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir} has no config.json; pass a model directory written by save_pretrained")
+    _require_harness()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model_dir, tasks_dir = Path(model_dir).expanduser(), Path(tasks_dir)
+    check_model_dir(model_dir)  # no custom code, known model type, tokenizer files: before the harness loads it
     names = tasks or task_names(tasks_dir)
     if not names:
         raise UserError(f"{tasks_dir} holds no task YAMLs; build them first (sdmoe.eval.tasks.build_tasks)")
     results = lm_eval.simple_evaluate(
         model="hf",
-        model_args=f"pretrained={model_dir.resolve()},dtype=float32",
+        # a dict, not "k=v,..." text: a comma in the path cannot split it; never the checkpoint's own code
+        model_args={"pretrained": str(model_dir.resolve()), "dtype": "float32", "trust_remote_code": False},
         tasks=list(names),
         task_manager=TaskManager(include_path=str(tasks_dir.resolve()), include_defaults=False),
         batch_size=batch_size,
@@ -211,3 +210,27 @@ def score_with_harness(model_dir: str | Path, tasks_dir: str | Path, tasks: list
         out[task] = {k.split(",")[0]: v for k, v in metrics.items()
                      if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k}
     return out
+
+
+def _require_harness() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError('lm-evaluation-harness is not installed; install the eval extra: '
+                        'pip install "sdmoe[eval]" (lm_eval==0.4.13 + accelerate)') from None
+
+
+def evaluate_model(model_dir: str | Path, text: list[str] | None = None, tasks_dir: str | Path | None = None,
+                   limit: int | None = None) -> dict[str, dict]:
+    """`sdmoe evaluate`: build the tasks (default MODEL_DIR/../eval-tasks), then score MODEL_DIR with the harness.
+
+    The model directory and the harness are checked first: a bad MODEL_DIR creates no files.
+    """
+    model_dir = Path(model_dir).expanduser()
+    check_model_dir(model_dir)
+    _require_harness()
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise UserError(f"--limit must be a positive number of examples per task, got {limit}")
+    tasks_dir = Path(tasks_dir) if tasks_dir else model_dir.parent / "eval-tasks"
+    build_tasks(tasks_dir, text=text)
+    return score_with_harness(model_dir, tasks_dir, limit=limit)

@@ -5,7 +5,8 @@ function-preserving; "shared" measures its change on `reference_batch`).
 `export(model)` writes every W_i back into the host model's own parameters,
 folds a residual router into the router weight, and removes every SD-MoE
 module, parametrization and hook: a vanilla transformers install loads the
-saved model and computes the same logits.
+saved model and computes the same logits. It also turns the KV cache on
+(`with_kv_cache`): the exported model is for saving and generating.
 """
 
 from __future__ import annotations
@@ -41,4 +42,17 @@ def export(model: nn.Module) -> nn.Module:
             fold(router, state.router_basis)
         uninstall(block)
     remove_hooks(model)
+    return with_kv_cache(model)
+
+
+def with_kv_cache(model: nn.Module) -> nn.Module:
+    """In place: `use_cache=True` in the model's config and generation config, so the saved model generates fast.
+
+    Models are built for training with `use_cache=False` (a training forward has no use for a KV
+    cache). A saved model is for inference, where `false` in config.json / generation_config.json
+    makes `generate` recompute the whole prefix for every token, in sdmoe and plain transformers alike.
+    """
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            cfg.use_cache = True
     return model

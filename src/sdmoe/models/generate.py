@@ -2,38 +2,52 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdmoe.errors import UserError
+from sdmoe.moe.checkpoint import check_model_dir
 
-# Files one of which a saved tokenizer always has (fast, sentencepiece, BPE vocab).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# Bounds of --max-new-tokens: a typo like 10**9 fails at once, not after hours of sampling.
+MAX_NEW_TOKENS = 4096
 
 
 def load_pretrained(path: str | Path):
-    """Model and tokenizer from a local `save_pretrained` directory, with one-line errors."""
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"{p} is not a directory; pass a model directory such as runs/demo/model")
-    if not (p / "config.json").is_file():
-        hint = " (the trained model is in its model/ subdirectory)" if (p / "model" / "config.json").is_file() else ""
-        raise UserError(f"{p} has no config.json{hint}; pass a directory written by save_pretrained")
-    # transformers 5 builds an EMPTY tokenizer from config.json alone; without its files, say so.
-    if not any((p / f).is_file() for f in TOKENIZER_FILES):
-        raise UserError(f"{p} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                        "save the tokenizer beside the model (tokenizer.save_pretrained)")
+    """Model and tokenizer from a local `save_pretrained` directory, with one-line errors.
+
+    The directory is checked before transformers reads it (`check_model_dir`: no custom code, a
+    known model type, tokenizer files), and trust_remote_code=False is passed as well, so no
+    checkpoint's Python ever runs and transformers never asks on stdin whether to run it.
+    """
+    p = Path(path).expanduser()
+    check_model_dir(p)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(p)
+        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         raise UserError(f"cannot load a tokenizer from {p} ({type(e).__name__}); save the tokenizer beside the model") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load the model in {p} ({type(e).__name__}: {str(e)[:120]}); check the weights are complete") from None
     return model.eval(), tokenizer
+
+
+def check_generate_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> None:
+    """The sampling arguments' ranges, checked before any model is loaded."""
+    if isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be >= 0 and finite (0 = greedy), got {temperature}")
+    if isinstance(top_k, bool) or top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = no top-k cut), got {top_k}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
+        raise UserError(f"--prompt is not valid UTF-8 (at character {e.start}); pass UTF-8 text") from None
 
 
 @torch.no_grad()
@@ -44,13 +58,23 @@ def generate_text(
     temperature: float = 0.8,
     top_k: int = 50,
     seed: int = 0,
+    *,
+    use_cache: bool = True,
 ) -> str:
-    if max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    """Continue `prompt` (temperature 0: greedy; top_k 0: no top-k cut) with the KV cache.
+
+    `use_cache=True` is passed explicitly: models saved before sdmoe wrote `use_cache: true`
+    carry `false` in their configs, and would recompute the whole prefix for every token.
+    """
+    check_generate_args(prompt, max_new_tokens, temperature, top_k)
     model, tokenizer = load_pretrained(path)
     ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and ids.shape[1] + max_new_tokens > context:
+        raise UserError(
+            f"the prompt's {ids.shape[1]} tokens plus --max-new-tokens {max_new_tokens} exceed the model's context of "
+            f"{context} tokens (max_position_embeddings); pass --max-new-tokens {max(1, context - ids.shape[1])} or less"
+        )
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(
@@ -60,5 +84,6 @@ def generate_text(
         temperature=temperature if sample else None,
         top_k=top_k if sample else None,
         pad_token_id=tokenizer.eos_token_id,
+        use_cache=use_cache,
     )
     return tokenizer.decode(out[0], skip_special_tokens=True)

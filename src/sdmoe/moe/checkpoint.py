@@ -40,6 +40,111 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 # canonical role of each per-expert projection name
 _ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 _ROUTER_NAMES = ("gate.weight", "router.weight")
+# Files one of which a saved tokenizer always has (fast, sentencepiece, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# Where a transformers checkpoint can name Python modules of its own (`auto_map`).
+CODE_MAP_FILES = ("config.json", "tokenizer_config.json")
+# dtypes torch.isfinite handles on every backend (float8 kinds it may not)
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def read_json_object(file: Path) -> dict:
+    """A checkpoint's JSON file as a dict, or a one-line error saying it is damaged."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
+    except OSError as e:
+        raise UserError(f"cannot read {file} ({e.strerror or e}); check its permissions") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} is not a JSON object; re-download or re-save the checkpoint")
+    return data
+
+
+def no_config_error(path: Path) -> UserError:
+    """The error for a directory without config.json: what it holds instead, and where the model is."""
+    base = f"{path} has no config.json"
+    if (path / "model" / "config.json").is_file():
+        return UserError(f"{base} (the trained model is in its model/ subdirectory); pass {path / 'model'}")
+    if (path / "state.json").is_file() and ((path / "optimizer.pt").is_file() or path.parent.name == "checkpoints"):
+        # sdmoe's own training checkpoint: runs/x/checkpoints/step_NNNNNNN (weights under SD-MoE names, no config)
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        if run is not None and (run / "model" / "config.json").is_file():
+            where = f"pass the run's final model, {run / 'model'}"
+        elif run is not None:
+            where = f"finish the run (sdmoe train --resume --out {run}) and pass its final model, {run / 'model'}"
+        else:
+            where = "pass the final model/ directory of the run it belongs to"
+        return UserError(f"{base}: it is an sdmoe training checkpoint (state.json, optimizer.pt), not a saved "
+                         f"model; {where}")
+    if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
+        return UserError(f"{base}: it is an sdmoe run without a final model yet; finish it with "
+                         f"`sdmoe train --resume --out {path}`, then pass {path / 'model'}")
+    return UserError(f"{base}; pass a transformers checkpoint directory (save_pretrained output)")
+
+
+def refuse_custom_code(path: Path, config: dict | None = None) -> None:
+    """Raise if the checkpoint names Python modules of its own: sdmoe never runs a checkpoint's code.
+
+    transformers imports the modules an `auto_map` names with trust_remote_code=True and, when
+    the flag is left unset, ASKS on stdin (a `y` runs them). We pass trust_remote_code=False
+    everywhere too, but refuse here first so the user learns why, before transformers reads anything.
+    """
+    for name in CODE_MAP_FILES:
+        file = path / name
+        if name == "config.json" and config is not None:
+            data = config
+        elif file.is_file():
+            data = read_json_object(file)
+        else:
+            continue
+        auto_map = data.get("auto_map")
+        if not auto_map:
+            continue
+        if isinstance(auto_map, dict):
+            entries = ", ".join(
+                f"{k} -> {', '.join(str(x) for x in v if x) if isinstance(v, list) else v}" for k, v in auto_map.items()
+            )
+        else:
+            entries = str(auto_map)
+        raise UserError(
+            f"{file} asks to run custom code (auto_map: {entries[:200]}); sdmoe never runs a checkpoint's code: "
+            "pass a model of a type transformers ships (deleting auto_map from the file loads it with "
+            "transformers' own classes), or use `sdmoe analyze --weights-only`, which reads only the weights"
+        )
+
+
+def check_model_dir(path: str | Path) -> dict:
+    """Every check a loader of a user's checkpoint makes BEFORE transformers reads it; returns config.json.
+
+    A directory (not a run, not a training checkpoint) with a valid config.json, no code of its
+    own (`auto_map`), a model type this transformers version knows, and tokenizer files
+    (transformers 5 builds an EMPTY tokenizer from config.json alone, which fails much later).
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p} does not exist; pass a model directory such as runs/demo/model")
+    if not p.is_dir():
+        raise UserError(f"{p} is not a directory; pass a model directory such as runs/demo/model")
+    if not (p / "config.json").is_file():
+        raise no_config_error(p)
+    config = read_json_object(p / "config.json")
+    refuse_custom_code(p, config)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise UserError(f"{p / 'config.json'} names no model_type; re-save the model with save_pretrained")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(
+            f"{p / 'config.json'} has model_type {model_type!r}, which transformers {transformers.__version__} does "
+            "not know; upgrade transformers (pip install -U transformers) or pass a model of a type it ships"
+        )
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{p} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        "save the tokenizer beside the model (tokenizer.save_pretrained)")
+    return config
 
 
 @dataclass
@@ -112,13 +217,9 @@ class ExpertCheckpoint:
             )
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
-            raise UserError(
-                f"{self.path} has no config.json; pass a transformers checkpoint directory (save_pretrained output)"
-            )
-        try:
-            self.config: dict = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{cfg_path} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
+            raise no_config_error(self.path)
+        # Read as JSON only: no transformers call, so a checkpoint's own code (auto_map) never runs here.
+        self.config: dict = read_json_object(cfg_path)
         self._handles: dict[Path, object] = {}
         self._key_file = self._index_keys()
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -184,9 +285,16 @@ class ExpertCheckpoint:
 
         file = self._key_file[key]
         try:
-            return self._open(file).get_tensor(key)
+            t = self._open(file).get_tensor(key)
         except SafetensorError as e:
             raise UserError(f"file {file} is truncated or corrupt; re-download it (safetensors: {e})") from None
+        # A NaN would surface much later as a failed eigendecomposition; name the tensor now.
+        if t.dtype in _CHECKED_DTYPES and not torch.isfinite(t).all():
+            raise UserError(
+                f"tensor {key} in {file} holds NaN or infinite values; the run that wrote it diverged or the file "
+                "is damaged: analyse an earlier checkpoint or re-download it"
+            )
+        return t
 
     # -- structure ---------------------------------------------------------
     def _find_layers(self) -> list[_LayerSpec]:

@@ -382,7 +382,13 @@ def _unsharded_model(model, cfg: RunConfig, tokenizer, controller) -> torch.nn.M
 
 
 def save_final_model(model, tokenizer, target: Path) -> Path:
-    """`save_pretrained` into a temp dir beside `target`, then rename: never half a model."""
+    """`save_pretrained` into a temp dir beside `target`, then rename: never half a model.
+
+    Training is over: the saved config turns the KV cache on (it was off for training).
+    """
+    from sdmoe.method.convert import with_kv_cache
+
+    with_kv_cache(model)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
     try:
         model.save_pretrained(tmp)
