@@ -264,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"sdmoe: error: {e}", file=sys.stderr)
+        from sdmoe.files import printable
+
+        # A path in the message may hold bytes that are not UTF-8 (surrogates): printed as \xNN, never a crash.
+        print(f"sdmoe: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdmoe: interrupted; a training run continues with --resume from its last checkpoint", file=sys.stderr)

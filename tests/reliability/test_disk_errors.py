@@ -101,3 +101,94 @@ def test_output_path_below_a_file(tmp_path, capsys):
     assert main([*TRAIN, "--out", str(blocker / "run")]) == 2
     assert "cannot write to" in _error_line(capsys)
     assert blocker.read_text() == "x"
+
+
+# -- the libraries' own exception types ---------------------------------------------
+# torch.save and safetensors do not raise OSError on a full disk: torch (writing into a
+# Python file, as checkpoints do) raises RuntimeError("... unexpected pos ...") with the
+# OSError as its context, safetensors raises SafetensorError("... (os error 28)").
+
+
+def _torch_full(*a, **k):
+    try:
+        _enospc()
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+
+def _safetensors_full(*a, **k):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("target, raiser", [("torch.save", _torch_full), ("safetensors", _safetensors_full)])
+def test_disk_full_as_the_libraries_report_it_is_one_line(target, raiser, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    m = (torch, "save") if target == "torch.save" else (ckpt, "save_file")
+    monkeypatch.setattr(*m, raiser)
+    assert main([*TRAIN, "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert "could not write checkpoint 5" in line and "(No space left on device)" in line and "--resume" in line
+    assert list((out / "checkpoints").iterdir()) == []  # the half-written .tmp-step_0000005-* is gone
+
+
+def test_disk_full_in_safetensors_while_writing_the_final_model(tmp_path, monkeypatch, capsys):
+    import transformers.modeling_utils as mu
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(mu, "safe_save_file", _safetensors_full)
+    assert main([*TRAIN, "--set", "loop.checkpoint_every=12", "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert "could not write the final model" in line and "(No space left on device)" in line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "run.json"]  # no .tmp-model-*
+
+
+def test_a_runtime_error_that_is_no_write_failure_is_not_passed_off_as_one(tmp_path, monkeypatch):
+    def bug(*a, **k):
+        raise RuntimeError("a bug, not a full disk")
+
+    monkeypatch.setattr(torch, "save", bug)
+    with pytest.raises(RuntimeError, match="a bug, not a full disk"):
+        main([*TRAIN, "--out", str(tmp_path / "run")])
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """A real tmpfs of a given size (needs root and mount permission; skipped otherwise)."""
+    import subprocess
+
+    mounted = []
+
+    def make(size: str):
+        where = tmp_path / f"tmpfs-{size}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip() or r.returncode}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+# Sizes against the tiny preset's files: a checkpoint's model.safetensors is ~270 kB and its
+# optimizer.pt ~550 kB, so 200k fails in safetensors and 600k in torch.save.
+@pytest.mark.parametrize("size", ["200k", "600k"])
+def test_a_really_full_disk_while_checkpointing(size, small_tmpfs, capsys):
+    out = small_tmpfs(size) / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert "could not write checkpoint 5" in line and "(No space left on device)" in line
+    assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_a_really_full_disk_while_writing_the_final_model(small_tmpfs, capsys):
+    # one checkpoint (~870 kB) fits in 1 MiB, the final model (~290 kB) then does not
+    out = small_tmpfs("1m") / "run"
+    args = [*TRAIN, "--set", "loop.checkpoint_every=12", "--set", "loop.keep_checkpoints=1", "--out", str(out)]
+    assert main(args) == 2
+    assert "could not write the final model" in _error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "run.json"]

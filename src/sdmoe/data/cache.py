@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from sdmoe.data.tokenizer import chunk_text
+from sdmoe.files import write_bytes_atomic
 
 # Bump when the layout of the stream changes (e.g. where separators go).
 FORMAT = "tokens-v1"
@@ -91,18 +90,6 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40] or "_"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_entry(bin_path: Path, meta_path: Path) -> np.memmap | None:
     try:
         meta = json.loads(meta_path.read_text())
@@ -143,14 +130,14 @@ def tokenize_to_cache(
         if cached is None:
             ids = encode_documents(tokenizer, docs, desc=f"tokenising {tag}/{domain}")
             # Data first, meta last: meta present means the .bin beside it is whole.
-            _atomic_write(bin_path, ids.astype(dtype).tobytes())
+            write_bytes_atomic(bin_path, ids.astype(dtype).tobytes(), fsync=False)  # a cache: re-made if lost
             meta = {
                 "format": FORMAT, "tag": tag, "domain": domain, "key": key,
                 "tokenizer_sha256": tok_hash, "dtype": dtype.name,
                 "n_tokens": int(ids.size), "n_documents": len(docs),
                 "n_chars": sum(len(d) for d in docs),
             }
-            _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+            write_bytes_atomic(meta_path, json.dumps(meta, indent=1).encode(), fsync=False)
             cached = _load_entry(bin_path, meta_path)
             assert cached is not None
         out[domain] = cached

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from sdmoe.errors import UserError
+from sdmoe.files import is_utf8_name, read_bounded, shown, stat_regular
 
 # (file in data/corpora, domain). WikiText valid + test form ONE domain: the
 # train split is not bundled, and both files are the same kind of text.
@@ -69,36 +72,83 @@ def load_bundled() -> list[Document]:
     return docs
 
 
-def _files_under(directory: Path) -> list[Path]:
-    # Sorted so the corpus (and everything keyed on it) does not depend on
-    # directory listing order; hidden files/dirs (.git, .DS_Store) are skipped.
-    return sorted(
-        p for p in directory.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
+# The most text --text may bring in, all files together: tokenizing 1 GiB on a CPU already
+# takes hours, so more is most likely a wrong path (a disk image, a log directory). Raise it
+# with the environment variable SDMOE_MAX_TEXT_BYTES when it is meant.
+MAX_TEXT_BYTES = 1 << 30
+_ONLY_TEXT = "pass regular UTF-8 text files (or directories of them) to --text"
 
 
-def _read_text(path: Path) -> str:
+def max_text_bytes() -> int:
+    """MAX_TEXT_BYTES, or the SDMOE_MAX_TEXT_BYTES environment variable when set."""
+    raw = os.environ.get("SDMOE_MAX_TEXT_BYTES")
+    if raw is None:
+        return MAX_TEXT_BYTES
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"SDMOE_MAX_TEXT_BYTES={raw!r} is not a positive number of bytes; "
+                        f"unset it (default {MAX_TEXT_BYTES}) or set e.g. SDMOE_MAX_TEXT_BYTES={2 * MAX_TEXT_BYTES}")
+    return limit
+
+
+def _files_under(directory: Path) -> list[Path]:
+    """The files to read below `directory`: regular files (symlinks to them included).
+
+    Sorted so the corpus (and everything keyed on it) does not depend on directory
+    listing order; hidden files/dirs (.git, .DS_Store) are skipped; subdirectories
+    are walked (symlinked ones are not followed, so a link cycle cannot recurse).
+    Anything else (a FIFO, a socket, a device, a symlink loop) is an error, not
+    silently left out: reading it could hang or never end.
+    """
+    files = []
+    for p in directory.rglob("*"):
+        if any(part.startswith(".") for part in p.relative_to(directory).parts):
+            continue
+        try:
+            if stat.S_ISDIR(os.stat(p).st_mode):
+                continue
+        except OSError:
+            pass  # a loop or broken link: stat_regular names it below
+        stat_regular(p, fix=f"remove it from {shown(directory)}; {_ONLY_TEXT}")
+        files.append(p)
+    return sorted(files)
+
+
+def _check_name(path: Path, where: Path | None = None) -> None:
+    # Names become document names and domains, hashed and printed as UTF-8 text.
+    if not is_utf8_name(path) or not is_utf8_name(path.resolve()):
+        elsewhere = f" or move it out of {shown(where)}" if where else ""
+        raise UserError(f"the file name {shown(path)} is not valid UTF-8; rename it "
+                        f"(e.g. `convmv -f latin1 -t utf8 --notest`){elsewhere}")
+
+
+def _read_text(path: Path, budget: int) -> tuple[str, int]:
+    """The cleaned text of the regular file `path` and its size in bytes, read with a bound of `budget` bytes."""
+    limit = max_text_bytes()
+    data = read_bounded(
+        path, budget, fix=_ONLY_TEXT,
+        too_big=f"takes the text given to --text past {limit:,} bytes in all; pass less text, "
+                "or raise the limit with the environment variable SDMOE_MAX_TEXT_BYTES=<bytes>",
+    )
     nul = data.find(b"\x00")
     if nul >= 0:
         raise UserError(
-            f"{path} looks binary (NUL byte at byte offset {nul}); pass plain UTF-8 text files only"
+            f"{shown(path)} looks binary (NUL byte at byte offset {nul}); pass plain UTF-8 text files only"
         )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(
-            f"{path} is not valid UTF-8 (byte offset {e.start}); convert it, e.g. "
-            f"`iconv -f LATIN1 -t UTF-8 {path} > {path.stem}.utf8.txt`"
+            f"{shown(path)} is not valid UTF-8 (byte offset {e.start}); convert it, e.g. "
+            f"`iconv -f LATIN1 -t UTF-8 {shown(path)} > {shown(path.stem)}.utf8.txt`"
         ) from None
     text = _clean(text)
     if not text.strip():
-        raise UserError(f"{path} is empty or whitespace only; remove it or add text to it")
-    return text
+        raise UserError(f"{shown(path)} is empty or whitespace only; remove it or add text to it")
+    return text, len(data)
 
 
 def load_texts(paths: list[str | Path], min_chars: int = 1) -> list[Document]:
@@ -111,28 +161,39 @@ def load_texts(paths: list[str | Path], min_chars: int = 1) -> list[Document]:
     """
     docs: list[Document] = []
     seen: set[Path] = set()
+    budget = max_text_bytes()  # all files together; each read stops one byte past what is left
+
+    def read(f: Path) -> str:
+        nonlocal budget
+        text, size = _read_text(f, budget)
+        budget -= size
+        return text
+
     for given in paths:
         path = Path(given).expanduser()
-        if not path.exists():
-            raise UserError(f"text path {path} does not exist; check the path passed to --text")
+        if not path.exists() and not path.is_symlink():
+            raise UserError(f"text path {shown(path)} does not exist; check the path passed to --text")
         if path.is_dir():
             files = _files_under(path)
             if not files:
-                raise UserError(f"directory {path} holds no files; put UTF-8 .txt files in it")
+                raise UserError(f"directory {shown(path)} holds no files; put UTF-8 .txt files in it")
             root = path.resolve()
             for f in files:
+                _check_name(f, where=path)
                 if f.resolve() in seen:
                     continue
                 seen.add(f.resolve())
                 # Name relative to the given root: the fingerprint (and so the
                 # caches) must not change when the corpus folder is moved.
                 name = f"{root.name}/{f.relative_to(path).as_posix()}"
-                docs.append(Document(f.resolve().parent.name, name, _read_text(f)))
+                docs.append(Document(f.resolve().parent.name, name, read(f)))
         else:
+            stat_regular(path, fix=_ONLY_TEXT)  # a FIFO, device or symlink loop: named, before resolve() or open()
+            _check_name(path)
             if path.resolve() in seen:
                 continue
             seen.add(path.resolve())
-            docs.append(Document(path.stem, path.name, _read_text(path)))
+            docs.append(Document(path.stem, path.name, read(path)))
     total = sum(len(d.text) for d in docs)
     if total < min_chars:
         raise UserError(

@@ -10,10 +10,7 @@ tokenizer any transformers user can load.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sdmoe.data.corpus import CorpusSplit
 from sdmoe.errors import UserError
+from sdmoe.files import atomic_dir
 
 EOS = "<|endoftext|>"
 # 256 byte symbols + the special token, with a little room for merges: below
@@ -136,19 +134,9 @@ def load_or_train_tokenizer(
         return PreTrainedTokenizerFast.from_pretrained(str(final), trust_remote_code=False)  # run no code
     texts = [t for d in split.domains for t in split.train[d]]
     tokenizer = train_tokenizer(texts, vocab_size)
-    root.mkdir(parents=True, exist_ok=True)
-    # Save into a temp dir beside the target and rename it into place: a crash
-    # mid-save never leaves a half-written tokenizer that a later run would load.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    # Saved into a temp dir renamed into place: a crash mid-save never leaves a half-written
+    # tokenizer that a later run would load. Another process that finished the same
+    # tokenizer first keeps its copy (replace=False): theirs is identical.
+    with atomic_dir(final, replace=False) as tmp:
         tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a shared cache must stay readable
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process finished the same tokenizer first; theirs is identical.
-            if not (final / "tokenizer.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmoe.errors import UserError
+from sdmoe.files import write_text_atomic
 from sdmoe.moe.checkpoint import check_model_dir
 
 TASK_PREFIX = "sdmoe"
@@ -117,20 +118,6 @@ def _group_yaml(group: str, tasks: list[str], metrics: list[str]) -> str:
                   "metadata": {"version": 1.0}})
 
 
-def _write(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_tasks(out_dir: str | Path, text: list[str] | None = None, val_fraction: float = 0.05,
                 cfg: TaskConfig | None = None) -> dict[str, Any]:
     """Write the task data (JSONL) and harness YAMLs for every domain's held-out text into `out_dir`.
@@ -156,8 +143,8 @@ def build_tasks(out_dir: str | Path, text: list[str] | None = None, val_fraction
                 continue
             name = f"{TASK_PREFIX}_{kind}_{slug}"
             data = out / f"{kind}_{slug}.jsonl"
-            _write(data, "".join(json.dumps(r) + "\n" for r in rows))
-            _write(out / f"{name}.yaml", _task_yaml(name, kind, data))
+            write_text_atomic(data, "".join(json.dumps(r) + "\n" for r in rows))
+            write_text_atomic(out / f"{name}.yaml", _task_yaml(name, kind, data))
             tasks[kind].append(name)
             counts[name] = len(rows)
     if not counts:
@@ -166,7 +153,7 @@ def build_tasks(out_dir: str | Path, text: list[str] | None = None, val_fraction
     for kind, metrics in (("cloze", ["acc"]), ("mc", ["acc", "acc_norm"])):
         if tasks[kind]:
             group = f"{TASK_PREFIX}_{kind}"
-            _write(out / f"{group}.yaml", _group_yaml(group, tasks[kind], metrics))
+            write_text_atomic(out / f"{group}.yaml", _group_yaml(group, tasks[kind], metrics))
             groups.append(group)
     return {"tasks": tasks["cloze"] + tasks["mc"], "groups": groups, "counts": counts, "dir": str(out)}
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import CompareConfig, RunSpec, plan
-from sdmoe.files import json_safe, read_json, write_json_atomic
+from sdmoe.files import DirLock, json_safe, load_json, probe_writable, read_json, tmp_file_name, write_json_atomic
 
 COMPARE_FILE = "compare.json"
 RUN_FILE = "compare_run.json"
@@ -46,8 +46,7 @@ def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
     """Write out/compare.json, or check that the one there holds the same settings."""
     saved_file = out / COMPARE_FILE
     if saved_file.is_file():
-        saved = read_json(saved_file)
-        if saved is None or saved.get("config") != cfg.to_dict():
+        if _saved_config(out) != cfg.to_dict():
             raise UserError(f"{out} holds a compare with other settings; use another --out "
                             "(or the same settings to resume it)")
         return
@@ -60,11 +59,34 @@ def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
         raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
 
 
+def _saved_config(out: Path) -> dict | None:
+    """The config in out/compare.json; None when there is none; a UserError when it is corrupt."""
+    fix = "restore it, or start the compare again in another --out"
+    saved = load_json(out / COMPARE_FILE, fix=fix)
+    if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
+        raise UserError(f"{out / COMPARE_FILE} holds no compare config; {fix}")
+    return saved["config"] if saved is not None else None
+
+
 def load_compare_config(out: str | Path) -> CompareConfig:
-    saved = read_json(Path(out) / COMPARE_FILE)
+    saved = _saved_config(Path(out))
     if saved is None:
         raise UserError(f"{out} holds no {COMPARE_FILE}; point at a directory written by `sdmoe compare`")
-    return CompareConfig.from_dict(saved["config"])
+    return CompareConfig.from_dict(saved)
+
+
+def _probes(cfg: CompareConfig, specs: list[RunSpec]) -> list[str]:
+    """The longest paths a compare writes below its --out (see `sdmoe.files.probe_writable`):
+    the run with the longest id, laid out as `train` lays out a run, and the top-level files."""
+    from sdmoe.train.checkpoint import run_dir_probes
+
+    top = [tmp_file_name(n) for n in (COMPARE_FILE, TIMING_FILE, "summary.json", "summary.csv", "report.html")]
+    if not specs:
+        return top
+    spec = max(specs, key=lambda s: len(s.run_id.encode("utf-8", "surrogateescape")))
+    run = f"runs/{spec.run_id}"
+    return top + [f"{run}/{tmp_file_name(n)}" for n in (RUN_FILE, ANALYSIS_FILE)] + \
+        [f"{run}/{p}" for p in run_dir_probes(spec.run_config(cfg).loop.steps)]
 
 
 def run_state(run_dir: Path) -> str:
@@ -72,7 +94,10 @@ def run_state(run_dir: Path) -> str:
     mine = read_json(run_dir / RUN_FILE) or {}
     if mine.get("status") == "diverged":
         return "diverged"
-    run = read_json(run_dir / "run.json")
+    # Strict: a corrupt run.json would otherwise read as "new", and a new run's directory is cleared.
+    run = load_json(run_dir / "run.json", fix=f"delete {run_dir} to train that run again")
+    if not isinstance(run, (dict, type(None))):
+        raise UserError(f"{run_dir / 'run.json'} holds no run record; delete {run_dir} to train that run again")
     if run is not None and run.get("status") == "done":
         return "done"
     if run is not None:
@@ -187,22 +212,27 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
     cfg.validate()
     out = Path(out_dir)
     specs = plan(cfg)
-    claim_out_dir(out, cfg)
-    datasets = _Datasets()
-    records = []
-    trained = 0
-    bar = tqdm(specs, desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
-    for spec in bar:
-        if max_runs is not None and trained >= max_runs:
-            break
-        bar.set_postfix_str(spec.run_id)
-        rec = _train_one(spec, cfg, out, datasets)
-        trained += rec["action"] != "skipped"
-        records.append(rec)
-    bar.close()
-    if max_runs is None:
-        _measure_step_times(cfg, specs, out, datasets, progress)
-    summary, text, report = rebuild_report(out, _return_all=True)
+    # One compare per --out: a second one would remove the runs the first is training
+    # (a "new" run's directory is cleared before it starts). Held until the report is written.
+    with DirLock(out, "is being written by another `sdmoe compare`") as lock:
+        probe_writable(out, _probes(cfg, specs))  # every path the grid writes, before the first run
+        claim_out_dir(out, cfg)
+        lock.acquire()  # a new --out exists only now
+        datasets = _Datasets()
+        records = []
+        trained = 0
+        bar = tqdm(specs, desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
+        for spec in bar:
+            if max_runs is not None and trained >= max_runs:
+                break
+            bar.set_postfix_str(spec.run_id)
+            rec = _train_one(spec, cfg, out, datasets)
+            trained += rec["action"] != "skipped"
+            records.append(rec)
+        bar.close()
+        if max_runs is None:
+            _measure_step_times(cfg, specs, out, datasets, progress)
+        summary, text, report = rebuild_report(out, _return_all=True)
     return CompareResult(out, cfg, records, summary, text, report)
 
 

@@ -3,16 +3,14 @@
 A checkpoint is a directory `step_000123/` holding the model weights
 (safetensors), the optimizer state, and `state.json` (step, RNG states,
 config, SD-MoE controller state). It is written under a temporary name and
-renamed into place in one `os.replace`, so a crash at any instant leaves
-either the previous checkpoint set or the new one, never a partial one.
+renamed into place in one `os.replace` (`sdmoe.files.atomic_dir`), so a crash
+at any instant leaves either the previous checkpoint set or the new one, never
+a partial one.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdmoe.errors import UserError
-from sdmoe.files import write_json_atomic
+from sdmoe.files import TMP_DIR_PREFIX, atomic_dir, load_json, tmp_dir_name, tmp_file_name, write_json_atomic
 
 _PREFIX = "step_"
+# The longest file name `save_pretrained` may write into the final model directory (a sharded model's index).
+_LONGEST_MODEL_FILE = "model.safetensors.index.json"
 
 
 def _name(step: int) -> str:
@@ -49,22 +49,18 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / _name(step)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-{_name(step)}-"))
-    try:
+    # Re-saving a step (e.g. after a skip policy) replaces it whole.
+    with atomic_dir(final, replace=True) as tmp:
         # safetensors refuses tensors that share storage (tied or parametrized
         # views); contiguous clones make every entry its own tensor.
         tensors = {k: v.detach().contiguous().clone() for k, v in model_state.items()}
         save_file(tensors, str(tmp / "model.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        # Into a Python file, not a path: torch's own C++ writer reports a full disk as
+        # RuntimeError("unexpected pos"), through a Python file the OSError is its context.
+        with open(tmp / "optimizer.pt", "wb") as f:
+            torch.save(optimizer_state, f)
         write_json_atomic(tmp / "state.json", {**state, "step": step, "rng": rng_state()})
-        if final.exists():  # re-saving a step (e.g. after a skip policy) replaces it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -83,18 +79,32 @@ def clean_partial(ckpt_root: Path) -> None:
     directories (checkpoints, the final model) and `.<name>.*.tmp` files (JSON, metrics)."""
     if ckpt_root.is_dir():
         for p in ckpt_root.iterdir():
-            if p.name.startswith(".tmp-") or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            if p.name.startswith(TMP_DIR_PREFIX) or (p.name.startswith(".") and p.name.endswith(".tmp")):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
 
 
+def run_dir_probes(steps: int) -> list[str]:
+    """The longest paths a training run of `steps` steps writes below its directory, one per
+    directory it writes (checkpoints/, the final model's temp dir, the run dir itself), for
+    `sdmoe.files.probe_writable`: a path too long for them fails before the first step."""
+    return [
+        f"checkpoints/{tmp_dir_name(_name(steps))}/{tmp_file_name('state.json')}",
+        f"{tmp_dir_name('model')}/{_LONGEST_MODEL_FILE}",
+        tmp_file_name("metrics.jsonl"),
+    ]
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
+    fix = "delete it to resume from an earlier one"
+    state = load_json(path / "state.json", fix=f"checkpoint {path.name} is unusable: {fix}")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
+        raise UserError(f"checkpoint {path}/state.json lacks its step or RNG state; {fix}")
     try:
         model_state = load_file(str(path / "model.safetensors"))
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except Exception as e:  # noqa: BLE001 - any unreadable part means the same fix
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to resume from an earlier one") from None
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}") from None
     return model_state, optimizer_state, state

@@ -13,11 +13,9 @@ stopped at step k and resumed gives the same losses as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from sdmoe.config_fields import changed_settings, show
 from sdmoe.data import prepare_dataset
 from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
+from sdmoe.files import DirLock, atomic_dir, load_json, probe_writable, write_failure
 from sdmoe.method import SDMoE, export
 from sdmoe.models import build_model, count_parameters
 from sdmoe.moe import find_moe_blocks
@@ -39,7 +38,7 @@ from sdmoe.train import distributed as dist
 from sdmoe.train import fsdp as fsdp_train
 from sdmoe.train.balance import LoadTracker
 from sdmoe.train.config import RunConfig, from_dict, validate
-from sdmoe.train.metrics import MetricsLog, NullLog, truncate_after
+from sdmoe.train.metrics import MetricsLog, NullLog, read_metrics, truncate_after
 from sdmoe.train.optim import build_optimizer, lr_scale, set_learning_rates
 
 
@@ -58,14 +57,19 @@ class TrainResult:
     trainable_parameters: int
     rank: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0  # steps loop.nan_policy=skip dropped (non-finite loss or gradients), resumed runs included
 
     def summary(self) -> str:
         mean = self.val_loss.get("mean", float("nan"))
         per = ", ".join(f"{k} {v:.3f}" for k, v in self.val_loss.items() if k != "mean")
+        skipped = f", {self.skipped} skipped (non-finite loss or gradients)" if self.skipped else ""
+        # A run that skipped most of its steps barely trained: say so where it cannot be missed.
+        warning = (f"\nWARNING: {self.skipped} of {self.steps} steps were skipped, the model barely trained; "
+                   "lower optim.lr (or raise optim.warmup) and train again") if self.skipped * 2 > self.steps else ""
         return (
-            f"trained {self.steps} steps in {self.seconds:.0f}s; validation loss {mean:.3f} nats/token "
+            f"trained {self.steps} steps{skipped} in {self.seconds:.0f}s; validation loss {mean:.3f} nats/token "
             f"({per}); unigram entropy of the corpus {self.unigram_entropy:.3f} nats/token"
-            + (f"; model saved to {self.model_dir}" if self.model_dir else "")
+            + (f"; model saved to {self.model_dir}" if self.model_dir else "") + warning
         )
 
 
@@ -159,11 +163,30 @@ def train(
 ) -> TrainResult:
     """Train `cfg` into `out_dir`. `stop_after` ends early after that many steps
     (with a checkpoint), as an interrupted run would; `dataset` reuses prepared data."""
+    with ExitStack() as held:  # the lock on `out_dir`, released however the run ends
+        return _train(cfg, out_dir, resume, progress, stop_after, dataset, held)
+
+
+def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, stop_after: int | None, dataset,
+           held: ExitStack) -> TrainResult:
     validate(cfg)
     out = Path(out_dir)
     ctx = dist.setup()
     if ctx.is_main:
+        # One process per run directory: a second one's start-up clean-up would delete the
+        # first's temp files. Taken before anything looks inside, and again once a new
+        # directory exists (a no-op when held).
+        lock = held.enter_context(DirLock(out, "is being trained by another process"))
+        if resume:
+            fix = "restore it, or start a new run in another --out"
+            saved = load_json(out / "run.json", fix=fix)
+            if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
+                raise UserError(f"{out / 'run.json'} holds no run config; {fix}")
+        # Every directory the run writes can take its longest name: a path that cannot hold
+        # the final model fails now, not after all the training.
+        probe_writable(out, ckpt.run_dir_probes(cfg.loop.steps))
         prepare_out_dir(out, cfg, resume)
+        lock.acquire()
     dist.barrier(ctx)
     started = time.perf_counter()
 
@@ -189,7 +212,7 @@ def train(
     if ctx.is_main:
         ckpt.clean_partial(ckpt_root)
         ckpt.clean_partial(out)  # a final model or run.json a killed process was writing
-    start_step, optim_state = 0, None
+    start_step, optim_state, skipped_before = 0, None, 0
     if resume and (found := ckpt.list_checkpoints(ckpt_root)):
         model_state, optim_state, state = ckpt.load_checkpoint(found[-1])
         written_by = state.get("parallel", "ddp")  # the optimizer state's format: by tensor (ddp) or by name (fsdp)
@@ -208,6 +231,7 @@ def train(
         start_step = state["step"]
         if ctx.is_main:
             truncate_after(out / "metrics.jsonl", start_step)
+            skipped_before = sum(r.get("event") == "skipped" for r in read_metrics(out / "metrics.jsonl"))
     elif ctx.is_main:
         if resume:  # killed before its first checkpoint: start over, without the dead run's records
             truncate_after(out / "metrics.jsonl", -1)
@@ -246,8 +270,10 @@ def train(
                  "parallel": "fsdp" if fsdp else "ddp"}
         try:
             ckpt.save_checkpoint(ckpt_root, step, model_state, optim_state, state, lc.keep_checkpoints)
-        except OSError as e:
-            raise UserError(f"could not write checkpoint {step} to {ckpt_root} ({e.strerror}); free space or fix permissions, then --resume") from None
+        except Exception as e:  # torch and safetensors raise their own types for a full disk
+            if (why := write_failure(e)) is None:
+                raise
+            raise UserError(f"could not write checkpoint {step} to {ckpt_root} ({why}); free space or fix permissions, then --resume") from None
 
     end_step = cfg.loop.steps if stop_after is None else min(cfg.loop.steps, start_step + stop_after)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -255,7 +281,7 @@ def train(
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.loop.steps, desc=cfg.name,
                disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
     val_loss: dict[str, float] = {}
-    window_t0, window_steps, skipped = time.perf_counter(), 0, 0
+    window_t0, window_steps, skipped = time.perf_counter(), 0, skipped_before
     nonfinite = NonFiniteWatch(device)
     model.train()
     for step in bar:
@@ -300,12 +326,17 @@ def train(
                 skipped += 1
                 log.write({"event": "skipped", "step": step, "loss": lm_loss.item(), "nonfinite": where})
                 continue
+            # One step number, counted as the metrics count them (record "step": N is the N-th
+            # step). The device is read only at log/eval/checkpoint steps, so `bad` may be
+            # earlier than this step; the gradients then are no longer the first bad ones.
+            first = bad + 1
+            culprit = f" (first non-finite gradient: {where})" if bad == step else ""
+            log.write({"event": "nonfinite", "step": first, "policy": "stop"})
             last = ckpt.list_checkpoints(ckpt_root)
             log.close()
             raise NonFiniteError(
-                f"the loss or gradient norm is not finite at step {bad} (first non-finite gradient at step {step}: "
-                f"{where}); last good checkpoint: {last[-1].name if last else 'none'}; lower optim.lr or use "
-                "--set loop.nan_policy=skip"
+                f"the loss or gradient norm is not finite at step {first}{culprit}; last good checkpoint: "
+                f"{last[-1].name if last else 'none'}; lower optim.lr or use --set loop.nan_policy=skip"
             )
 
         monitor = None
@@ -356,17 +387,19 @@ def train(
                 export(final)  # W_i = shared + tail written back into the host's own weights
             try:
                 model_dir = save_final_model(final, data.tokenizer, out / "model")
-            except OSError as e:
-                raise UserError(f"could not write the final model to {out / 'model'} ({e.strerror or e}); "
+                ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "done",
+                                                          "val_loss": val_loss, "skipped_steps": skipped})
+            except Exception as e:  # safetensors and tokenizers raise their own types for a full disk
+                if (why := write_failure(e)) is None:
+                    raise
+                raise UserError(f"could not write the final model to {out / 'model'} ({why}); "
                                 "free space or fix permissions, then --resume") from None
-            ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "done",
-                                                      "val_loss": val_loss, "skipped_steps": skipped})
     log.close()
     loads.remove()
     dist.barrier(ctx)
     dist.cleanup(ctx)
     return TrainResult(out, model_dir, final_step, val_loss, data.unigram_entropy_nats,
-                       time.perf_counter() - started, count_parameters(model), rank=ctx.rank)
+                       time.perf_counter() - started, count_parameters(model), rank=ctx.rank, skipped=skipped)
 
 
 def _unsharded_model(model, cfg: RunConfig, tokenizer, controller) -> torch.nn.Module | None:
@@ -389,16 +422,9 @@ def save_final_model(model, tokenizer, target: Path) -> Path:
     from sdmoe.method.convert import with_kv_cache
 
     with_kv_cache(model)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

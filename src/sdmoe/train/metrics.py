@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sdmoe.errors import UserError
-from sdmoe.files import read_jsonl
+from sdmoe.files import read_jsonl, write_text_atomic
 
 
 class MetricsLog:
@@ -84,11 +82,4 @@ def truncate_after(path: Path, step: int) -> None:
     """On resume, drop records past the checkpoint so the log matches the run (atomic rewrite)."""
     if path.is_file():
         kept = [r for r in read_metrics(path) if _before(r, step)]
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
