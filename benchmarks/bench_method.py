@@ -9,14 +9,14 @@ Both models are the same qwen3_moe (same seed); the baseline is a plain AdamW
 training step (forward, backward, clip 1.0, step, zero_grad), SD-MoE the same
 step driven by the controller (split at step 0, default config: shared/full,
 per-step gradient split, r = d/4, one tracker iteration). A third side, the
-`control` (the same W = S + T parametrization, plain gradients), separates what
-carrying S and T costs from what the split costs; `--variants` picks the
+`control` (the same shared update, plain gradients: no tracker, no projection),
+separates what the shared update costs from what the split costs; `--variants` picks the
 variants timed (any `sdmoe compare` variant name). After a warm-up the
 timed steps alternate A B A B ... so drift of the machine (other processes,
 clocks) hits both sides alike; medians are reported. Each step is also timed
 by phase (and by process CPU time, steadier than wall time when other
 processes share the cores), and the split's own work is timed alone (tracker, applying the
-split, materialising W = S + T). Last, torch's FlopCounterMode counts the matmul
+split, folding the shared update into the experts). Last, torch's FlopCounterMode counts the matmul
 work of one forward + backward and of one split: their ratio, and the rate each
 achieves in the step, say whether the split's cost is its arithmetic (as on the
 lab model) or the overhead of many small kernels (as on the demo preset).
@@ -58,7 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import variant_overrides
-from sdmoe.method import SDMoE, SDMoEConfig, kernels
+from sdmoe.method import SDMoE, SDMoEConfig, core
 from sdmoe.models import ModelConfig, build_model
 from sdmoe.train.config import PRESETS, RunConfig, preset, set_value
 
@@ -109,7 +109,7 @@ class Side:
         self.batches = [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g) for _ in range(4)]
         self.ctl = SDMoE(self.model, cfg) if cfg is not None else None
         if self.ctl is not None:  # the batch feeds variants whose basis comes from gradients or inputs
-            self.ctl.maybe_split(0, self.opt, self.batches[0])
+            self.ctl.before_forward(0, self.opt, self.batches[0])
         self.n = 0
 
     def step(self) -> dict[str, float]:
@@ -121,7 +121,10 @@ class Side:
         if self.ctl is not None:
             self.ctl.after_backward(self.n)
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        if self.ctl is not None:
+            self.ctl.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         t3 = time.perf_counter()
         if self.ctl is not None:
@@ -134,11 +137,13 @@ class Side:
 
 
 def split_breakdown(side: Side, reps: int) -> dict[str, float]:
-    """The split's own work per training step, each part timed alone (median ms over reps)."""
+    """The method's own work per training step, each part timed alone on copies (median ms over reps)."""
     ctl = side.ctl
     forward_backward(side.model, side.batches[0])
-    grads = [{p: g.clone() for p, g in st.tail_views("grad")[0].items()} for st in ctl.states]
-    qs = [{p: st.q(p).clone() for p in st.projs} for st in ctl.states]
+    grads = [{p: g.clone() for p, g in layer.block.views("grad", layer.projs)[0].items()} for layer in ctl.layers]
+    weights = [{p: w.clone() for p, w in layer.block.views("data", layer.projs)[0].items()} for layer in ctl.layers]
+    qs = [{p: q.clone() for p, q in layer.q.items()} for layer in ctl.layers]
+    side.opt.zero_grad(set_to_none=True)
 
     def timed(fn):
         out = []
@@ -149,38 +154,26 @@ def split_breakdown(side: Side, reps: int) -> dict[str, float]:
         return 1e3 * statistics.median(out)
 
     def tracker():
-        for st, gs, q0 in zip(ctl.states, grads, qs):
+        for layer, gs, q0 in zip(ctl.layers, grads, qs):
             for p, g in gs.items():
-                st.q(p).copy_(q0[p])
-                kernels.track(g, st.q(p), ctl.cfg.tracker_iters, st.r, ctl.cfg.tracker_oversample > 0)
+                buf = q0[p].clone()
+                core.track_basis(g, buf, ctl.cfg.tracker_iters, layer.r, ctl.cfg.tracker_oversample > 0)
 
     work = [{p: g.clone() for p, g in gs.items()} for gs in grads]
 
     def apply():
-        for st, gs in zip(ctl.states, work):
+        for layer, gs, q0 in zip(ctl.layers, work, qs):
             for p, g in gs.items():
-                kernels.project_out(g, st.q(p)[:, : st.r])
-                sg = st.coef_grad(p)
-                if sg is not None:
-                    kernels.keep_inside(sg, st.q(p)[:, : st.r])
+                q = q0[p][:, : layer.r].unsqueeze(0)
+                core.shared_gradient(g.unsqueeze(1), ctl.form, q)
+                core.split_tails(g.unsqueeze(1), q)
 
-    def materialise_fwd():
-        with torch.no_grad():
-            for st in ctl.states:
-                st.materialise("gate_up")
-                st.materialise("down")
+    def fold():
+        for layer, ws in zip(ctl.layers, weights):
+            for p, w in ws.items():
+                core.fold_shared(w, layer.delta[p].detach(), layer.basis[p], ctl.form)
 
-    gu = [torch.randn_like(st.tails_gate_up) for st in ctl.states]
-    dn = [torch.randn_like(st.tails_down) for st in ctl.states]
-
-    def materialise_fwd_bwd():
-        outs = [st.materialise(h) for st in ctl.states for h in ("gate_up", "down")]
-        torch.autograd.backward(outs, [g for pair in zip(gu, dn) for g in pair])
-
-    r = {"tracker_ms": timed(tracker), "apply_split_ms": timed(apply),
-         "materialise_fwd_ms": timed(materialise_fwd), "materialise_fwd_bwd_ms": timed(materialise_fwd_bwd)}
-    side.opt.zero_grad(set_to_none=True)
-    return r
+    return {"tracker_ms": timed(tracker), "apply_split_ms": timed(apply), "fold_ms": timed(fold)}
 
 
 def flop_share(base: Side, sd: Side) -> dict[str, float]:
@@ -279,7 +272,7 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
         # The control is the same reparameterisation with plain gradients: what is left is the split's own cost.
         ratios["sd-moe/control"] = paired(times, "control", "sd-moe")
         print(f"the gradient split alone (sd-moe/control, median of paired ratios): {ratios['sd-moe/control']:.3f}; "
-              f"control/baseline is what carrying W = S + T costs")
+              f"control/baseline is what the shared update costs")
     if "sd-moe" in sides:
         bd = split_breakdown(sides["sd-moe"], reps=10)
         print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))

@@ -31,10 +31,15 @@ def test_export_loads_and_generates_without_sdmoe(tmp_path, tiny_tokenizer):
                       expert_ffn=32)
     model = build_model(cfg, vocab_size=len(tok), seed=0, eos_token_id=tok.eos_token_id)
     ctl = convert(model, SDMoEConfig(mode="shared", gradient_split="fixed", rank=4))
-    with torch.no_grad():  # stand-in for training: move shared parts and tails away from the conversion
-        g = torch.Generator().manual_seed(0)
-        for p in ctl.param_groups(0.0, 0.0)[0]["params"] + ctl.param_groups(0.0, 0.0)[1]["params"]:
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # a few steps: weights move away from the conversion
+    ctl.bind_optimizer(opt)
+    ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        model(input_ids=ids).logits.square().mean().backward()
+        ctl.after_backward(step)
+        opt.step()
+        ctl.after_optimizer_step(step)
+        opt.zero_grad()
     export(model)
     out_dir = tmp_path / "exported"
     model.save_pretrained(out_dir)

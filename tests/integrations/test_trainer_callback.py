@@ -33,13 +33,18 @@ class RandomTokens(torch.utils.data.Dataset):
 class Probe(TrainerCallback):
     """Listed after SDMoECallback: sees the gradients it split and clipped, and the lrs it scheduled."""
 
-    def __init__(self):
-        self.norms, self.lrs = {}, {}
+    def __init__(self, cb):
+        self.cb, self.norms, self.lrs = cb, {}, {}
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        shared = self.cb.controller.parameters()  # the shared parts' gradients are clipped with the model's
+        grads = [p.grad for p in [*model.parameters(), *shared] if p.grad is not None]
         self.norms[state.global_step] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
         self.lrs[state.global_step] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        if (opt := self.cb.controller.shared_optimizer) is not None:  # the rate the shared step just used
+            self.lrs[state.global_step]["sdmoe.shared"] = opt.param_groups[0]["lr"]
 
 
 def _model(vocab):
@@ -58,10 +63,9 @@ def _args(tmp_path, **kw):
 
 def _orthogonality(ctl):
     worst = 0.0
-    for state in ctl.states:
-        views, _ = state.tail_views("data")
-        for p, t in views.items():
-            u = state.basis(p).to(t.dtype)
+    for li, layer in enumerate(ctl.layers):
+        for p, t in ctl.tails(li).items():
+            u = layer.basis[p].to(t.dtype)
             worst = max(worst, float((t @ u).norm() / t.norm()))
     return worst
 
@@ -70,7 +74,7 @@ def test_trainer_splits_schedules_clips_and_exports(tmp_path):
     model = _model(256)
     cb = SDMoECallback(SDMoEConfig(split_step=SPLIT, gradient_split="fixed", rank=4, lr_tail_mult=0.5),
                        monitor_every=4)
-    probe = Probe()
+    probe = Probe(cb)
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=RandomTokens(256), callbacks=[cb, probe])
     trainer.train()
 
@@ -80,7 +84,7 @@ def test_trainer_splits_schedules_clips_and_exports(tmp_path):
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses) >= STEPS // 2 and all(math.isfinite(v) for v in losses)
 
-    # The Trainer's optimizer learns the new parameters...
+    # The Trainer's optimizer trains the experts in their own group (lr_tail_mult), the shared optimizer the rest...
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     tails = next(g for g in opt.param_groups if g.get("name") == "sdmoe.tails")
     assert all(p in opt.state for p in tails["params"])
@@ -116,11 +120,11 @@ def test_trainer_splits_schedules_clips_and_exports(tmp_path):
 
 
 def test_split_at_init_own_groups_and_per_step(tmp_path):
-    """split_step=0 splits before the Trainer builds its optimizer (the multi-process path);
-    with lr multipliers the SD-MoE parts get their own groups and the scheduler follows them."""
+    """split_step=0 splits before the Trainer builds its optimizer (the multi-process path); the shared
+    optimizer follows the scheduler's rate times its multiplier."""
     model = _model(256)
     cb = SDMoECallback(SDMoEConfig(split_step=0, gradient_split="per_step", rank=4, lr_shared_mult=2.0))
-    probe = Probe()
+    probe = Probe(cb)
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=RandomTokens(256),
                       callbacks=[cb, probe])
     assert cb.controller.split_done and cb.split_at == 0  # at Trainer construction, before train()
@@ -130,7 +134,7 @@ def test_split_at_init_own_groups_and_per_step(tmp_path):
         ref = next(v for k, v in lrs.items() if not k.startswith("sdmoe"))
         assert lrs["sdmoe.shared"] == pytest.approx(2.0 * ref, rel=1e-6)
     assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
-    qs = [s.q(p) for s in cb.controller.states for p in s.projs]
+    qs = [q for layer in cb.controller.layers for q in layer.q.values()]
     assert all(float(q.abs().sum()) > 0 for q in qs)  # the tracker ran
 
 

@@ -1,14 +1,13 @@
-"""The controller: gradient split, tail invariant, optimizer rebinding, resume, re-estimation."""
+"""The controller: the gradient split, the shared update, the tail invariant, optimizer binding, resume."""
 
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
-from sdmoe.method import SDMoE, SDMoEConfig, convert, export
+from sdmoe.method import SDMoE, SDMoEConfig, convert
 from sdmoe.method.basis import canonical
 from sdmoe.moe import find_moe_blocks
 
@@ -22,119 +21,14 @@ def _rel_in(t_EFD, u_DR):
     return float((t_EFD @ u_DR).norm() / t_EFD.norm())
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode,form", [("shared", "full"), ("shared", "lowrank"), ("per_expert", "full")])
-def test_fixed_split_keeps_tails_out_of_u(kind, mode, form):
-    model = make_model(kind)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    ctl = SDMoE(model, SDMoEConfig(mode=mode, shared_form=form, gradient_split="fixed", split_step=0, rank=8))
-    for step in range(50):
-        ctl.maybe_split(step, opt)
-        lm_loss(model, batch(step)).backward()
-        ctl.after_backward(step)
-        opt.step()
-        ctl.after_optimizer_step(step)
-        opt.zero_grad()
-    for state in ctl.states:
-        views, _ = state.tail_views("data")
-        assert set(views) == {"gate", "up", "down"}
-        for p, t in views.items():
-            assert t.norm() > 0
-            assert _rel_in(t, state.basis(p)) <= 1e-5
-
-
-def _plain_grads(model, ids):
-    """G_i = dL/dW_i of the plain model with the same weights, canonical E x F x D per layer."""
-    plain = copy.deepcopy(model)
-    export(plain)
-    lm_loss(plain, ids).backward()
-    return [canonical(b, "grad") for b in find_moe_blocks(plain)]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_lowrank_shared_gradient_is_sum_of_projected_expert_grads(kind):
-    model, ids = make_model(kind), batch()
-    ctl = convert(model, SDMoEConfig(shared_form="lowrank", gradient_split="fixed", rank=6))
-    g_plain = _plain_grads(model, ids)
-    lm_loss(model, ids).backward()
-    for state, g in zip(ctl.states, g_plain):
-        for p in ("gate", "up", "down"):
-            u = state.basis(p)
-            want = g[p].sum(0) @ u  # sum_i G_i U
-            assert torch.allclose(state.coef_grad(p), want, atol=1e-6, rtol=1e-4)
-    ctl.after_backward(0)
-    for state, g in zip(ctl.states, g_plain):
-        views, _ = state.tail_views("grad")
-        for p, t in views.items():
-            u = state.basis(p)
-            assert float((t @ u).norm()) <= 1e-5 * float(t.norm())
-            assert torch.allclose(t, g[p] - g[p] @ u @ u.T, atol=1e-6, rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_per_step_split_and_control(kind):
-    ids = batch()
-    split_model = make_model(kind)
-    ctl = convert(split_model, SDMoEConfig(gradient_split="per_step", rank=8))
-    control_model = make_model(kind)
-    control = convert(control_model, SDMoEConfig(gradient_split="none", rank=8))
-    g_plain = _plain_grads(split_model, ids)
-    for m in (split_model, control_model):
-        lm_loss(m, ids).backward()
-    ctl.after_backward(0)
-    control.after_backward(0)
-    for state, cstate, g in zip(ctl.states, control.states, g_plain):
-        views, _ = state.tail_views("grad")
-        cviews, _ = cstate.tail_views("grad")
-        for p in ("gate", "up", "down"):
-            q = state.q(p)
-            gsum = g[p].sum(0)
-            # split: shared gets (sum_i G_i) QQ^T, tails G_i (I - QQ^T), orthogonal to Q
-            assert torch.allclose(state.coef_grad(p), gsum @ q @ q.T, atol=1e-6, rtol=1e-4)
-            assert float((views[p] @ q).norm()) <= 1e-5 * float(views[p].norm())
-            assert torch.allclose(views[p], g[p] - g[p] @ q @ q.T, atol=1e-6, rtol=1e-4)
-            # Q is the (tracked) top-r subspace of the gradients: it holds most of their energy
-            inside = (g[p] @ q).square().sum() / g[p].square().sum()
-            assert inside > 8 / state.d
-            # control: plain autograd gradients
-            assert torch.allclose(cstate.coef_grad(p), gsum, atol=1e-6, rtol=1e-4)
-            assert torch.allclose(cviews[p], g[p], atol=1e-6, rtol=1e-4)
-
-
-def test_rebind_optimizer_and_param_groups():
-    model = make_model("qwen2_moe")
-    host = [p for b in find_moe_blocks(model) for p in (b.experts.gate_up_proj, b.experts.down_proj)]
-    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr_mult": 1.0, "name": "all"}], lr=1e-3,
-                            weight_decay=0.1)
-    lm_loss(model, batch()).backward()
-    opt.step()
-    cfg = SDMoEConfig(split_step=1, rank=8, lr_shared_mult=2.0, lr_tail_mult=0.5)
-    ctl = SDMoE(model, cfg)
-    assert ctl.maybe_split(0, opt) is None
-    assert ctl.maybe_split(1, opt)["layers"]
-    ids = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert not any(id(p) in ids for p in host)
-    assert not any(p in opt.state for p in host)
-    groups = {g["name"]: g for g in opt.param_groups}
-    assert groups["sdmoe.shared"]["lr"] == pytest.approx(2e-3) and groups["sdmoe.shared"]["lr_mult"] == 2.0
-    assert groups["sdmoe.tails"]["lr"] == pytest.approx(5e-4) and groups["sdmoe.tails"]["weight_decay"] == 0.1
-    managed = {id(p) for g in ctl.param_groups(1.0, 0.0) for p in g["params"]}
-    every = {id(p) for p in model.parameters()}
-    assert managed | {id(p) for p in ctl.other_parameters()} == every
-    assert all(id(p) in ids for p in model.parameters())  # everything trainable is in the optimizer
-    n = len(opt.param_groups)
-    ctl.rebind_optimizer(opt)  # idempotent
-    assert len(opt.param_groups) == n
-
-
-def _run(model, ctl, opt, steps, ref):
+def _steps(model, ctl, opt, steps, ref=None, clip=1.0):
     losses = []
     for step in steps:
-        ctl.maybe_split(step, opt, ref)
+        ctl.before_forward(step, opt, ref)
         loss = lm_loss(model, batch(step))
         loss.backward()
-        ctl.after_backward(step) if ctl.split_done else ctl.observe(step)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        ctl.after_backward(step)
+        ctl.clip_grad_norm_(clip)
         opt.step()
         ctl.after_optimizer_step(step, ref)
         opt.zero_grad(set_to_none=True)
@@ -143,10 +37,122 @@ def _run(model, ctl, opt, steps, ref):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode,form", [("shared", "full"), ("shared", "lowrank"), ("per_expert", "full")])
+def test_fixed_split_keeps_tails_out_of_u(kind, mode, form):
+    model = make_model(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl = SDMoE(model, SDMoEConfig(mode=mode, shared_form=form, gradient_split="fixed", split_step=0, rank=8))
+    _steps(model, ctl, opt, range(30))
+    for li, layer in enumerate(ctl.layers):
+        tails = ctl.tails(li)
+        assert set(tails) == {"gate", "up", "down"}
+        for p, t in tails.items():
+            assert t.norm() > 0
+            assert _rel_in(t, layer.basis[p]) <= 1e-5
+
+
+def _plain_grads(model, ids):
+    """G_i = dL/dW_i of the same model (it is a plain model), canonical E x F x D per layer."""
+    plain = copy.deepcopy(model)
+    lm_loss(plain, ids).backward()
+    return [{p: g.clone() for p, g in canonical(b, "grad").items()} for b in find_moe_blocks(plain)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("split", ["per_step", "fixed", "none"])
+def test_full_form_shared_gradient_and_tails(kind, split):
+    """per_step/fixed: shared gets (sum_i G_i) QQ^T, tails G_i (I - QQ^T); none (the control): the plain ones."""
+    model, ids = make_model(kind), batch()
+    ctl = convert(model, SDMoEConfig(gradient_split=split, rank=8))
+    g_plain = _plain_grads(model, ids)
+    lm_loss(model, ids).backward()
+    ctl.after_backward(0)
+    for li, (layer, g) in enumerate(zip(ctl.layers, g_plain)):
+        tails = canonical(layer.block, "grad")
+        for p in ("gate", "up", "down"):
+            gsum = g[p].sum(0)
+            if split == "none":
+                assert torch.allclose(layer.delta[p].grad, gsum, atol=1e-6, rtol=1e-4)
+                assert torch.allclose(tails[p], g[p], atol=1e-6, rtol=1e-4)
+                continue
+            q = layer.q[p][:, : layer.r] if split == "per_step" else layer.basis[p]
+            assert torch.allclose(layer.delta[p].grad, gsum @ q @ q.T, atol=1e-6, rtol=1e-4)
+            assert float((tails[p] @ q).norm()) <= 1e-5 * float(tails[p].norm())
+            assert torch.allclose(tails[p], g[p] - g[p] @ q @ q.T, atol=1e-6, rtol=1e-4)
+            # the two parts add up to the whole gradient
+            assert torch.allclose(tails[p].sum(0) + layer.delta[p].grad, gsum, atol=1e-5, rtol=1e-4)
+            if split == "per_step":  # Q is the tracked top-r subspace of the gradients: it holds much of their energy
+                assert (g[p] @ q).square().sum() / g[p].square().sum() > 8 / 32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("form", ["lowrank", "per_expert"])
+def test_lowrank_forms_take_the_gradient_inside_u(kind, form):
+    model, ids = make_model(kind), batch()
+    mode = "per_expert" if form == "per_expert" else "shared"
+    ctl = convert(model, SDMoEConfig(mode=mode, shared_form="lowrank" if form == "lowrank" else "full",
+                                     gradient_split="fixed", rank=6))
+    g_plain = _plain_grads(model, ids)
+    lm_loss(model, ids).backward()
+    ctl.after_backward(0)
+    for layer, g in zip(ctl.layers, g_plain):
+        for p in ("gate", "up", "down"):
+            u = layer.basis[p]
+            want = g[p] @ u if form == "per_expert" else g[p].sum(0) @ u  # A_i's: G_i U; A's: sum_i G_i U
+            assert torch.allclose(layer.delta[p].grad, want, atol=1e-6, rtol=1e-4)
+
+
+def test_the_model_stays_plain():
+    """No module, parameter or buffer is added; the state dict keeps its keys; a mid-run copy is a plain model."""
+    model = make_model("qwen2_moe")
+    keys = set(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ctl = SDMoE(model, SDMoEConfig(split_step=1, rank=8))
+    _steps(model, ctl, opt, range(4))
+    assert ctl.split_done
+    assert set(model.state_dict()) == keys
+    assert [id(p) for p in model.parameters()] == params
+    fresh = make_model("qwen2_moe")
+    fresh.load_state_dict(model.state_dict())
+    ids = batch(7)
+    assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_bind_optimizer_resets_the_experts_and_follows_the_rates():
+    model = make_model("qwen2_moe")
+    host = [p for b in find_moe_blocks(model) for p in (b.experts.gate_up_proj, b.experts.down_proj)]
+    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr_mult": 1.0, "name": "all"}], lr=1e-3,
+                            weight_decay=0.1)
+    lm_loss(model, batch()).backward()
+    opt.step()
+    assert all(p in opt.state for p in host)
+    ctl = SDMoE(model, SDMoEConfig(split_step=1, rank=8, lr_shared_mult=2.0, lr_tail_mult=0.5))
+    assert ctl.before_forward(0, opt) is None
+    assert ctl.before_forward(1, opt)["layers"]
+    assert not any(p in opt.state for p in host)  # the tails start with fresh moments, as new parameters would
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["sdmoe.tails"]["lr"] == pytest.approx(5e-4) and groups["sdmoe.tails"]["weight_decay"] == 0.1
+    assert {id(p) for p in groups["sdmoe.tails"]["params"]} == {id(p) for p in host}
+    assert not any(id(p) in {id(h) for h in host} for p in groups["all"]["params"])
+    assert ctl.shared_optimizer.param_groups[0]["weight_decay"] == 0.0
+    n = len(opt.param_groups)
+    ctl.bind_optimizer(opt)  # idempotent
+    assert len(opt.param_groups) == n
+    opt.zero_grad()
+    lm_loss(model, batch(1)).backward()
+    ctl.after_backward(1)
+    opt.step()
+    ctl.after_optimizer_step(1)
+    assert ctl.shared_optimizer.param_groups[0]["lr"] == pytest.approx(2e-3)  # the shared part's rate
+    assert all(float(d.detach().abs().max()) == 0.0 for d in ctl.parameters())  # the delta is folded in and reset
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("save_at", [1, 5])
 def test_resume_is_exact(kind, save_at, tmp_path):
     cfg = SDMoEConfig(split_step=3, basis_source="gradients", basis_batches=2, rank=8, router_input="residual",
-                      tracker_oversample=2, exact_every=4, reestimate_every=3)
+                      tracker_oversample=2, exact_every=4, reestimate_every=3, lr_tail_mult=0.5)
     ref, total = batch(99), 8
 
     def fresh():
@@ -154,24 +160,26 @@ def test_resume_is_exact(kind, save_at, tmp_path):
         return model, SDMoE(model, cfg), torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
 
     model, ctl, opt = fresh()
-    straight = _run(model, ctl, opt, range(total), ref)
+    straight = _steps(model, ctl, opt, range(total), ref)
 
     model, ctl, opt = fresh()
-    first = _run(model, ctl, opt, range(save_at), ref)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "c.pt")
-    (tmp_path / "sdmoe.json").write_text(json.dumps(ctl.state_dict()))  # the trainer keeps it in JSON
+    first = _steps(model, ctl, opt, range(save_at), ref)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sdmoe": ctl.state_dict()}, tmp_path / "c.pt")
 
     model, ctl, opt = fresh()
-    saved = torch.load(tmp_path / "c.pt", weights_only=False)
-    saved["sdmoe"] = json.loads((tmp_path / "sdmoe.json").read_text())
-    if saved["sdmoe"]["split_done"]:
-        ctl.prepare_for_load()
-        ctl.rebind_optimizer(opt)
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)  # tensors and plain values only
+    ctl.load_state_dict(saved["sdmoe"], opt)
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    ctl.load_state_dict(saved["sdmoe"])
-    rest = _run(model, ctl, opt, range(save_at, total), ref)
+    rest = _steps(model, ctl, opt, range(save_at, total), ref)
     assert first + rest == straight
+
+
+def test_a_state_of_the_parametrization_engine_is_refused_in_one_line():
+    model = make_model("qwen3_moe")
+    ctl = SDMoE(model, SDMoEConfig(rank=8))
+    with pytest.raises(ValueError, match="sdmoe 0.1.0"):
+        ctl.load_state_dict({"version": 1, "split_done": True, "ranks": [8, 8]})
 
 
 def test_reestimation_is_logged_and_exact_for_the_full_form():
@@ -180,7 +188,7 @@ def test_reestimation_is_logged_and_exact_for_the_full_form():
     ctl = SDMoE(model, SDMoEConfig(split_step=0, reestimate_every=2, rank=8))
     records = []
     for step in range(4):
-        ctl.maybe_split(step, opt, ref)
+        ctl.before_forward(step, opt, ref)
         lm_loss(model, batch(step)).backward()
         ctl.after_backward(step)
         opt.step()
@@ -209,18 +217,20 @@ def test_monitor_reports_overlaps_and_drift():
 
 
 def test_an_undecomposed_half_keeps_plain_gradients():
-    """projections=("up", "down"): gate's tails carry the whole gate weight, its shared half stays 0."""
+    """projections=("up", "down"): gate's gradient is left whole and nothing shared is added to it."""
     model, ids = make_model("qwen3_moe"), batch()
     ctl = convert(model, SDMoEConfig(rank=8, projections=("up", "down")))
     g_plain = _plain_grads(model, ids)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ctl.bind_optimizer(opt)
     lm_loss(model, ids).backward()
     ctl.after_backward(0)
-    for state, g in zip(ctl.states, g_plain):
-        views, _ = state.tail_views("grad")
-        assert set(views) == {"up", "down"}
-        lay = state.fused
-        assert torch.allclose(lay.gate_up_views(state.tails_gate_up.grad)[0], g["gate"], atol=1e-6, rtol=1e-4)
+    for layer, g in zip(ctl.layers, g_plain):
+        assert set(layer.delta) == {"up", "down"}
+        assert torch.allclose(canonical(layer.block, "grad")["gate"], g["gate"], atol=1e-6, rtol=1e-4)
+    gate_before = [canonical(b, "data")["gate"].clone() for b in ctl.blocks]
     opt.step()
-    for state in ctl.states:
-        assert float(state.coef("gate").detach().abs().max()) == 0.0
+    ctl.after_optimizer_step(0)
+    for b, before in zip(ctl.blocks, gate_before):
+        after = canonical(b, "data")["gate"]
+        assert not torch.equal(after, before)  # trained as a plain weight

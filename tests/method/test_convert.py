@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
-from torch.nn.utils import parametrize
 
 from sdmoe.method import SDMoEConfig, convert, export
-from sdmoe.method.parametrization import SDMoEHook
+from sdmoe.method.hooks import SDMoEHook
 from sdmoe.models import STYLES
 
 from .method_helpers import batch, make_model, rel
@@ -35,9 +34,8 @@ def test_exact_conversions_preserve_logits(kind, cfg):
     ctl = convert(model, cfg, reference_batch=ids)
     assert rel(_logits(model, ids), ref) < 1e-5
     assert all(r["rel_change"] < 1e-5 for r in ctl.last_split["layers"])
-    names = [n for n, _ in model.named_parameters()]
-    assert any(".sdmoe.tails" in n for n in names)
-    assert any(".sdmoe.shared_" in n or ".sdmoe.inner_" in n for n in names)
+    assert ctl.split_done and ctl.num_shared_parameters() > 0
+    _assert_clean(model)  # the split adds nothing to the model
 
 
 def test_lossy_splits_are_measured(kind):
@@ -50,12 +48,12 @@ def test_lossy_splits_are_measured(kind):
     assert ctl.last_split["logits_rel_change"] == pytest.approx(rel(_logits(model, ids), ref), rel=1e-3)
 
 
-def _assert_clean(model):
-    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+def _assert_clean(model, hooks_too=False):
     assert not any("sdmoe" in type(m).__module__ for m in model.modules())
-    for m in model.modules():
-        for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            assert not any(isinstance(h, SDMoEHook) for h in hooks.values())
+    if hooks_too:
+        for m in model.modules():
+            for hooks in (m._forward_pre_hooks, m._forward_hooks):
+                assert not any(isinstance(h, SDMoEHook) for h in hooks.values())
     assert not any("sdmoe" in n for n, _ in model.named_parameters())
     assert not any("sdmoe" in n for n in model.state_dict())
 
@@ -66,7 +64,7 @@ def test_export_module_list_in_process():
     convert(model, cfg, reference_batch=ids)
     before = _logits(model, ids)
     export(model)
-    _assert_clean(model)
+    _assert_clean(model, hooks_too=True)
     assert rel(_logits(model, ids), before) < 1e-5
 
 
@@ -93,16 +91,20 @@ def test_export_reloads_in_vanilla_transformers(tmp_path):
         for router in ("full", "residual"):
             model = make_model(style)
             cfg = SDMoEConfig(mode="shared", rank=8, router_input=router, split_step=0)
-            convert(model, cfg, reference_batch=ids)
-            # train the parts a little so shared/tails differ from the conversion's values
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if ".sdmoe." in n:
-                        p.add_(0.01 * torch.randn_like(p))
+            ctl = convert(model, cfg, reference_batch=ids)
+            # a few training steps, so the weights and the router's basis are a trained model's
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            ctl.bind_optimizer(opt)
+            for step in range(2):
+                model(input_ids=ids).logits.square().mean().backward()
+                ctl.after_backward(step)
+                opt.step()
+                ctl.after_optimizer_step(step)
+                opt.zero_grad()
             model.eval()
             want = _logits(model, ids)
             export(model)
-            _assert_clean(model)
+            _assert_clean(model, hooks_too=True)
             d = tmp_path / f"{style}-{router}"
             model.save_pretrained(d)
             out = tmp_path / f"{style}-{router}.pt"

@@ -3,12 +3,14 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from sdmoe.errors import UserError
 from sdmoe.train import loop as loop_module
+from sdmoe.train.config import apply_overrides, preset
 from sdmoe.train.loop import NonFiniteError, train
 from sdmoe.train.metrics import read_metrics
 
@@ -135,3 +137,17 @@ def test_bf16_autocast_tracks_float32(tmp_path, tiny_config, tiny_dataset, metho
     # Same run up to bf16 rounding of activations: the losses stay close, not equal.
     assert abs(bf16.val_loss["mean"] - fp32.val_loss["mean"]) < 0.05
     assert bf16.val_loss["mean"] != fp32.val_loss["mean"]
+
+
+def test_the_default_variant_follows_its_recorded_loss_trace(tmp_path):
+    """The default SD-MoE on the tiny preset, step by step, against a trace recorded once (tests/train/data):
+    a change of the method's numbers shows here first."""
+    rec = json.loads((Path(__file__).parent / "data" / "loss_trace_default.json").read_text())
+    cfg = preset("tiny")
+    cfg.method = "sd-moe"
+    apply_overrides(cfg, ["loop.log_every=1", "loop.threads=1", "loop.monitor_every=0"])
+    train(cfg, tmp_path / "run", progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r and "event" not in r]
+    assert len(losses) == len(rec["losses"]) == cfg.loop.steps
+    for step, (got, want) in enumerate(zip(losses, rec["losses"])):
+        assert got == pytest.approx(want, rel=1e-5), step

@@ -30,7 +30,7 @@ def training_step(cfg: RunConfig, data) -> Callable[[], None]:
     if cfg.method == "sd-moe":
         controller = SDMoE(model, cfg.sdmoe)
         controller.split()
-        controller.rebind_optimizer(optimizer)
+        controller.bind_optimizer(optimizer)
     step = [0]
 
     def run() -> None:
@@ -42,11 +42,13 @@ def training_step(cfg: RunConfig, data) -> Callable[[], None]:
         loss.backward()
         if controller is not None:
             controller.after_backward(step[0])
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            controller.clip_grad_norm_(cfg.optim.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         if controller is not None:
             controller.after_optimizer_step(step[0])
+        optimizer.zero_grad(set_to_none=True)
         step[0] += 1
 
     return run

@@ -4,34 +4,34 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SDMoECallback(SDMoEConfig(split_step=100))])
     trainer.train(); SDMoECallback.export(trainer.model)   # or sdmoe.method.export(model)
 
-Where each piece of the method runs in the Trainer's step (transformers 5.x events):
+The model stays the Trainer's plain model throughout; the callback calls the controller's
+three events (transformers 5.x events):
 
-    on_init_end           split_step == 0: split now, before the Trainer builds its optimizer
-                          and before accelerate wraps the model (DDP / FSDP see the split model)
-    on_step_begin         step == split_step: split, `rebind_optimizer` on the real optimizer
-                          (accelerate's AcceleratedOptimizer unwrapped), and the LR scheduler is
-                          told about the new groups (base_lrs / lr_lambdas extended)
+    on_init_end           split_step == 0: split now, before accelerate wraps the model
+    on_train_begin        a model split already: bind the Trainer's optimizer
+    on_step_begin         `before_forward`: at split_step, split and bind the real optimizer
+                          (accelerate's AcceleratedOptimizer unwrapped); with lr_tail_mult != 1 the
+                          LR scheduler is told about the experts' new group (base_lrs / lr_lambdas)
     [forward, backward, the Trainer's own clipping -- see below]
-    on_pre_optimizer_step gradient split (`after_backward`) -- or `observe` before the split;
+    on_pre_optimizer_step `after_backward` (the gradient split, or collection before the split);
                           then clipping, then the spectral monitor when due
-    on_optimizer_step     tail re-projection / basis re-estimation (`after_optimizer_step`)
+    on_optimizer_step     `after_optimizer_step`: the shared update folded into the experts,
+                          tail re-projection, basis re-estimation
     on_log                the monitor's and the split's numbers join the Trainer's log record
 
 Clipping order. The Trainer clips BEFORE `on_pre_optimizer_step`, but SD-MoE splits the
 gradient and then clips (as `sdmoe train` does). So at `on_train_begin` the callback takes
 the clipping over: it stores `args.max_grad_norm`, sets it to 0 for the run (restored at
-`on_train_end`) and clips `model.parameters()` itself right after the split. The Trainer's
+`on_train_end`) and clips the model's and the shared parts' gradients itself right after the split. The Trainer's
 logged `grad_norm` is then the norm before the split and before clipping. With `fp16=True`
 (a GradScaler: gradients are still scaled at that point) the callback leaves clipping to the
 Trainer; the split then follows the clip, which is correct up to the clip coefficient (the
 split is linear and never increases the norm, so the clipped norm bound still holds).
 
-Limits. Multi-process runs (DDP / FSDP through accelerate) need `split_step=0`: a later
-split replaces parameters under a wrapper that was built with the old ones (`sdmoe train`
-re-wraps DDP itself; the Trainer cannot). Trainer checkpoints saved after the split hold
-the SD-MoE parts (`...sdmoe.tails_*`), not plain weights, and resuming them through the
-Trainer is not supported: export at the end, or train with `sdmoe train` for resumable
-SD-MoE runs. The monitor's values reach `trainer.state.log_history` and the callbacks
+Limits. Multi-process runs (DDP / FSDP through accelerate) need `split_step=0` (only the
+single-process path is tested with a later split). Trainer checkpoints hold plain weights,
+but not SD-MoE's own state (bases, shared parts, the shared optimizer): resuming them
+through the Trainer restarts the method; train with `sdmoe train` for resumable SD-MoE runs. The monitor's values reach `trainer.state.log_history` and the callbacks
 listed after this one (the console progress); reporting integrations (`report_to`) run
 before user callbacks and do not see them unless re-added after it.
 """
@@ -48,7 +48,7 @@ from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.errors import UserError
 from sdmoe.method import SDMoE, SDMoEConfig
 from sdmoe.method import export as _export
-from sdmoe.method.parametrization import SDMoEHook
+from sdmoe.method.hooks import SDMoEHook
 
 # Per-group lists a torch scheduler keeps (lr-valued ones are scaled by the new group's lr_mult).
 _SCHED_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs")
@@ -143,7 +143,7 @@ class SDMoECallback(TrainerCallback):
             raise UserError(f"SDMoECallback with {args.world_size} processes needs SDMoEConfig(split_step=0): a later "
                             "split replaces parameters under the DDP/FSDP wrapper; or train with `sdmoe train`")
         if ctl.split_done and optimizer is not None:
-            self._own_groups(_unwrap(optimizer, "optimizer"), _unwrap(lr_scheduler, "scheduler"))
+            self._bind_optimizer(_unwrap(optimizer, "optimizer"), _unwrap(lr_scheduler, "scheduler"))
         if self.clip_after_split and args.max_grad_norm and args.max_grad_norm > 0 and not args.fp16:
             self._max_grad_norm = float(args.max_grad_norm)
             args.max_grad_norm = 0.0  # the Trainer skips its clip; on_pre_optimizer_step clips after the split
@@ -164,17 +164,11 @@ class SDMoECallback(TrainerCallback):
         ctl = self.controller
         if ctl is None or ctl.split_done:
             return
-        opt = _unwrap(optimizer, "optimizer")
-        n_before = len(opt.param_groups) if opt is not None else 0
-        live_before = [[id(p) for p in g["params"]] for g in opt.param_groups] if opt is not None else []
-        record = ctl.maybe_split(state.global_step, None, self._reference())
+        record = ctl.before_forward(state.global_step, None, self._reference())
         if record is None:
             return
-        if opt is not None:
-            live = {id(p) for p in self._model.parameters()}
-            src = next((i for i, ids in enumerate(live_before) if any(j not in live for j in ids)), 0)
-            ctl.rebind_optimizer(opt)
-            _extend_scheduler(_unwrap(lr_scheduler, "scheduler"), opt, src, n_before)
+        if optimizer is not None:
+            self._bind_optimizer(_unwrap(optimizer, "optimizer"), _unwrap(lr_scheduler, "scheduler"))
         self._record_split(record, state.global_step)
         if not self.cfg.reestimate_every and self.reference_batch is None and self._recorder_handle is not None:
             self._recorder_handle.remove()
@@ -185,12 +179,9 @@ class SDMoECallback(TrainerCallback):
         if ctl is None:
             return
         step = state.global_step
-        if ctl.split_done:
-            ctl.after_backward(step)
-        else:
-            ctl.observe(step)
+        ctl.after_backward(step)
         if self._max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._max_grad_norm)
+            ctl.clip_grad_norm_(self._max_grad_norm)
         if self.monitor_every and (step + 1) % self.monitor_every == 0:
             snap = spectral_snapshot(self._model, self.monitor_rank)
             self._pending.update({f"sdmoe/{k}": v for k, v in snap.items()})
@@ -227,30 +218,13 @@ class SDMoECallback(TrainerCallback):
         if "logits_rel_change" in record:
             self._pending["sdmoe/split_logits_rel_change"] = float(record["logits_rel_change"])
 
-    def _own_groups(self, opt: torch.optim.Optimizer, scheduler) -> None:
-        """A model split before the optimizer was built: give the SD-MoE parts their own groups
-        (the lr multipliers apply) unless the multipliers are 1 (then the Trainer's groups are right)."""
-        ctl = self.controller
-        if self.cfg.lr_shared_mult == 1.0 and self.cfg.lr_tail_mult == 1.0:
-            return
-        groups = ctl.param_groups(0.0, 0.0)
-        mine = {id(p) for g in groups for p in g["params"]}
-        if any(g.get("name", "").startswith("sdmoe.") for g in opt.param_groups):
-            return  # already ours
-        src = None
-        for i, g in enumerate(opt.param_groups):
-            keep = [p for p in g["params"] if id(p) not in mine]
-            if len(keep) != len(g["params"]):
-                src = i if src is None else src
-                g["params"] = keep
-        if src is None:
-            return
-        n_before, base = len(opt.param_groups), opt.param_groups[src]
-        for g in groups:
-            g["lr"] = base["lr"] * g["lr_mult"]
-            g["weight_decay"] = base.get("weight_decay", 0.0)
-            opt.add_param_group(g)
-        _extend_scheduler(scheduler, opt, src, n_before)
+    def _bind_optimizer(self, opt: torch.optim.Optimizer, scheduler) -> None:
+        """Bind the real optimizer; a group the binding adds (lr_tail_mult != 1) follows the scheduler."""
+        sizes = [len(g["params"]) for g in opt.param_groups]
+        self.controller.bind_optimizer(opt)
+        if len(opt.param_groups) > len(sizes):  # the experts left group src for their own
+            src = next(i for i, n in enumerate(sizes) if len(opt.param_groups[i]["params"]) != n)
+            _extend_scheduler(scheduler, opt, src, len(sizes))
 
     @staticmethod
     def export(model: nn.Module) -> nn.Module:

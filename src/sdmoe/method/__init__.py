@@ -1,4 +1,4 @@
-"""SD-MoE: shared/tail decomposition of MoE experts, spectral gradient split, convert/export."""
+"""SD-MoE: the spectral gradient split and the shared update over a plain transformers model; convert/export."""
 
 import sys
 import types

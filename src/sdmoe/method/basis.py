@@ -20,7 +20,7 @@ from sdmoe.errors import UserError
 from sdmoe.moe.layout import MoEBlock
 from sdmoe.spectral import SecondMoment, common_subspace, data_subspace
 
-from .parametrization import SDMoEHook
+from .hooks import SDMoEHook
 
 
 class _InputMoment(SDMoEHook):
@@ -34,28 +34,9 @@ class _InputMoment(SDMoEHook):
 
 
 def canonical(block: MoEBlock, which: str = "data") -> dict[str, torch.Tensor]:
-    """The block's expert weights (or their grads) as E x F x D, hidden last; {} if no grads."""
-    if which == "data":
-        return {p: w.detach() for p, w in block.projections().items()}
-    if block.layout == "fused":
-        gu, dn = block.experts.gate_up_proj.grad, block.experts.down_proj.grad
-        if gu is None or dn is None:
-            return {}
-        from .parametrization import FusedLayout
-
-        lay = FusedLayout(block.experts, block.expert_ffn)
-        g, u = lay.gate_up_views(gu)
-        return {"gate": g, "up": u, "down": lay.down_view(dn)}
-    from sdmoe.moe.layout import _mlp_names
-
-    out = {}
-    for k, p in enumerate(("gate", "up", "down")):
-        grads = [getattr(m, _mlp_names(m)[k]).weight.grad for m in block.experts]
-        if any(g is None for g in grads):
-            return {}
-        s = torch.stack(grads)
-        out[p] = s.transpose(1, 2) if p == "down" else s
-    return out
+    """The block's expert weights (or their grads) as E x F x D, hidden last; {} if any grad is missing."""
+    views, _ = block.views(which)
+    return views if len(views) == 3 else {}
 
 
 def gram(x_EFD: torch.Tensor) -> torch.Tensor:

@@ -1,68 +1,464 @@
-"""`SDMoE`: the object a training loop drives.
+"""`SDMoE`: SD-MoE as a transform of gradients and an optimizer-side shared update.
+
+The host model stays a plain transformers model at every step: its expert weights
+W_i are its own parameters, trained by its own optimizer. What SD-MoE adds lives
+here, outside the model:
+
+- per layer and projection: the basis U (D x R), the tracked basis Q (per_step), the
+  shared part (S, A or A_i; `core.shared_at_split`), kept so the tails T_i = W_i - C_i
+  can be measured and re-projected;
+- a zero "shared delta" per shared part, trained by a second optimizer of the host
+  optimizer's kind: its moments are exactly the shared part's, and its step is added
+  to every expert after the host optimizer's step (`core.fold_shared`).
+
+Three events drive it, from any training loop (`sdmoe train`, the Trainer callback,
+DDP, FSDP2):
 
     ctl = SDMoE(model, cfg)
     for step in range(steps):
-        ctl.maybe_split(step, optimizer, reference_batch)   # before the forward
+        ctl.before_forward(step, optimizer, reference_batch)  # split when due; collection windows
         loss = ...; loss.backward()
-        ctl.after_backward(step) if ctl.split_done else ctl.observe(step)
-        clip; optimizer.step()
-        ctl.after_optimizer_step(step, reference_batch)     # re-projection, re-estimation
+        ctl.after_backward(step)           # split the gradients; BEFORE clipping
+        ctl.clip_grad_norm_(max_norm)      # the model's gradients and the shared ones, as one vector
+        optimizer.step()
+        ctl.after_optimizer_step(step)     # shared update folded in; re-projection; re-estimation
         optimizer.zero_grad()
 
-Resume: `prepare_for_load()` rebuilds the split structure on a fresh model
-(placeholder values), `rebind_optimizer(opt)`, then load the model's,
-optimizer's and this object's state dicts.
+Why this is the same method as W_i = C + T_i with C and T_i as parameters: AdamW is
+elementwise and its weight decay is linear, so the tails' update is AdamW on the tails'
+gradients applied to W_i, and the shared part's update is AdamW on the shared gradient
+applied to a parameter that starts every step at zero. The one difference, the weight
+decay of C at the shared learning rate instead of the tails', is added back in
+`after_optimizer_step` (zero when the two rates are equal). Like the tails of a fresh
+parameter, the experts' optimizer state is reset at the split.
+
+Resume: save `state_dict()` (tensors: torch.save-able with weights_only=True); on a
+fresh model, `load_state_dict(sd, optimizer)` rebuilds the split, binds the optimizer
+and restores the shared optimizer's state; then load the host optimizer's state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from sdmoe.errors import UserError
-from sdmoe.moe import find_moe_blocks
-from sdmoe.moe.sharding import unsharded
-from sdmoe.spectral import (
-    data_subspace,
-    expert_subspaces,
-    mean_off_diagonal,
-    overlap_matrix,
-)
+from sdmoe.moe import MoEBlock, find_moe_blocks
+from sdmoe.moe.sharding import local, unsharded, whole
+from sdmoe.spectral import data_subspace, expert_subspaces, mean_off_diagonal, overlap_matrix
 
-from . import kernels, sharding
-from .basis import Collector, canonical, choose_bases, gram
+from . import core, sharding
+from .basis import Collector, choose_bases, gram
 from .config import SDMoEConfig
-from .parametrization import STATE_NAME, SDMoEState, install
-from .router import ResidualRouterInput
+from .export import export
+from .hooks import SPLIT_BY
+from .router import ResidualRouterInput, fold
+
+STATE_VERSION = 2  # 1: the parametrization engine of sdmoe 0.1 (not readable here)
+
+
+class _Layer:
+    """One MoE block's SD-MoE state (all tensors outside the model)."""
+
+    def __init__(self, block: MoEBlock, cfg: SDMoEConfig, form: str, rank: int, width: int):
+        self.block, self.r, self.form = block, rank, form
+        self.projs = tuple(p for p in ("gate", "up", "down") if p in cfg.projections)
+        e, f, d = block.num_experts, block.expert_ffn, block.hidden_size
+        ref = next(block.experts.parameters())
+        dt, dev = ref.dtype, ref.device
+        self.basis = {p: torch.zeros(d, rank, dtype=torch.float32, device=dev) for p in self.projs}
+        self.q = ({p: torch.zeros(d, width, dtype=torch.float32, device=dev) for p in self.projs}
+                  if cfg.gradient_split == "per_step" else {})
+        shape = {"full": (f, d), "lowrank": (f, rank), "per_expert": (e, f, rank)}[form]
+        self.shared = {p: torch.zeros(shape, dtype=dt, device=dev) for p in self.projs}
+        self.delta = {p: nn.Parameter(torch.zeros(shape, dtype=dt, device=dev)) for p in self.projs}
+        self.router_basis = (torch.zeros(d, rank, dtype=torch.float32, device=dev)
+                             if cfg.router_input == "residual" else None)
+        # gate and up of fused [gate; up] storage split in one batched pass (same basis kind for both)
+        self.pair = block.gate_up_pair("data") is not None and {"gate", "up"} <= set(self.projs)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in ("basis", "q", "shared"):
+            out.update({f"{name}_{p}": t for p, t in getattr(self, name).items()})
+        if self.router_basis is not None:
+            out["router_basis"] = self.router_basis
+        return out
+
+    def contribution(self, p: str) -> torch.Tensor:
+        return core.shared_contribution(self.shared[p], self.basis[p], self.form)
+
+    def groups(self, which: str = "grad"):
+        """(projections, E x P x F x D view) to handle together; views alias the storage where it allows."""
+        views, commit = self.block.views(which, self.projs)
+        rest = [p for p in self.projs if p in views]
+        out = []
+        if self.pair and "gate" in views and "up" in views:
+            out.append((("gate", "up"), self.block.gate_up_pair(which)))
+            rest = [p for p in rest if p not in ("gate", "up")]
+        out += [((p,), views[p].unsqueeze(1)) for p in rest]
+        return out, views, commit
 
 
 class SDMoE:
-    """Splits a transformers MoE model's experts into shared parts and tails, and drives the gradient split."""
+    """SD-MoE on a transformers MoE model: the gradient split and the shared update, driven by three events."""
 
     def __init__(self, model: nn.Module, cfg: SDMoEConfig):
         if not isinstance(cfg, SDMoEConfig):
             raise UserError(f"cfg must be an SDMoEConfig, got {type(cfg).__name__}")
         cfg.validate()
+        if model in SPLIT_BY:
+            raise UserError("this model is already split by another SDMoE; use that one, or export(model) first to "
+                            "split it again")
         self.model, self.cfg = model, cfg
+        self.form = "per_expert" if cfg.mode == "per_expert" else cfg.shared_form
         self.blocks = find_moe_blocks(model)
-        if any(isinstance(getattr(b.module, STATE_NAME, None), SDMoEState) for b in self.blocks):
-            raise UserError("this model is already split by SD-MoE; use its controller, or export(model) "
-                            "first to split it again")
         self.ranks = cfg.resolve_ranks(self.blocks[0].hidden_size, len(self.blocks))
         self.split_done = False
-        self.states: list[SDMoEState] = []
-        self._replaced: list[nn.Parameter] = []
+        self.layers: list[_Layer] = []
+        self.shared_optimizer: torch.optim.Optimizer | None = None
+        # the host optimizer and the index of the group that trains the experts (an index, not the dict:
+        # Optimizer.load_state_dict replaces the group dicts, and FSDP2 sharding replaces the parameters)
+        self._host: tuple[torch.optim.Optimizer, int] | None = None
         self._drift: dict[str, torch.Tensor] = {}
+        self._router_hooks: list = []
         need_grads = cfg.basis_source == "gradients"
         need_inputs = cfg.basis_source == "activations" or cfg.router_input == "residual"
         self.collector = Collector(self.blocks, need_grads, need_inputs)
-        self._reproject = cfg.gradient_split == "fixed" or (cfg.mode == "per_expert" and cfg.gradient_split != "none")
+        self._reproject = cfg.gradient_split == "fixed" or (self.form == "per_expert" and cfg.gradient_split != "none")
         self._sync_hooks(0)
 
-    # -- collection windows ----------------------------------------------------
+    # -- event 1: before the forward ------------------------------------------------------------
+    def before_forward(self, step: int, optimizer: torch.optim.Optimizer | None = None,
+                       reference_batch=None) -> dict | None:
+        """At step >= split_step: split (and bind `optimizer`); returns the split record. Before it:
+        open or close the collection windows the basis source needs."""
+        if self.split_done:
+            return None
+        if step < self.cfg.split_step:
+            self._sync_hooks(step)
+            return None
+        record = self.split(reference_batch)
+        if optimizer is not None:
+            self.bind_optimizer(optimizer)
+        return record
+
+    # -- event 2: after the backward, before clipping ---------------------------------------------
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        """Before the split: accumulate what the basis source needs. After it: split every expert's
+        gradient into its tail (in place) and hand the shared part's gradient to its delta. No host syncs.
+
+        On FSDP2-sharded experts: tails on the local experts, the tracker's M Q and the shared
+        gradient summed over the ranks (`sharding.reducer`)."""
+        if not self.split_done:
+            if self._in_window(step):
+                self.collector.add_grads()
+            self._sync_hooks(step + 1)
+            return
+        cfg = self.cfg
+        collect = self._in_window(step) and self.collector.need_grads
+        exact = cfg.gradient_split == "per_step" and cfg.exact_every and step % cfg.exact_every == 0
+        for li, layer in enumerate(self.layers):
+            groups, views, commit = layer.groups("grad")
+            if collect:
+                for p, g in views.items():
+                    self.collector.grads[(li, p)] = self.collector.grads.get((li, p), 0) + gram(g)
+            reduce = sharding.reducer(layer.block.host_parameters(layer.projs)[0].grad)
+            for projs, g in groups:
+                q = self._split_basis(li, layer, projs, g, exact, reduce)
+                u = torch.stack([layer.basis[p] for p in projs])
+                shared = core.shared_gradient(g, self.form, q if self.form == "full" else u, reduce)
+                for k, p in enumerate(projs):
+                    layer.delta[p].grad = shared[:, k] if self.form == "per_expert" else shared[k]
+                if q is not None:
+                    core.split_tails(g, q, cfg.normalize_tail_updates)
+            commit()
+        if collect:
+            self.collector.grad_batches += 1
+
+    def _split_basis(self, li: int, layer: _Layer, projs, g: torch.Tensor, exact: bool, reduce) -> torch.Tensor | None:
+        """The basis this step splits in: the tracked Q (per_step), U (fixed), or None (the control)."""
+        cfg = self.cfg
+        if cfg.gradient_split == "none":
+            return None
+        if cfg.gradient_split == "fixed":
+            return torch.stack([layer.basis[p] for p in projs])
+        qbuf = torch.stack([layer.q[p] for p in projs])  # P x D x X
+        q = core.track_basis(g, qbuf, cfg.tracker_iters, layer.r, cfg.tracker_oversample > 0, reduce)
+        if exact:
+            for k, p in enumerate(projs):
+                m = gram(g[:, k])
+                if reduce is not None:
+                    reduce(m)
+                e = data_subspace(m, qbuf.shape[-1])[0].to(qbuf.dtype)
+                self._drift[f"{li}.{p}"] = core.drift(q[k], e[:, : layer.r])
+                qbuf[k].copy_(e)
+        for k, p in enumerate(projs):
+            layer.q[p].copy_(qbuf[k])
+        return q
+
+    # -- event 3: after the optimizer step ------------------------------------------------------------
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, reference_batch=None) -> dict | None:
+        """The shared part's optimizer step, folded into every expert; tails re-projected (fixed split,
+        per-expert form); U re-estimated every `reestimate_every` steps (returns its record)."""
+        if not self.split_done:
+            return None
+        if self.shared_optimizer is None:
+            raise UserError("SDMoE.after_optimizer_step before an optimizer was bound; pass the optimizer to "
+                            "before_forward() or call bind_optimizer(optimizer) after the split")
+        opt, index = self._host
+        group = opt.param_groups[index]
+        lr_t = float(group["lr"])
+        lr_s = lr_t / (group.get("lr_mult", 1.0) or 1.0) * self.cfg.lr_shared_mult  # base rate x shared mult
+        wd = float(group.get("weight_decay", 0.0))
+        self.shared_optimizer.param_groups[0]["lr"] = lr_s
+        self.shared_optimizer.step()
+        for layer in self.layers:
+            views, commit = layer.block.views("data", layer.projs)
+            for p, w in views.items():
+                step_ = layer.delta[p].detach()
+                if wd and lr_t != lr_s:  # W_i decayed at the tails' rate; C decays at the shared part's
+                    w.add_(layer.contribution(p), alpha=(lr_t - lr_s) * wd)
+                core.fold_shared(w, step_, layer.basis[p], self.form)
+                layer.shared[p].mul_(1.0 - lr_s * wd).add_(step_)
+                step_.zero_()
+                if self._reproject:
+                    core.project_tails(w, layer.contribution(p), layer.basis[p])
+            commit()
+        self.shared_optimizer.zero_grad(set_to_none=True)
+        record = None
+        k = self.cfg.reestimate_every
+        if k and step >= self.cfg.split_step and (step - self.cfg.split_step + 1) % k == 0:
+            record = self.reestimate(reference_batch)
+        self._sync_hooks(step + 1)
+        return record
+
+    # -- the split and re-estimation ------------------------------------------------------------------
+    def split(self, reference_batch=None) -> dict:
+        """Split now: bases, shared parts, tails where the rule projects them. Returns
+        {"form", "gradient_split", "layers": [{layer, rank, basis_source, rel_change}], ...}."""
+        if self.split_done:
+            raise UserError("this model is already split by this SDMoE; create a new SDMoE to split it again")
+        if reference_batch is not None:
+            self._collect_from(reference_batch)
+        io = _BlockIO(self.model, self.blocks, reference_batch) if reference_batch is not None else None
+        for li, (block, r) in enumerate(zip(self.blocks, self.ranks)):
+            width = min(r + self.cfg.tracker_oversample, block.hidden_size)
+            layer = _Layer(block, self.cfg, self.form, r, width)
+            self.layers.append(layer)
+            self._fill(li, layer, choose_bases(block, li, layer.projs, width, self.cfg.basis_source, self.collector))
+            if layer.router_basis is not None:
+                if not self.collector.has_inputs():
+                    raise UserError("router_input='residual' needs the layer inputs: set split_step >= 1 so warm-up "
+                                    "steps are observed, or pass reference_batch to split()")
+                layer.router_basis.copy_(data_subspace(self.collector.input_moment(li), r)[0].float())
+        self._attach_router_hooks()
+        self.split_done = True
+        SPLIT_BY[self.model] = self
+        self.collector.stop()
+        self.collector.reset()
+        out = {"form": self.form, "gradient_split": self.cfg.gradient_split,
+               "layers": [{"layer": b.layer, "rank": r, "basis_source": self.cfg.basis_source}
+                          for b, r in zip(self.blocks, self.ranks)]}
+        if io is not None:
+            io.record(out)
+        return out
+
+    @torch.no_grad()
+    def _fill(self, li: int, layer: _Layer, bases: dict[str, torch.Tensor]) -> None:
+        """U, Q and the shared parts from the current weights; tails projected out of U where the rule
+        says (lowrank and per-expert forms, the fixed split): that drops each expert's own part inside
+        U (the function changes, and the split record measures by how much), except per_expert (exact)."""
+        views, commit = layer.block.views("data", layer.projs)
+        project = self.form != "full" or self.cfg.gradient_split == "fixed"
+        for p in layer.projs:
+            u = bases[p].to(layer.basis[p].device)
+            layer.basis[p].copy_(u[:, : layer.r])
+            if p in layer.q:
+                layer.q[p].copy_(u[:, : layer.q[p].shape[1]])
+            layer.shared[p].copy_(core.shared_at_split(views[p], layer.basis[p], self.form))
+            if project:
+                core.project_tails(views[p], layer.contribution(p), layer.basis[p])
+        commit()
+
+    @torch.no_grad()
+    def reestimate(self, reference_batch=None) -> dict:
+        """Choose U again (basis_source) and split every layer again by the split's rule; logs the change."""
+        if reference_batch is not None:
+            self._collect_from(reference_batch)
+        io = _BlockIO(self.model, self.blocks, reference_batch) if reference_batch is not None else None
+        records = []
+        for li, layer in enumerate(self.layers):
+            width = next(iter(layer.q.values())).shape[1] if layer.q else layer.r
+            bases = choose_bases(layer.block, li, layer.projs, width, self.cfg.basis_source, self.collector)
+            overlap = {p: float((layer.basis[p].T @ bases[p][:, : layer.r]).square().sum() / layer.r)
+                       for p in layer.projs}
+            self._fill(li, layer, bases)
+            records.append({"layer": layer.block.layer, "rank": layer.r, "basis_source": self.cfg.basis_source,
+                            "basis_overlap": overlap})
+        self.collector.reset()
+        out = {"layers": records}
+        if io is not None:
+            io.record(out)
+        return out
+
+    def _attach_router_hooks(self) -> None:
+        for layer in self.layers:
+            if layer.router_basis is not None:
+                self._router_hooks.append(
+                    layer.block.router.register_forward_pre_hook(ResidualRouterInput(layer.router_basis)))
+
+    # -- the optimizer -----------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """The shared deltas (zero between steps; their gradients are set by after_backward). Clip them
+        with the model's parameters."""
+        return [layer.delta[p] for layer in self.layers for p in layer.projs]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the model's gradients and the shared deltas' as one vector (after `after_backward`);
+        returns the total norm, a 0-dim tensor (no host sync).
+
+        The model's gradients may be FSDP2 DTensors and the deltas' are plain tensors (identical
+        on every rank), which one `clip_grad_norm_` call cannot mix: the norms are taken apart."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        extra = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = [whole(torch.nn.utils.get_total_norm(grads))]
+        if extra:
+            norms.append(torch.nn.utils.get_total_norm(extra))
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        # torch's clip_grads_with_norm_ would multiply DTensors by a plain coefficient, which DTensor refuses:
+        # the same coefficient, applied to the local shards (views of the DTensors' storage)
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([local(g) for g in grads + extra], coef)
+        return norm
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every state tensor of the split (bases, tracked bases, shared parts, router bases), in a fixed order."""
+        return [t for layer in self.layers for t in layer.tensors().values()]
+
+    def num_shared_parameters(self) -> int:
+        """Trainable numbers the shared parts add to the model's own (the method's extra parameters)."""
+        return sum(t.numel() for t in self.parameters())
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Attach the host optimizer (once, after the split): reset the experts' optimizer state (fresh
+        moments for the tails), move them into their own group when lr_tail_mult != 1, and build the
+        shared optimizer (the host's class and settings, no weight decay: it is applied to C here)."""
+        if not self.split_done:
+            raise UserError("bind_optimizer() before the split; call split() first (or before_forward at split_step)")
+        hosts = {id(p): p for layer in self.layers for p in layer.block.host_parameters(layer.projs)}
+        index = next((i for i, g in enumerate(optimizer.param_groups) if any(id(p) in hosts for p in g["params"])), None)
+        if index is None:
+            raise UserError("the optimizer holds none of the experts' weights; build it from model.parameters()")
+        if self._host is not None and self._host[0] is optimizer:
+            return  # already bound
+        group = optimizer.param_groups[index]
+        for p in hosts.values():
+            optimizer.state.pop(p, None)
+        mult = self.cfg.lr_tail_mult
+        if mult != 1.0 and group.get("name") != "sdmoe.tails":
+            # Groups left empty stay (group indices and schedulers keep working); the new group follows
+            # the base rate (the group's lr over its lr_mult) times the tails' multiplier.
+            base_lr = group["lr"] / (group.get("lr_mult", 1.0) or 1.0)
+            for g in optimizer.param_groups:
+                g["params"] = [p for p in g["params"] if id(p) not in hosts]
+            optimizer.add_param_group({"params": list(hosts.values()), "lr": base_lr * mult, "lr_mult": mult,
+                                       "weight_decay": group.get("weight_decay", 0.0), "name": "sdmoe.tails"})
+            index = len(optimizer.param_groups) - 1
+        self._host = (optimizer, index)
+        accepted = inspect.signature(type(optimizer)).parameters  # defaults may hold more (AdamW's decoupled flag)
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        self.shared_optimizer = type(optimizer)(self.parameters(), **{**defaults, "weight_decay": 0.0})
+
+    # -- monitoring ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def monitor(self, k: int = 8) -> dict:
+        """Per layer/projection: mean off-diagonal overlap of the experts' (and tails') top-k subspaces."""
+        layers = []
+        for li, block in enumerate(self.blocks):
+            with unsharded(self.model, block.name):  # all experts, also under FSDP2
+                layers.append(self._monitor_layer(li, block, min(k, block.hidden_size)))
+        return {"k": k, "random_baseline": k / self.blocks[0].hidden_size, "layers": layers}
+
+    def _monitor_layer(self, li: int, block: MoEBlock, k: int) -> dict:
+        views, _ = block.views("data")
+        rec = {"layer": block.layer, "experts_overlap": {
+            p: mean_off_diagonal(overlap_matrix(expert_subspaces(w.float(), k))) for p, w in views.items()}}
+        if self.split_done:
+            layer = self.layers[li]
+            rec["tails_overlap"] = {
+                p: mean_off_diagonal(overlap_matrix(expert_subspaces((views[p] - layer.contribution(p)).float(), k)))
+                for p in layer.projs}
+            drift = {key.split(".")[1]: float(v) for key, v in self._drift.items() if int(key.split(".")[0]) == li}
+            if drift:
+                rec["tracker_drift"] = drift
+        return rec
+
+    def tails(self, li: int) -> dict[str, torch.Tensor]:
+        """Layer li's tails T_i = W_i - C_i (E x F x D copies), for tests and analyses."""
+        layer = self.layers[li]
+        views, _ = layer.block.views("data", layer.projs)
+        return {p: views[p] - layer.contribution(p) for p in layer.projs}
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resume needs, as tensors and plain values (`torch.save`, `weights_only=True` loads it)."""
+        return {"version": STATE_VERSION, "split_done": self.split_done, "ranks": list(self.ranks),
+                "config": dataclasses.asdict(self.cfg), "collector": self.collector.state_dict(),
+                "drift": {k: float(v) for k, v in self._drift.items()},
+                "layers": [layer.tensors() for layer in self.layers],
+                "shared_optimizer": self.shared_optimizer.state_dict() if self.shared_optimizer else None}
+
+    def load_state_dict(self, sd: Mapping, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore a `state_dict()` on a fresh model; after the split it rebuilds the split's state and
+        binds `optimizer` (load the host optimizer's own state after this)."""
+        if sd.get("version") != STATE_VERSION:
+            raise UserError(f"this SD-MoE state has version {sd.get('version')!r}, written by sdmoe 0.1's "
+                            "parametrization engine; resume it with sdmoe 0.1.0 (pip install sdmoe==0.1.0), or "
+                            "start the run again")
+        if list(sd.get("ranks", self.ranks)) != list(self.ranks):
+            raise UserError(f"checkpoint ranks {sd.get('ranks')} differ from this config's {self.ranks}; "
+                            f"use the run's own sdmoe config")
+        if self.split_done:
+            raise UserError("load_state_dict() on an SDMoE that has already split; load into a fresh one")
+        self.collector.load_state_dict(sd.get("collector", {}))
+        self._drift = {k: torch.tensor(float(v)) for k, v in sd.get("drift", {}).items()}
+        if not sd.get("split_done"):
+            return
+        self.collector.stop()
+        for block, r, tensors in zip(self.blocks, self.ranks, sd["layers"]):
+            width = tensors[f"q_{next(p for p in self.cfg.projections)}"].shape[1] if self.cfg.gradient_split == \
+                "per_step" else r
+            layer = _Layer(block, self.cfg, self.form, r, width)
+            for name, t in layer.tensors().items():
+                t.copy_(tensors[name])
+            self.layers.append(layer)
+        self._attach_router_hooks()
+        self.split_done = True
+        SPLIT_BY[self.model] = self
+        if optimizer is not None:
+            self.bind_optimizer(optimizer)
+            if sd.get("shared_optimizer") is not None:
+                self.shared_optimizer.load_state_dict(sd["shared_optimizer"])
+
+    # -- export ------------------------------------------------------------------------------------------
+    def export(self, target: nn.Module | None = None) -> nn.Module:
+        """A plain model for saving: the residual router's projection folded into `target`'s routers
+        (default: this model; an unsharded copy of it under FSDP2), every sdmoe hook removed."""
+        target = self.model if target is None else target
+        if target is not self.model and any(layer.router_basis is not None for layer in self.layers):
+            for layer, block in zip(self.layers, find_moe_blocks(target)):
+                fold(block.router, layer.router_basis)
+        return export(target)
+
+    # -- collection windows (gradient / activation bases) ----------------------------------------------
     def _in_window(self, step: int) -> bool:
         c = self.cfg
         if not (self.collector.need_grads or self.collector.need_inputs):
@@ -80,96 +476,6 @@ class SDMoE:
         else:
             self.collector.stop()
 
-    def observe(self, step: int) -> None:
-        """After backward on a step before the split: accumulate what the basis source needs."""
-        if self.split_done:
-            return
-        if self._in_window(step):
-            self.collector.add_grads()
-        self._sync_hooks(step + 1)
-
-    # -- the split ---------------------------------------------------------------
-    def maybe_split(self, step: int, optimizer: torch.optim.Optimizer | None = None, reference_batch=None) -> dict | None:
-        """At step >= split_step (before its forward): split, then rebind `optimizer`; returns the split record."""
-        if self.split_done:
-            return None
-        if step < self.cfg.split_step:
-            self._sync_hooks(step)
-            return None
-        record = self.split(reference_batch)
-        if optimizer is not None:
-            self.rebind_optimizer(optimizer)
-        return record
-
-    def split(self, reference_batch=None) -> dict:
-        """Convert in place now. Returns {"layers": [{layer, rank, basis_source, rel_change}], ...}."""
-        if self.split_done:
-            raise UserError("this model is already split; export(model) first to split it again")
-        if reference_batch is not None:
-            self._collect_from(reference_batch)
-        io = _BlockIO(self.model, self.blocks, reference_batch) if reference_batch is not None else None
-        width_extra = self.cfg.tracker_oversample
-        for li, (block, r) in enumerate(zip(self.blocks, self.ranks)):
-            state = SDMoEState(block, self.cfg, r)
-            width = min(r + width_extra, block.hidden_size)
-            bases = choose_bases(block, li, state.projs, width, self.cfg.basis_source, self.collector)
-            w = canonical(block, "data")
-            self._fill(state, {p: w[p] for p in state.projs}, bases)
-            self._replaced += install(block, state)
-            self._after_install(block, state)
-            self.states.append(state)
-        self.split_done = True
-        self.collector.stop()
-        self.collector.reset()
-        layers = [{"layer": b.layer, "rank": r, "basis_source": self.cfg.basis_source}
-                  for b, r in zip(self.blocks, self.ranks)]
-        out = {"mode": self.cfg.mode, "shared_form": self.cfg.shared_form,
-               "gradient_split": self.cfg.gradient_split, "layers": layers}
-        if io is not None:
-            io.record(out)
-        return out
-
-    @torch.no_grad()
-    def _fill(self, state: SDMoEState, w: dict[str, torch.Tensor], bases: dict[str, torch.Tensor]) -> None:
-        """Set bases, tracker state and shared coefficients from canonical weights (E x F x D)."""
-        r = state.r
-        for p in state.projs:
-            u = bases[p].to(state.basis(p).device)
-            state.basis(p).copy_(u[:, :r])
-            if state.q(p) is not None:
-                state.q(p).copy_(u[:, : state.q(p).shape[1]])
-            wp = w[p].to(state.coef(p).dtype)
-            ud = u[:, :r].to(wp.dtype)
-            if state.form == "full":
-                state.coef(p).copy_(wp.mean(0))
-            elif state.form == "lowrank":
-                state.coef(p).copy_(wp.mean(0) @ ud)
-            else:
-                state.coef(p).copy_(wp @ ud)
-        if self.cfg.router_input == "residual" and not self.split_done:  # chosen once, at the split
-            li = len(self.states)
-            if self.collector.has_inputs():
-                state.router_basis.copy_(data_subspace(self.collector.input_moment(li), r)[0].float())
-            else:
-                raise UserError("router_input='residual' needs the layer inputs: set split_step >= 1 so warm-up "
-                                "steps are observed, or pass reference_batch to split()")
-
-    @torch.no_grad()
-    def _after_install(self, block, state: SDMoEState, hooks: bool = True) -> None:
-        """Tails have W - shared (exact); drop their part inside U where the rule says so."""
-        if state.form == "lowrank" or (state.form == "full" and self.cfg.gradient_split == "fixed") or \
-                state.form == "per_expert":
-            self._project_tails(state)
-        if hooks and self.cfg.router_input == "residual":
-            block.router.register_forward_pre_hook(ResidualRouterInput(state))
-
-    @torch.no_grad()
-    def _project_tails(self, state: SDMoEState) -> None:
-        views, commit = state.tail_views("data")
-        for p, t in views.items():
-            kernels.project_out(t, state.basis(p))
-        commit()
-
     def _collect_from(self, batch) -> None:
         """Fill the collector from a reference batch when the warm-up left it empty."""
         c = self.collector
@@ -181,7 +487,7 @@ class SDMoE:
             finally:
                 c.stop()
         if c.need_grads and not c.has_grads():
-            params = [t for b in self.blocks for t in _host_tensors(b)]
+            params = [t for b in self.blocks for t in b.host_parameters()]
             saved = [p.grad for p in params]
             logits = _forward(self.model, batch)
             ids = _input_ids(batch)
@@ -193,265 +499,8 @@ class SDMoE:
             for p, g in zip(params, saved):
                 p.grad = g
 
-    # -- the per-step gradient split ---------------------------------------------------
-    def after_backward(self, step: int) -> None:
-        """Split this step's gradients (per_step / fixed); nothing for the control ("none"). No host syncs.
-
-        Works on FSDP2-sharded parameters too (`sharding`): tails on their local experts,
-        the tracker's M Q all-reduced before its QR, shared parts gathered whole."""
-        if not self.split_done:
-            return
-        cfg = self.cfg
-        collect = self._in_window(step) and self.collector.need_grads
-        split = cfg.gradient_split != "none"
-        rr = cfg.tracker_oversample > 0
-        exact = cfg.gradient_split == "per_step" and cfg.exact_every and step % cfg.exact_every == 0
-        for li, state in enumerate(self.states):
-            half = state.undecomposed_half()
-            if half is None and not split and not collect:
-                continue
-            full = state.form == "full" and (split or half is not None)
-            shared, commit_shared = state.shared_grads() if full else ({}, lambda: None)
-            if half is not None and (g := state.shared_grad_view(shared, half)) is not None:
-                g.zero_()  # that half is not decomposed: its tails carry the whole weight
-            views, commit = state.tail_views("grad")
-            if collect:
-                for p, g in views.items():
-                    key = (li, p)
-                    self.collector.grads[key] = self.collector.grads.get(key, 0) + gram(g)
-            if split:
-                self._split_grads(li, state, views, shared, exact, rr)
-            commit()
-            commit_shared()
-        if collect:
-            self.collector.grad_batches += 1
-
-    def _split_grads(self, li: int, state: SDMoEState, views: dict[str, torch.Tensor],
-                     shared: dict[str, torch.Tensor], exact: bool, rr: bool) -> None:
-        """One layer: track Q (per_step), project the tails' gradients out of it, keep the shared one inside."""
-        cfg = self.cfg
-        reduce = sharding.reducer(state.tail_parameters()[0])  # sum over experts on every rank (FSDP2)
-        for projs, g in _groups(state, views):
-            if cfg.gradient_split == "per_step":
-                qbuf = torch.stack([state.q(p) for p in projs])  # P x D x X
-                q = kernels.track(g, qbuf, cfg.tracker_iters, state.r, rr, reduce)
-                if exact:
-                    for k, p in enumerate(projs):
-                        m = gram(g[:, k])
-                        if reduce is not None:
-                            reduce(m)
-                        e = data_subspace(m, qbuf.shape[-1])[0].to(qbuf.dtype)
-                        self._drift[f"{li}.{p}"] = kernels.drift(q[k], e[:, : state.r])
-                        qbuf[k].copy_(e)
-                for k, p in enumerate(projs):
-                    state.q(p).copy_(qbuf[k])
-            else:
-                q = torch.stack([state.basis(p) for p in projs])
-            kernels.project_out(g, q, cfg.normalize_tail_updates)
-            if state.form == "full":
-                sg = [state.shared_grad_view(shared, p) for p in projs]
-                if all(t is not None for t in sg):
-                    kernels.keep_inside(_stack_views(sg, state, projs, shared), q)
-
-    def after_optimizer_step(self, step: int, reference_batch=None) -> dict | None:
-        """Re-project tails (fixed split, per_expert mode); re-estimate U every K steps (returns its record)."""
-        if not self.split_done:
-            return None
-        if self._reproject:
-            for state in self.states:
-                self._project_tails(state)
-        record = None
-        k = self.cfg.reestimate_every
-        if k and step >= self.cfg.split_step and (step - self.cfg.split_step + 1) % k == 0:
-            record = self.reestimate(reference_batch)
-        self._sync_hooks(step + 1)
-        return record
-
-    @torch.no_grad()
-    def reestimate(self, reference_batch=None) -> dict:
-        """Choose U again (basis_source) and re-split every layer by the split's rule; logs the change."""
-        if reference_batch is not None:
-            self._collect_from(reference_batch)
-        io = _BlockIO(self.model, self.blocks, reference_batch) if reference_batch is not None else None
-        layers = []
-        for li, (block, state) in enumerate(zip(self.blocks, self.states)):
-            width = state.q(state.projs[0]).shape[1] if state.q(state.projs[0]) is not None else state.r
-            bases = choose_bases(block, li, state.projs, width, self.cfg.basis_source, self.collector)
-            w = {p: t.clone() for p, t in canonical(block, "data").items() if p in state.projs}
-            overlap = {p: float((state.basis(p).T @ bases[p][:, : state.r]).square().sum() / state.r)
-                       for p in state.projs}
-            self._fill(state, w, bases)
-            _rewrite_tails(block, state, w)
-            self._after_install(block, state, hooks=False)
-            layers.append({"layer": block.layer, "rank": state.r, "basis_source": self.cfg.basis_source,
-                           "basis_overlap": overlap})
-        self.collector.reset()
-        out = {"layers": layers}
-        if io is not None:
-            io.record(out)
-        return out
-
-    # -- optimizer -----------------------------------------------------------------
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """The new parameters as two groups (shared/inner and tails), lr multipliers applied."""
-        shared = [p for s in self.states for p in s.shared_parameters()]
-        tails = [p for s in self.states for p in s.tail_parameters()]
-        c = self.cfg
-        name = "sdmoe.inner" if c.mode == "per_expert" else "sdmoe.shared"
-        return [
-            {"params": shared, "lr": lr * c.lr_shared_mult, "weight_decay": weight_decay, "name": name,
-             "lr_mult": c.lr_shared_mult},
-            {"params": tails, "lr": lr * c.lr_tail_mult, "weight_decay": weight_decay, "name": "sdmoe.tails",
-             "lr_mult": c.lr_tail_mult},
-        ]
-
-    def rebind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the replaced expert Parameters (and their state) from `optimizer`; add param_groups().
-
-        Groups left empty stay (so group indices and schedulers keep working). The new
-        groups take the base lr (group lr / its lr_mult) and weight decay of the group
-        that held the expert weights.
-        """
-        if not self.split_done:
-            raise UserError("rebind_optimizer() before the split; call split() or prepare_for_load() first")
-        new_ids = {id(p) for g in self.param_groups(0.0, 0.0) for p in g["params"]}
-        if any(id(p) in new_ids for g in optimizer.param_groups for p in g["params"]):
-            return  # already bound
-        gone = {id(p) for p in self._replaced}
-        base_lr, wd = optimizer.defaults.get("lr", 1e-3), optimizer.defaults.get("weight_decay", 0.0)
-        found = False
-        for group in optimizer.param_groups:
-            keep = [p for p in group["params"] if id(p) not in gone]
-            if len(keep) != len(group["params"]):
-                if not found:
-                    base_lr = group["lr"] / (group.get("lr_mult", 1.0) or 1.0)
-                    wd, found = group.get("weight_decay", wd), True
-                for p in group["params"]:
-                    if id(p) in gone:
-                        optimizer.state.pop(p, None)
-                group["params"] = keep
-        if isinstance(base_lr, torch.Tensor):
-            base_lr = float(base_lr)
-        for g in self.param_groups(base_lr, wd):
-            optimizer.add_param_group(g)
-
-    def other_parameters(self) -> list[nn.Parameter]:
-        """The model's parameters that SD-MoE does not manage, in model order."""
-        mine = {id(p) for g in self.param_groups(0.0, 0.0) for p in g["params"]}
-        return [p for p in self.model.parameters() if id(p) not in mine]
-
-    # -- monitoring ---------------------------------------------------------------
-    @torch.no_grad()
-    def monitor(self, k: int = 8) -> dict:
-        """Per layer/projection: mean off-diagonal overlap of the experts' (and tails') top-k subspaces."""
-        layers = []
-        for li, block in enumerate(self.blocks):
-            with unsharded(self.model, block.name):  # all experts, also under FSDP2
-                layers.append(self._monitor_layer(li, block, min(k, block.hidden_size)))
-        return {"k": k, "random_baseline": k / self.blocks[0].hidden_size, "layers": layers}
-
-    def _monitor_layer(self, li: int, block, k: int) -> dict:
-        rec = {"layer": block.layer, "experts_overlap": {}}
-        for p, w in canonical(block, "data").items():
-            rec["experts_overlap"][p] = mean_off_diagonal(overlap_matrix(expert_subspaces(w.float(), k)))
-        if self.split_done:
-            views, _ = self.states[li].tail_views("data")
-            rec["tails_overlap"] = {p: mean_off_diagonal(overlap_matrix(expert_subspaces(t.float(), k)))
-                                    for p, t in views.items()}
-            drift = {p: float(v) for key, v in self._drift.items()
-                     for (l_, p) in [key.split(".")] if int(l_) == li}
-            if drift:
-                rec["tracker_drift"] = drift
-        return rec
-
-    # -- checkpoints -----------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """JSON-serialisable: split flag, ranks, config, collector sums (only inside a collection window)."""
-        return {"version": 1, "split_done": self.split_done, "ranks": list(self.ranks),
-                "config": dataclasses.asdict(self.cfg), "collector": self.collector.state_dict(),
-                "drift": {k: float(v) for k, v in self._drift.items()}}
-
-    def load_state_dict(self, sd: Mapping) -> None:
-        if bool(sd.get("split_done")) != self.split_done:
-            raise UserError("the checkpoint's SD-MoE split state does not match this model; call "
-                            "prepare_for_load() before loading a checkpoint taken after the split")
-        if list(sd.get("ranks", self.ranks)) != list(self.ranks):
-            raise UserError(f"checkpoint ranks {sd.get('ranks')} differ from this config's {self.ranks}; "
-                            f"use the run's own sdmoe config")
-        self.collector.load_state_dict(sd.get("collector", {}))
-        self._drift = {k: torch.tensor(float(v)) for k, v in sd.get("drift", {}).items()}
-
-    def prepare_for_load(self) -> None:
-        """Build the split structure with placeholder values, ready for model.load_state_dict(checkpoint)."""
-        if self.split_done:
-            return
-        self.collector.stop()
-        for block, r in zip(self.blocks, self.ranks):
-            state = SDMoEState(block, self.cfg, r)
-            self._replaced += install(block, state)
-            self._after_install(block, state)
-            self.states.append(state)
-        self.split_done = True
-
-    def export(self) -> nn.Module:
-        from .convert import export
-
-        return export(self.model)
-
 
 # -- helpers ----------------------------------------------------------------------------
-def _groups(state: SDMoEState, views: dict[str, torch.Tensor]):
-    """(projections, E x P x F x D tensor) to split together: gate and up of a fused [gate; up]
-    gradient as one (E, 2, F, D) view (one batched pass), every other projection alone.
-    E is the local expert count under FSDP2."""
-    lay = state.fused
-    if lay is not None and lay.concatenated and not lay.transposed and "gate" in views and "up" in views:
-        gu = sharding.local(state.tails_gate_up.grad)
-        yield ("gate", "up"), gu.view(gu.shape[0], 2, state.f, state.d)
-        rest = [p for p in views if p not in ("gate", "up")]
-    else:
-        rest = list(views)
-    for p in rest:
-        yield (p,), views[p].unsqueeze(1)
-
-
-def _stack_views(grads: list[torch.Tensor], state: SDMoEState, projs, shared: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The shared gradients of `projs` as one (P, F, D) tensor aliasing them when possible."""
-    if len(projs) == 2 and state.by_host:
-        return shared["gate_up"].view(2, state.f, state.d)  # concatenated, not transposed here
-    if len(projs) == 1:
-        return grads[0].unsqueeze(0)
-    raise AssertionError("grouped projections need a fused full-form shared gradient")
-
-
-def _host_tensors(block) -> list[torch.Tensor]:
-    if block.layout == "fused":
-        return [block.experts.gate_up_proj, block.experts.down_proj]
-    from sdmoe.moe.layout import _mlp_names
-
-    return [getattr(m, n).weight for m in block.experts for n in _mlp_names(m)]
-
-
-@torch.no_grad()
-def _rewrite_tails(block, state: SDMoEState, w: dict[str, torch.Tensor]) -> None:
-    """Tails <- W - shared contribution, given canonical W (E x F x D) of the decomposed projections."""
-    if state.layout == "fused":
-        lay = state.fused
-        if "gate" in state.projs or "up" in state.projs:
-            full = state.materialise("gate_up")  # current W, to keep an undecomposed half as it is
-            g, u = lay.gate_up_views(full)
-            g = w.get("gate", g)
-            u = w.get("up", u)
-            state.assign("gate_up", -1, lay.gate_up_storage(g, u))
-        if "down" in state.projs:
-            state.assign("down", -1, lay.down_storage(w["down"]))
-        return
-    for p in state.projs:
-        for i in range(state.e):
-            wi = w[p][i]
-            state.assign(p, i, wi.T if p == "down" else wi)
-
-
 def _input_ids(batch) -> torch.Tensor:
     return batch["input_ids"] if isinstance(batch, Mapping) else batch
 

@@ -13,19 +13,18 @@ W_r <- W_r (I - Q_d Q_d^T), which is how `export` removes the hook.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from .parametrization import SDMoEHook
+from .hooks import SDMoEHook
 
 
 class ResidualRouterInput(SDMoEHook):
-    """x -> x - (x Q) Q^T on the router's input; Q read from the state buffer at call time."""
+    """x -> x - (x Q) Q^T on the router's input; Q (D x R, float32) is the layer's `router_basis`,
+    a tensor the controller updates in place (a resume loads into it)."""
 
-    def __init__(self, state: nn.Module):
-        self._state = [state]
+    def __init__(self, basis_DR: torch.Tensor):
+        self.basis = basis_DR
 
     def __call__(self, module, args):
-        q = self._state[0].router_basis  # D x R, float32
+        q = self.basis
         x = args[0]
         xf = x.float()
         res = xf - (xf @ q) @ q.T

@@ -1,4 +1,4 @@
-"""SD-MoE on FSDP2-sharded parameters: local shards, one all-reduce, gathered shared parts.
+"""SD-MoE on FSDP2-sharded parameters: local shards and one all-reduce.
 
 Under `torch.distributed.fsdp.fully_shard` every parameter is a DTensor sharded on
 dim 0 over the mesh, and so is its gradient after backward (already averaged over
@@ -12,9 +12,9 @@ split's maths does not follow dim-0 sharding everywhere. What each part needs:
 - the tracker's M Q = sum_i G_i^T (G_i Q) sums over ALL experts: each rank's partial
   sum is all-reduced (one D x X message per projection group) before the QR, which
   then runs on identical input on every rank, so Q stays identical (`reducer`);
-- the shared parameters are sharded on their rows, which cut across the gate/up halves
-  (fused) or the hidden dim (down): they are gathered whole (the size of one expert),
-  split, and each rank writes back its own rows (`gathered`);
+- so does the shared part's gradient sum_i G_i: the same all-reduce, after which the
+  shared deltas (plain tensors outside the model, identical on every rank) take the
+  same step everywhere;
 - whatever reads the weights outside a forward (the spectral monitor) runs inside
   `sdmoe.moe.sharding.unsharded`, FSDP2's own all-gather of the owning layer.
 
@@ -29,7 +29,7 @@ import torch
 
 from sdmoe.moe.sharding import is_sharded, local
 
-__all__ = ["gathered", "local", "reducer"]
+__all__ = ["local", "reducer"]
 
 
 def reducer(x: torch.Tensor) -> Callable[[torch.Tensor], None] | None:
@@ -42,23 +42,3 @@ def reducer(x: torch.Tensor) -> Callable[[torch.Tensor], None] | None:
         torch.distributed.all_reduce(t, group=group)
 
     return all_reduce_
-
-
-def gathered(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
-    """(the whole tensor, commit): edit the whole tensor, then commit() writes this rank's rows back.
-
-    For a plain tensor: (x, no-op). For a DTensor: an all-gather; commit() takes this
-    rank's shard of the edited whole tensor (a local slice: Replicate -> the DTensor's
-    own placements needs no communication) and copies it into the DTensor's shard.
-    """
-    if not is_sharded(x):
-        return x, lambda: None
-    from torch.distributed.tensor import DTensor, Replicate
-
-    full = x.full_tensor()
-
-    def commit() -> None:
-        whole = DTensor.from_local(full, x.device_mesh, [Replicate()] * x.device_mesh.ndim, run_check=False)
-        x.to_local().copy_(whole.redistribute(x.device_mesh, x.placements).to_local())
-
-    return full, commit

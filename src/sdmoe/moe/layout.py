@@ -20,16 +20,28 @@ Layouts found by structure, not by class name:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from sdmoe.errors import UserError
 
+from .sharding import local
+
+PROJECTIONS = ("gate", "up", "down")
 # (gate, up, down) attribute names of a per-expert MLP, in order of preference.
-_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+_MLP_NAMES = MLP_NAMES
+
+
+def split_gate_up(gate_up: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up halves (views) of a fused (..., 2F, D) tensor: [gate; up] or interleaved [g0, u0, g1, ...]."""
+    if interleaved:
+        return gate_up[..., 0::2, :], gate_up[..., 1::2, :]
+    f = gate_up.shape[-2] // 2
+    return gate_up[..., :f, :], gate_up[..., f:, :]
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -55,13 +67,19 @@ class MoEBlock:
     expert_ffn: int
 
     # -- reading -----------------------------------------------------------
-    def _fused_gate_up(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.experts.gate_up_proj
-        if getattr(self.experts, "is_transposed", False):
-            w = w.transpose(1, 2)  # (E, 2F, D) view
-        if getattr(self.experts, "is_concatenated", True):
-            return w[:, : self.expert_ffn], w[:, self.expert_ffn :]
-        return w[:, 0::2], w[:, 1::2]
+    @property
+    def _transposed(self) -> bool:
+        return bool(getattr(self.experts, "is_transposed", False))
+
+    @property
+    def _interleaved(self) -> bool:
+        return not getattr(self.experts, "is_concatenated", True)
+
+    def _fused_gate_up(self, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.experts.gate_up_proj if w is None else w
+        if self._transposed:
+            w = w.transpose(-1, -2)  # (E, 2F, D) view
+        return split_gate_up(w, self._interleaved)
 
     def gate_EFD(self) -> torch.Tensor:
         """Gate weights (a view for fused layouts, a stacked copy for module lists)."""
@@ -97,6 +115,63 @@ class MoEBlock:
             names = _mlp_names(mlp)
             mats.append(getattr(mlp, names[which]).weight)
         return torch.stack(mats)
+
+    # -- canonical views for the method (weights or gradients, aliasing storage where possible) --
+    def host_parameters(self, projs=PROJECTIONS) -> list[nn.Parameter]:
+        """The host Parameters that hold projections `projs` (fused: gate_up_proj holds gate and up)."""
+        if self.layout == "fused":
+            names = (["gate_up_proj"] if {"gate", "up"} & set(projs) else []) + (["down_proj"] if "down" in projs else [])
+            return [getattr(self.experts, n) for n in names]
+        return [getattr(mlp, _mlp_names(mlp)[PROJECTIONS.index(p)]).weight
+                for p in PROJECTIONS if p in projs for mlp in self.experts]
+
+    def views(self, which: str = "data", projs=PROJECTIONS) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+        """({p: E x F x D} of the weights (which="data") or their gradients ("grad"), commit()).
+
+        Fused experts: views that alias the storage (a gate or up half, a transposed down), so in-place
+        edits land in it and commit() does nothing; under FSDP2 the local shard, which holds whole
+        experts. Module lists: stacked copies, and commit() writes them back. For "grad", a projection
+        whose gradient is missing is left out."""
+        def get(t: torch.Tensor) -> torch.Tensor | None:
+            t = t.detach() if which == "data" else t.grad
+            return None if t is None else local(t)
+
+        out: dict[str, torch.Tensor] = {}
+        if self.layout == "fused":
+            if {"gate", "up"} & set(projs) and (gu := get(self.experts.gate_up_proj)) is not None:
+                gate, up = self._fused_gate_up(gu)
+                out.update({p: v for p, v in (("gate", gate), ("up", up)) if p in projs})
+            if "down" in projs and (dn := get(self.experts.down_proj)) is not None:
+                out["down"] = dn if self._transposed else dn.transpose(-1, -2)
+            return out, lambda: None
+        targets = []
+        for p in PROJECTIONS:
+            if p not in projs:
+                continue
+            ts = [get(getattr(mlp, _mlp_names(mlp)[PROJECTIONS.index(p)]).weight) for mlp in self.experts]
+            if any(t is None for t in ts):
+                continue
+            stacked = torch.stack(ts)
+            out[p] = stacked.transpose(1, 2) if p == "down" else stacked
+            targets.append((ts, stacked))
+
+        def commit() -> None:
+            for ts, stacked in targets:
+                torch._foreach_copy_(ts, list(stacked.unbind(0)))
+
+        return out, commit
+
+    def gate_up_pair(self, which: str = "grad") -> torch.Tensor | None:
+        """Gate and up as one (E, 2, F, D) view of fused [gate; up] storage (one batched pass over both),
+        or None where the storage does not allow it (transposed, interleaved, module lists)."""
+        if self.layout != "fused" or self._transposed or self._interleaved:
+            return None
+        t = self.experts.gate_up_proj
+        t = t.detach() if which == "data" else t.grad
+        if t is None:
+            return None
+        t = local(t)
+        return t.view(t.shape[0], 2, self.expert_ffn, self.hidden_size)
 
     # -- writing -----------------------------------------------------------
     @torch.no_grad()
@@ -136,13 +211,6 @@ def _router_of(block: nn.Module, num_experts: int, hidden: int) -> nn.Module | N
 
 
 def _shape(module: nn.Module, attr: str) -> torch.Size | None:
-    """module.<attr>'s shape, without materialising a parametrized tensor whose
-    parametrization states it (SD-MoE's does; reading W would compute it, and under FSDP2
-    outside a forward it could not be computed from the sharded parts at all)."""
-    if parametrize.is_parametrized(module, attr):
-        known = getattr(module.parametrizations[attr][-1], "shape", None)
-        if known is not None:
-            return torch.Size(known)
     t = getattr(module, attr, None)
     return t.shape if isinstance(t, torch.Tensor) else None
 

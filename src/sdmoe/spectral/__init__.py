@@ -22,7 +22,7 @@ from .spectra import (
     singular_values,
 )
 from .subspace import common_subspace, expert_subspaces, top_subspace
-from .tracking import SubspaceTracker, exact_top, subspace_error
+from .tracking import SubspaceTracker, exact_top, subspace_error, subspace_iteration
 
 __all__ = [
     "top_subspace",
@@ -40,6 +40,7 @@ __all__ = [
     "data_subspace",
     "projected_share",
     "SubspaceTracker",
+    "subspace_iteration",
     "exact_top",
     "subspace_error",
 ]

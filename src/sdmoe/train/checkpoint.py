@@ -47,8 +47,12 @@ def save_checkpoint(
     optimizer_state: dict,
     state: dict[str, Any],
     keep: int,
+    sdmoe_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep`."""
+    """Write checkpoint `step` atomically, then drop all but the newest `keep`.
+
+    `sdmoe_state`: the SD-MoE controller's state (bases, shared parts, the shared optimizer's
+    moments), written to `sdmoe.pt` beside the optimizer's."""
     final = ckpt_root / _name(step)
     # Re-saving a step (e.g. after a skip policy) replaces it whole.
     with atomic_dir(final, replace=True) as tmp:
@@ -60,6 +64,9 @@ def save_checkpoint(
         # RuntimeError("unexpected pos"), through a Python file the OSError is its context.
         with open(tmp / "optimizer.pt", "wb") as f:
             torch.save(optimizer_state, f)
+        if sdmoe_state is not None:
+            with open(tmp / "sdmoe.pt", "wb") as f:
+                torch.save(sdmoe_state, f)
         write_json_atomic(tmp / "state.json", {**state, "step": step, "rng": rng_state()})
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -104,7 +111,20 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
         raise UserError(f"checkpoint {path}/state.json lacks its step or RNG state; {fix}")
     try:
         model_state = load_file(str(path / "model.safetensors"))
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+        # weights_only: tensors and plain values, never pickled code (a checkpoint directory may be foreign)
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable part means the same fix
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}") from None
     return model_state, optimizer_state, state
+
+
+def load_sdmoe_state(path: Path) -> dict[str, Any] | None:
+    """The SD-MoE controller state of checkpoint `path` (`sdmoe.pt`), or None if it has none."""
+    f = path / "sdmoe.pt"
+    if not f.is_file():
+        return None
+    try:
+        return torch.load(f, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable part means the same fix
+        raise UserError(f"checkpoint {path} has an unreadable sdmoe.pt ({type(e).__name__}); delete the checkpoint "
+                        "to resume from an earlier one") from None

@@ -90,19 +90,19 @@ def sum_across_(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 
 
 @torch.no_grad()
-def broadcast_buffers(module: nn.Module, ctx: DistContext) -> None:
-    """Make every buffer (SD-MoE bases, router biases) rank 0's."""
+def broadcast_tensors(tensors: list[torch.Tensor], ctx: DistContext) -> None:
+    """Make every tensor (SD-MoE's bases and shared parts) rank 0's, in place."""
     if ctx.enabled:
-        for buf in module.buffers():
-            dist.broadcast(buf, src=0)
+        for t in tensors:
+            dist.broadcast(t, src=0)
 
 
 @torch.no_grad()
-def buffers_agree(module: nn.Module, ctx: DistContext) -> bool:
-    """Whether every rank holds bit-identical buffers (a checksum compared across ranks)."""
+def tensors_agree(tensors: list[torch.Tensor], ctx: DistContext) -> bool:
+    """Whether every rank holds bit-identical tensors (a checksum compared across ranks)."""
     if not ctx.enabled:
         return True
-    local = torch.stack([b.double().sum() for b in module.buffers()] or [torch.zeros((), dtype=torch.float64)])
+    local = torch.stack([t.double().sum() for t in tensors] or [torch.zeros((), dtype=torch.float64)])
     gathered = [torch.empty_like(local) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, local.to(ctx.device))
     return all(torch.equal(g, gathered[0]) for g in gathered)

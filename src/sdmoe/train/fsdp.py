@@ -34,12 +34,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def check_sdmoe(controller) -> None:
     """Refuse SD-MoE settings that cannot run on FSDP2-sharded parameters (docs/distributed.md).
 
-    The gradient split, the tracker and the tail re-projection run on the sharded
-    parameters (`sdmoe.method.sharding`: fused tails on their local experts, the
-    tracker's M Q all-reduced, shared parts gathered). Not supported: a split after
-    sharding (it would replace parameters FSDP already owns), re-estimating U during
-    training (it reads every expert's weights and rewrites the tails), and the split on
-    module-list experts (FSDP2 shards each expert's Linear on its rows, not on experts)."""
+    The gradient split, the tracker, the shared update and the tail re-projection run on the
+    sharded experts (`sdmoe.method.sharding`: fused experts on their local shard, the tracker's
+    M Q and the shared gradient all-reduced). Not supported, each for a reason: a split after
+    sharding (its bases and shared parts read every expert's weights, which `sdmoe train` does
+    before sharding), re-estimating U during training (the same), the per-expert form (its
+    shared parts A_i would be sharded with the experts, and the shared optimizer is replicated),
+    and the split on module-list experts (FSDP2 shards each expert's Linear on its rows, not on
+    experts)."""
     if controller is None:
         return
     if not controller.split_done:
@@ -49,10 +51,12 @@ def check_sdmoe(controller) -> None:
     if cfg.reestimate_every:
         raise UserError(f"SD-MoE reestimate_every={cfg.reestimate_every} does not run on FSDP2-sharded parameters; "
                         "set reestimate_every=0 under FSDP2, or use DDP")
-    splits = cfg.gradient_split != "none" or cfg.mode == "per_expert"
-    if splits and any(s.layout != "fused" for s in controller.states):
-        raise UserError("the SD-MoE gradient split needs fused experts under FSDP2 (this model keeps its experts in "
-                        "a module list); use gradient_split='none', or DDP")
+    if controller.form == "per_expert":
+        raise UserError("SD-MoE's per-expert form does not run under FSDP2 (its shared parts would shard with the "
+                        "experts); use the shared form, or DDP")
+    if any(layer.block.layout != "fused" for layer in controller.layers):
+        raise UserError("SD-MoE needs fused experts under FSDP2 (this model keeps its experts in a module list); "
+                        "use DDP")
 
 
 def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True, controller=None) -> nn.Module:

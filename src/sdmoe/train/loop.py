@@ -29,7 +29,8 @@ from sdmoe.data import prepare_dataset
 from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
 from sdmoe.files import DirLock, atomic_dir, load_json, probe_writable, write_failure
-from sdmoe.method import SDMoE, export
+from sdmoe.method import SDMoE
+from sdmoe.method.export import with_kv_cache
 from sdmoe.models import build_model, count_parameters
 from sdmoe.moe import find_moe_blocks
 from sdmoe.moe.sharding import local, whole
@@ -219,14 +220,12 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
         if written_by != ("fsdp" if fsdp else "ddp"):
             raise UserError(f"the checkpoint in {found[-1]} was written with loop.parallel={written_by}; resume with "
                             f"--set loop.parallel={written_by}" + (" under torchrun" if written_by == "fsdp" else ""))
-        if controller is not None and state.get("sdmoe", {}).get("split_done"):
-            controller.prepare_for_load()
-            controller.rebind_optimizer(optimizer)
+        if controller is not None:
+            # before the optimizer's state: a split run's optimizer has the split's groups
+            controller.load_state_dict(_sdmoe_state(found[-1], state), optimizer)
         model.load_state_dict(model_state)
         if not fsdp:  # FSDP2: loaded once the optimizer holds the sharded parameters
             optimizer.load_state_dict(optim_state)
-        if controller is not None:
-            controller.load_state_dict(state["sdmoe"])
         ckpt.set_rng_state(state["rng"])
         start_step = state["step"]
         if ctx.is_main:
@@ -243,11 +242,11 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
 
     def split(step: int) -> bool:
         """The SD-MoE split at `step` if due (logged); whether it happened."""
-        if controller is None or not (record := controller.maybe_split(step, optimizer, reference_batch)):
+        if controller is None or not (record := controller.before_forward(step, optimizer, reference_batch)):
             return False
-        dist.broadcast_buffers(model, ctx)  # bases computed once, identical on every rank
-        log.write({"event": "split", "step": step, "ranks_agree": dist.buffers_agree(model, ctx),
-                   "trainable_parameters": count_parameters(model), **record})
+        dist.broadcast_tensors(controller.buffers(), ctx)  # bases computed once, identical on every rank
+        log.write({"event": "split", "step": step, "ranks_agree": dist.tensors_agree(controller.buffers(), ctx),
+                   "trainable_parameters": count_parameters(model) + controller.num_shared_parameters(), **record})
         return True
 
     if fsdp:  # FSDP2 shards the split model (split_step is 0): split, shard, then the optimizer's state
@@ -266,10 +265,11 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
             return
         if not fsdp:
             model_state, optim_state = model.state_dict(), optimizer.state_dict()
-        state = {"config": cfg.to_dict(), "sdmoe": controller.state_dict() if controller else {},
-                 "parallel": "fsdp" if fsdp else "ddp"}
+        sd = controller.state_dict() if controller else None
+        state = {"config": cfg.to_dict(), "parallel": "fsdp" if fsdp else "ddp",
+                 "sdmoe": {"version": sd["version"], "split_done": sd["split_done"]} if sd else {}}
         try:
-            ckpt.save_checkpoint(ckpt_root, step, model_state, optim_state, state, lc.keep_checkpoints)
+            ckpt.save_checkpoint(ckpt_root, step, model_state, optim_state, state, lc.keep_checkpoints, sd)
         except Exception as e:  # torch and safetensors raise their own types for a full disk
             if (why := write_failure(e)) is None:
                 raise
@@ -285,8 +285,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
     nonfinite = NonFiniteWatch(device)
     model.train()
     for step in bar:
-        if split(step):
-            engine = dist.wrap(model, ctx)  # DDP: the split replaced the expert parameters
+        split(step)  # the model stays the same plain model: no re-wrapping
         lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, cfg.loop.steps, cfg.optim))
 
         input_ids, _ = data.train.sample(step)
@@ -302,11 +301,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
         loss.backward()
 
         if controller is not None:
-            if controller.split_done:
-                controller.after_backward(step)
-            else:
-                controller.observe(step)
-        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+            controller.after_backward(step)  # split the gradients, before clipping sees them
+        grad_norm = clip_grad_norm(model, controller, cfg.optim.grad_clip)
         nonfinite.update(step, lm_loss, grad_norm)
         done = step + 1
         due_log = done % lc.log_every == 0 or done == cfg.loop.steps
@@ -383,8 +379,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
         # FSDP2: the whole weights gathered into a plain copy on rank 0 (collective)
         final = _unsharded_model(model, cfg, data.tokenizer, controller) if fsdp else model
         if ctx.is_main:
-            if controller is not None and controller.split_done:
-                export(final)  # W_i = shared + tail written back into the host's own weights
+            if controller is not None:
+                controller.export(final)  # a residual router folded into its weight; hooks removed
             try:
                 model_dir = save_final_model(final, data.tokenizer, out / "model")
                 ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "done",
@@ -402,15 +398,30 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
                        time.perf_counter() - started, count_parameters(model), rank=ctx.rank, skipped=skipped)
 
 
+def _sdmoe_state(checkpoint: Path, state: dict) -> dict:
+    """The SD-MoE state a checkpoint holds (an unsplit one if it was written before the split)."""
+    sd = ckpt.load_sdmoe_state(checkpoint)
+    if sd is not None:
+        return sd
+    if state.get("sdmoe", {}).get("split_done"):  # the parametrization engine kept it in state.json
+        return state["sdmoe"]
+    return {"version": 2, "split_done": False}
+
+
+def clip_grad_norm(model: torch.nn.Module, controller: SDMoE | None, max_norm: float) -> torch.Tensor:
+    """Clip the gradients (SD-MoE's shared ones with the model's); returns the total norm."""
+    if controller is not None:
+        return controller.clip_grad_norm_(max_norm)
+    return whole(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+
 def _unsharded_model(model, cfg: RunConfig, tokenizer, controller) -> torch.nn.Module | None:
     """An FSDP2 model's whole weights in a plain copy on rank 0 (None elsewhere); collective."""
     state, _ = fsdp_train.full_state_dicts(model)
     if not state:
         return None
     plain = build_model(cfg.model, len(tokenizer), seed=cfg.loop.seed, eos_token_id=tokenizer.eos_token_id)
-    if controller is not None and controller.split_done:
-        SDMoE(plain, cfg.sdmoe).prepare_for_load()
-    plain.load_state_dict(state)
+    plain.load_state_dict(state)  # the model is plain at every step: same keys, sharded or not
     return plain
 
 
@@ -419,8 +430,6 @@ def save_final_model(model, tokenizer, target: Path) -> Path:
 
     Training is over: the saved config turns the KV cache on (it was off for training).
     """
-    from sdmoe.method.convert import with_kv_cache
-
     with_kv_cache(model)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
