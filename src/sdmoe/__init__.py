@@ -3,10 +3,10 @@
     import sdmoe
     controller = sdmoe.SDMoE(model, sdmoe.SDMoEConfig(split_step=100))  # drive it from your loop
     sdmoe.convert(model, sdmoe.SDMoEConfig(mode="per_expert"))          # exact conversion now
-    sdmoe.export(model)                                                  # back to the host's own weights
+    sdmoe.export(model)                                                  # ready to save: a plain checkpoint
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # Resolved on first use, so `sdmoe --help` does not pay for importing torch.
 _LAZY = {
