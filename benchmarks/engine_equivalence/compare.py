@@ -1,11 +1,13 @@
 """Compare two run.py outputs: per variant the largest relative loss gap and the expert weights' gap over how far they moved."""
-import json, sys
+import json
+import sys
 from pathlib import Path
-import torch
-from transformers import AutoModelForCausalLM
-from transformers import AutoTokenizer
-from sdmoe.train.config import preset
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from sdmoe.models import build_model
+from sdmoe.train.config import preset
+
 old_root, new_root = Path(sys.argv[1]), Path(sys.argv[2])
 old = json.loads((old_root / "losses.json").read_text()); new = json.loads((new_root / "losses.json").read_text())
 starts = {}

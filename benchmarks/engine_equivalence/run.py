@@ -7,10 +7,13 @@ How docs/method.md's equivalence table was measured (the 0.1 engine from a workt
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/engine_equivalence/run.py /tmp/eq/new demo,small
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/engine_equivalence/compare.py /tmp/eq/old /tmp/eq/new
 """
-import json, sys, time
+import json
+import shutil
+import sys
+import time
 from pathlib import Path
-import torch
-from sdmoe.train.config import preset, apply_overrides
+
+from sdmoe.train.config import apply_overrides, preset
 from sdmoe.train.loop import train
 
 VARIANTS = {
@@ -48,9 +51,9 @@ def main(out_root, presets, names):
             if "method=sd-moe" in VARIANTS[name]:
                 cfg.method = "sd-moe"
             out = out_root / pname / name
-            import shutil; shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
             t = time.time()
-            r = train(cfg, out, progress=False)
+            train(cfg, out, progress=False)
             losses = [rec["loss"] for rec in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                       if "loss" in rec and "event" not in rec]
             res[f"{pname}/{name}"] = losses

@@ -8,6 +8,8 @@
 
 __version__ = "0.2.0.dev0"
 
+from sdmoe.lazy import lazy_exports
+
 # Resolved on first use, so `sdmoe --help` does not pay for importing torch.
 _LAZY = {
     "SDMoE": "sdmoe.method",
@@ -20,10 +22,4 @@ _LAZY = {
 }
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sdmoe' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -9,6 +9,8 @@ import torch
 from sdmoe.method import SDMoEConfig, convert, export
 from sdmoe.models import ModelConfig, build_model
 
+from ..method.method_helpers import train_steps
+
 CHILD = r"""
 import json, sys
 import torch
@@ -31,15 +33,8 @@ def test_export_loads_and_generates_without_sdmoe(tmp_path, tiny_tokenizer):
                       expert_ffn=32)
     model = build_model(cfg, vocab_size=len(tok), seed=0, eos_token_id=tok.eos_token_id)
     ctl = convert(model, SDMoEConfig(mode="shared", gradient_split="fixed", rank=4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # a few steps: weights move away from the conversion
-    ctl.bind_optimizer(opt)
     ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
-    for step in range(3):
-        model(input_ids=ids).logits.square().mean().backward()
-        ctl.after_backward(step)
-        opt.step()
-        ctl.after_optimizer_step(step)
-        opt.zero_grad()
+    train_steps(model, ctl, ids, steps=3)  # the weights move away from the conversion
     export(model)
     out_dir = tmp_path / "exported"
     model.save_pretrained(out_dir)

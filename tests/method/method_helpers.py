@@ -89,5 +89,17 @@ def lm_loss(model, ids):
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
+def train_steps(model, ctl, ids, steps: int = 2, lr: float = 1e-2) -> None:
+    """A few AdamW steps driven by `ctl` (already split), so weights and bases are a trained model's."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ctl.bind_optimizer(opt)
+    for step in range(steps):
+        model(input_ids=ids).logits.square().mean().backward()
+        ctl.after_backward(step)
+        opt.step()
+        ctl.after_optimizer_step(step)
+        opt.zero_grad()
+
+
 def rel(a, b):
     return float((a - b).norm() / b.norm())

@@ -14,7 +14,7 @@ from sdmoe.method import SDMoEConfig, convert, export
 from sdmoe.method.hooks import SDMoEHook
 from sdmoe.models import STYLES
 
-from .method_helpers import batch, make_model, rel
+from .method_helpers import batch, make_model, rel, train_steps
 
 
 def _logits(model, ids):
@@ -91,16 +91,7 @@ def test_export_reloads_in_vanilla_transformers(tmp_path):
         for router in ("full", "residual"):
             model = make_model(style)
             cfg = SDMoEConfig(mode="shared", rank=8, router_input=router, split_step=0)
-            ctl = convert(model, cfg, reference_batch=ids)
-            # a few training steps, so the weights and the router's basis are a trained model's
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-            ctl.bind_optimizer(opt)
-            for step in range(2):
-                model(input_ids=ids).logits.square().mean().backward()
-                ctl.after_backward(step)
-                opt.step()
-                ctl.after_optimizer_step(step)
-                opt.zero_grad()
+            train_steps(model, convert(model, cfg, reference_batch=ids), ids)
             model.eval()
             want = _logits(model, ids)
             export(model)

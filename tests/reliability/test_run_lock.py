@@ -45,18 +45,6 @@ def hold():
         p.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_dataset):
-    from sdmoe.train.config import preset
-    from sdmoe.train.loop import train
-
-    cfg = preset("tiny")
-    cfg.loop.steps, cfg.loop.checkpoint_every, cfg.loop.monitor_every, cfg.loop.threads = 4, 2, 0, 1
-    run = tmp_path_factory.mktemp("finished") / "run"
-    train(cfg, run, progress=False, dataset=tiny_dataset)
-    return run
-
-
 def test_a_second_train_on_a_held_out_is_one_line_and_touches_nothing(finished_run, tmp_path, hold, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)

@@ -19,8 +19,7 @@ The model is put in eval mode (no router jitter, no dropout) and restored;
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +28,6 @@ from torch import nn
 from sdmoe.errors import UserError
 from sdmoe.moe import MoEBlock, find_moe_blocks
 from sdmoe.spectral import SecondMoment
-
-_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
 def model_top_k(model: nn.Module, default: int = 2) -> int:
@@ -42,47 +39,11 @@ def model_top_k(model: nn.Module, default: int = 2) -> int:
     return default
 
 
-def _expert_params(block: MoEBlock) -> list[nn.Parameter]:
-    """The plain parameters holding the experts' weights (none for parametrized storage)."""
-    ex = block.experts
-    if block.layout == "fused":
-        return [ex._parameters[n] for n in ("gate_up_proj", "down_proj") if ex._parameters.get(n) is not None]
-    out = []
-    for mlp in ex:
-        names = next(ns for ns in _MLP_NAMES if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ns))
-        for n in names:
-            p = getattr(mlp, n)._parameters.get("weight")
-            if p is not None:
-                out.append(p)
-    return out
-
-
 def canonical_grads(block: MoEBlock) -> dict[str, torch.Tensor] | None:
-    """Gradients of the experts in canonical shapes, hidden space last: {gate, up, down} -> E x F x D.
-
-    None when any expert parameter has no `.grad` (not yet backpropagated, or
-    parametrized storage whose weight is not a leaf).
-    """
-    ex = block.experts
-    if block.layout == "fused":
-        gu, dn = ex._parameters.get("gate_up_proj"), ex._parameters.get("down_proj")
-        if gu is None or dn is None or gu.grad is None or dn.grad is None:
-            return None
-        # The layout's own reader, pointed at the gradients instead of the weights.
-        view = SimpleNamespace(
-            gate_up_proj=gu.grad,
-            down_proj=dn.grad,
-            is_transposed=getattr(ex, "is_transposed", False),
-            is_concatenated=getattr(ex, "is_concatenated", True),
-        )
-        return {k: v.detach() for k, v in replace(block, experts=view).projections().items()}
-    params = _expert_params(block)
-    if len(params) != 3 * block.num_experts or any(p.grad is None for p in params):
-        return None
-    g = torch.stack([p.grad for p in params[0::3]])
-    u = torch.stack([p.grad for p in params[1::3]])
-    d = torch.stack([p.grad for p in params[2::3]])
-    return {"gate": g, "up": u, "down": d.transpose(1, 2)}
+    """Gradients of the experts in canonical shapes, hidden space last: {gate, up, down} -> E x F x D
+    (the storage adapter's views; DTensors under FSDP2). None when any expert has no `.grad` yet."""
+    views, _ = block.views("grad", local_shards=False)
+    return {p: g.detach() for p, g in views.items()} if len(views) == 3 else None
 
 
 @dataclass
@@ -158,7 +119,7 @@ def capture(
 
     was_training = model.training
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    expert_params = [p for b in blocks for p in _expert_params(b)]
+    expert_params = [p for b in blocks for p in b.host_parameters()]
     try:
         for cap in caps.values():
             hooks.append(cap.block.module.register_forward_pre_hook(pre_hook(cap), with_kwargs=True))

@@ -4,6 +4,8 @@ Imports nothing of ours but `sdmoe.errors` (and the torch-free `sdmoe.config_fie
 Names resolve on first use, so `sdmoe.data.config` loads without torch.
 """
 
+from sdmoe.lazy import lazy_exports
+
 _LAZY = {
     "DataConfig": "sdmoe.data.config",
     "Dataset": "sdmoe.data.dataset",
@@ -13,10 +15,4 @@ _LAZY = {
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sdmoe.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -3,22 +3,18 @@
 import sys
 import types
 
+from sdmoe.lazy import lazy_exports
+
 # Names resolve on first use, so `sdmoe.method.config` (and a run's whole config) loads without torch.
 _LAZY = {
     "SDMoEConfig": "sdmoe.method.config",
     "SDMoE": "sdmoe.method.controller",
     "convert": "sdmoe.method.convert",
-    "export": "sdmoe.method.convert",
+    "export": "sdmoe.method.export",
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sdmoe.method' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 class _Package(types.ModuleType):

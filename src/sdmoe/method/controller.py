@@ -171,8 +171,10 @@ class SDMoE:
             reduce = sharding.reducer(layer.block.host_parameters(layer.projs)[0].grad)
             for projs, g in groups:
                 q = self._split_basis(li, layer, projs, g, exact, reduce)
-                u = torch.stack([layer.basis[p] for p in projs])
-                shared = core.shared_gradient(g, self.form, q if self.form == "full" else u, reduce)
+                # the full form keeps the shared gradient in the split's basis, the low-rank forms in U
+                keep_in = q if self.form == "full" or cfg.gradient_split == "fixed" else \
+                    torch.stack([layer.basis[p] for p in projs])
+                shared = core.shared_gradient(g, self.form, keep_in, reduce)
                 for k, p in enumerate(projs):
                     layer.delta[p].grad = shared[:, k] if self.form == "per_expert" else shared[k]
                 if q is not None:
@@ -249,7 +251,7 @@ class SDMoE:
             self._collect_from(reference_batch)
         io = _BlockIO(self.model, self.blocks, reference_batch) if reference_batch is not None else None
         for li, (block, r) in enumerate(zip(self.blocks, self.ranks)):
-            width = min(r + self.cfg.tracker_oversample, block.hidden_size)
+            width = self._width(block, r)
             layer = _Layer(block, self.cfg, self.form, r, width)
             self.layers.append(layer)
             self._fill(li, layer, choose_bases(block, li, layer.projs, width, self.cfg.basis_source, self.collector))
@@ -295,7 +297,7 @@ class SDMoE:
         io = _BlockIO(self.model, self.blocks, reference_batch) if reference_batch is not None else None
         records = []
         for li, layer in enumerate(self.layers):
-            width = next(iter(layer.q.values())).shape[1] if layer.q else layer.r
+            width = self._width(layer.block, layer.r) if layer.q else layer.r
             bases = choose_bases(layer.block, li, layer.projs, width, self.cfg.basis_source, self.collector)
             overlap = {p: float((layer.basis[p].T @ bases[p][:, : layer.r]).square().sum() / layer.r)
                        for p in layer.projs}
@@ -307,6 +309,10 @@ class SDMoE:
         if io is not None:
             io.record(out)
         return out
+
+    def _width(self, block: MoEBlock, r: int) -> int:
+        """Columns tracked per basis: r plus the oversampling (Rayleigh-Ritz picks the best r), at most D."""
+        return min(r + self.cfg.tracker_oversample, block.hidden_size)
 
     def _attach_router_hooks(self) -> None:
         for layer in self.layers:
@@ -434,9 +440,7 @@ class SDMoE:
             return
         self.collector.stop()
         for block, r, tensors in zip(self.blocks, self.ranks, sd["layers"]):
-            width = tensors[f"q_{next(p for p in self.cfg.projections)}"].shape[1] if self.cfg.gradient_split == \
-                "per_step" else r
-            layer = _Layer(block, self.cfg, self.form, r, width)
+            layer = _Layer(block, self.cfg, self.form, r, self._width(block, r))
             for name, t in layer.tensors().items():
                 t.copy_(tensors[name])
             self.layers.append(layer)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from sdmoe.spectral.tracking import one_cpu_thread, subspace_iteration
+from sdmoe.spectral.tracking import subspace_iteration
 
 __all__ = ["drift", "fold_shared", "keep_inside", "project_out", "project_tails", "shared_at_split",
            "shared_contribution", "shared_gradient", "split_tails", "track_basis"]
@@ -188,5 +188,3 @@ def keep_inside(x: torch.Tensor, q: torch.Tensor) -> None:
     else:
         x.copy_(torch.bmm(inner_PFR, q.transpose(-1, -2)))
 
-
-__all__ += ["one_cpu_thread"]

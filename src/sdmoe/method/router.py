@@ -13,6 +13,7 @@ W_r <- W_r (I - Q_d Q_d^T), which is how `export` removes the hook.
 from __future__ import annotations
 
 import torch
+
 from .hooks import SDMoEHook
 
 
@@ -32,7 +33,7 @@ class ResidualRouterInput(SDMoEHook):
 
 
 @torch.no_grad()
-def fold(router: nn.Module, q_DR: torch.Tensor) -> None:
+def fold(router: torch.nn.Module, q_DR: torch.Tensor) -> None:
     """W_r <- W_r (I - Q Q^T), computed in float32, stored in the router weight's dtype."""
     w = router.weight
     wf = w.float()

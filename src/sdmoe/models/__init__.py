@@ -4,6 +4,8 @@ Names resolve on first use: `from sdmoe.models.config import ModelConfig` (and
 `sdmoe.train.config`) load without importing torch; `build_model` imports it.
 """
 
+from sdmoe.lazy import lazy_exports
+
 _LAZY = {
     "STYLES": "sdmoe.models.config",
     "ModelConfig": "sdmoe.models.config",
@@ -13,10 +15,4 @@ _LAZY = {
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sdmoe.models' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -31,6 +31,8 @@ import torch
 
 from sdmoe.errors import UserError
 
+from .layout import split_gate_up
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -395,8 +397,7 @@ class ExpertCheckpoint:
                 gate_up = gate_up.transpose(1, 2)
             if down.shape[1] != d and down.shape[2] == d:  # transposed storage (E, F, D)
                 down = down.transpose(1, 2)
-            f = gate_up.shape[1] // 2
-            gate, up = gate_up[:, :f], gate_up[:, f:]
+            gate, up = split_gate_up(gate_up)  # saved checkpoints store [gate; up]
             if dtype is not None:
                 gate, up = gate.to(dtype).contiguous(), up.to(dtype).contiguous()
                 down = down.transpose(1, 2).to(dtype).contiguous().transpose(1, 2)

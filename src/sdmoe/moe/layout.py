@@ -33,7 +33,6 @@ from .sharding import local
 PROJECTIONS = ("gate", "up", "down")
 # (gate, up, down) attribute names of a per-expert MLP, in order of preference.
 MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-_MLP_NAMES = MLP_NAMES
 
 
 def split_gate_up(gate_up: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +45,7 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def _mlp_names(mlp: nn.Module) -> tuple[str, str, str] | None:
-    for names in _MLP_NAMES:
+    for names in MLP_NAMES:
         if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in names):
             return names
     return None
@@ -125,16 +124,17 @@ class MoEBlock:
         return [getattr(mlp, _mlp_names(mlp)[PROJECTIONS.index(p)]).weight
                 for p in PROJECTIONS if p in projs for mlp in self.experts]
 
-    def views(self, which: str = "data", projs=PROJECTIONS) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+    def views(self, which: str = "data", projs=PROJECTIONS,
+              local_shards: bool = True) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
         """({p: E x F x D} of the weights (which="data") or their gradients ("grad"), commit()).
 
         Fused experts: views that alias the storage (a gate or up half, a transposed down), so in-place
         edits land in it and commit() does nothing; under FSDP2 the local shard, which holds whole
-        experts. Module lists: stacked copies, and commit() writes them back. For "grad", a projection
+        experts (local_shards=False: views of the DTensors themselves). Module lists: stacked copies, and commit() writes them back. For "grad", a projection
         whose gradient is missing is left out."""
         def get(t: torch.Tensor) -> torch.Tensor | None:
             t = t.detach() if which == "data" else t.grad
-            return None if t is None else local(t)
+            return t if t is None or not local_shards else local(t)
 
         out: dict[str, torch.Tensor] = {}
         if self.layout == "fused":
