@@ -39,13 +39,24 @@ VARIANTS = {
     "down-up": ["method=sd-moe", 'sdmoe.projections=["up","down"]', "sdmoe.gradient_split=fixed"],
 }
 
+def _keys(override: str) -> str:
+    """The variants are written in 0.1's keys (sdmoe.mode, sdmoe.shared_form); 0.2 has one sdmoe.form."""
+    from sdmoe.method import SDMoEConfig
+
+    if not hasattr(SDMoEConfig(), "form"):
+        return override
+    if override in ("sdmoe.mode=per_expert", "sdmoe.shared_form=lowrank"):
+        return "sdmoe.form=" + override.split("=")[1]
+    return override
+
+
 def main(out_root, presets, names):
     out_root = Path(out_root)
     res = {}
     for pname in presets:
         for name in names:
             cfg = preset(pname)
-            ov = [o for o in VARIANTS[name] if not o.startswith("method=")]
+            ov = [_keys(o) for o in VARIANTS[name] if not o.startswith("method=")]
             apply_overrides(cfg, ["loop.steps=20", "loop.log_every=1", "loop.eval_every=1000", "loop.monitor_every=0",
                                   "loop.checkpoint_every=1000", "loop.threads=1", "sdmoe.split_step=5"] + ov)
             if "method=sd-moe" in VARIANTS[name]:

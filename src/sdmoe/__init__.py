@@ -2,7 +2,7 @@
 
     import sdmoe
     controller = sdmoe.SDMoE(model, sdmoe.SDMoEConfig(split_step=100))  # drive it from your loop
-    sdmoe.convert(model, sdmoe.SDMoEConfig(mode="per_expert"))          # exact conversion now
+    sdmoe.convert(model, sdmoe.SDMoEConfig(form="per_expert"))          # exact conversion now
     sdmoe.export(model)                                                  # ready to save: a plain checkpoint
 """
 

@@ -32,7 +32,7 @@ def test_export_loads_and_generates_without_sdmoe(tmp_path, tiny_tokenizer):
     cfg = ModelConfig(style="qwen3_moe", hidden_size=32, num_layers=2, num_heads=2, num_experts=4, top_k=2,
                       expert_ffn=32)
     model = build_model(cfg, vocab_size=len(tok), seed=0, eos_token_id=tok.eos_token_id)
-    ctl = convert(model, SDMoEConfig(mode="shared", gradient_split="fixed", rank=4))
+    ctl = convert(model, SDMoEConfig(gradient_split="fixed", rank=4))
     ids = torch.randint(0, len(tok), (2, 16), generator=torch.Generator().manual_seed(0))
     train_steps(model, ctl, ids, steps=3)  # the weights move away from the conversion
     export(model)

@@ -22,15 +22,15 @@ from .method_helpers import make_model
     (SDMoEConfig(rank=[8, 8, 8]), r"one rank per MoE layer"),
     (SDMoEConfig(rank=[8, 32]), r"rank must be in 1\.\.d-1"),
     (SDMoEConfig(basis_source="svd"), r"unknown basis_source 'svd'; sdmoe\.basis_source must be one of weights, gradients, activations"),
-    (SDMoEConfig(mode="hybrid"), r"unknown mode 'hybrid'; sdmoe\.mode must be shared or per_expert"),
+    (SDMoEConfig(form="hybrid"), r"unknown form 'hybrid'; sdmoe\.form must be"),
     (SDMoEConfig(gradient_split="always"), r"unknown gradient_split 'always'; sdmoe\.gradient_split must be one of per_step, fixed, none"),
-    (SDMoEConfig(shared_form="diag"), r"sdmoe\.shared_form must be full or lowrank"),
+    (SDMoEConfig(form="diag"), r"sdmoe\.form must be"),
     (SDMoEConfig(router_input="pca"), r"sdmoe\.router_input must be full or residual"),
     (SDMoEConfig(projections=("gate", "o_proj")), r"sdmoe\.projections\[1\] must be one of gate, up, down"),
     (SDMoEConfig(projections=()), r"sdmoe\.projections needs at least 1 entry"),
     (SDMoEConfig(projections=("up", "up")), r"sdmoe\.projections lists up twice"),
     (SDMoEConfig(projections="gate"), r"sdmoe\.projections takes a list drawn from gate, up, down, got 'gate'"),
-    (SDMoEConfig(shared_form="lowrank", gradient_split="per_step"), r"use shared_form='full' with per_step"),
+    (SDMoEConfig(form="lowrank", gradient_split="per_step"), r"use form='full' with per_step"),
     (SDMoEConfig(tracker_iters=0), r"sdmoe\.tracker_iters=0 is out of range; use an integer >= 1"),
     (SDMoEConfig(split_step=-1), r"sdmoe\.split_step=-1 is out of range; use an integer >= 0 \(0 = split at once\)"),
     (SDMoEConfig(split_step="5"), r"sdmoe\.split_step takes an integer, got '5'"),  # built in code: no text parsing
@@ -45,7 +45,7 @@ def test_bad_configs(cfg, match):
 
 
 def test_per_expert_with_per_step_is_fine():
-    SDMoE(make_model("qwen3_moe"), SDMoEConfig(mode="per_expert", gradient_split="per_step"))
+    SDMoE(make_model("qwen3_moe"), SDMoEConfig(form="per_expert", gradient_split="per_step"))
 
 
 def test_rank_zero_means_quarter_of_d():

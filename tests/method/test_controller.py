@@ -37,11 +37,11 @@ def _steps(model, ctl, opt, steps, ref=None, clip=1.0):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode,form", [("shared", "full"), ("shared", "lowrank"), ("per_expert", "full")])
-def test_fixed_split_keeps_tails_out_of_u(kind, mode, form):
+@pytest.mark.parametrize("form", ["full", "lowrank", "per_expert"])
+def test_fixed_split_keeps_tails_out_of_u(kind, form):
     model = make_model(kind)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    ctl = SDMoE(model, SDMoEConfig(mode=mode, shared_form=form, gradient_split="fixed", split_step=0, rank=8))
+    ctl = SDMoE(model, SDMoEConfig(form=form, gradient_split="fixed", split_step=0, rank=8))
     _steps(model, ctl, opt, range(30))
     for li, layer in enumerate(ctl.layers):
         tails = ctl.tails(li)
@@ -89,9 +89,7 @@ def test_full_form_shared_gradient_and_tails(kind, split):
 @pytest.mark.parametrize("form", ["lowrank", "per_expert"])
 def test_lowrank_forms_take_the_gradient_inside_u(kind, form):
     model, ids = make_model(kind), batch()
-    mode = "per_expert" if form == "per_expert" else "shared"
-    ctl = convert(model, SDMoEConfig(mode=mode, shared_form="lowrank" if form == "lowrank" else "full",
-                                     gradient_split="fixed", rank=6))
+    ctl = convert(model, SDMoEConfig(form=form, gradient_split="fixed", rank=6))
     g_plain = _plain_grads(model, ids)
     lm_loss(model, ids).backward()
     ctl.after_backward(0)

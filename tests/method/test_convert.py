@@ -23,10 +23,10 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("cfg", [
-    SDMoEConfig(mode="per_expert", rank=8),
-    SDMoEConfig(mode="shared", shared_form="full", rank=8),
-    SDMoEConfig(mode="shared", shared_form="full", gradient_split="none", rank=8),
-    SDMoEConfig(mode="shared", shared_form="full", rank=8, projections=("up", "down")),
+    SDMoEConfig(form="per_expert", rank=8),
+    SDMoEConfig(form="full", rank=8),
+    SDMoEConfig(form="full", gradient_split="none", rank=8),
+    SDMoEConfig(form="full", rank=8, projections=("up", "down")),
 ], ids=["per_expert", "shared_full", "control", "up_down_only"])
 def test_exact_conversions_preserve_logits(kind, cfg):
     model, ids = make_model(kind), batch()
@@ -42,7 +42,7 @@ def test_lossy_splits_are_measured(kind):
     """lowrank shared form drops each expert's deviation inside U: the change is logged, and real."""
     model, ids = make_model(kind), batch()
     ref = _logits(model, ids)
-    ctl = convert(model, SDMoEConfig(shared_form="lowrank", gradient_split="fixed", rank=4), reference_batch=ids)
+    ctl = convert(model, SDMoEConfig(form="lowrank", gradient_split="fixed", rank=4), reference_batch=ids)
     changes = [r["rel_change"] for r in ctl.last_split["layers"]]
     assert all(c > 1e-4 for c in changes)
     assert ctl.last_split["logits_rel_change"] == pytest.approx(rel(_logits(model, ids), ref), rel=1e-3)
@@ -60,7 +60,7 @@ def _assert_clean(model, hooks_too=False):
 
 def test_export_module_list_in_process():
     model, ids = make_model("module_list"), batch()
-    cfg = SDMoEConfig(mode="shared", router_input="residual", rank=8, gradient_split="fixed")
+    cfg = SDMoEConfig(router_input="residual", rank=8, gradient_split="fixed")
     convert(model, cfg, reference_batch=ids)
     before = _logits(model, ids)
     export(model)
@@ -90,7 +90,7 @@ def test_export_reloads_in_vanilla_transformers(tmp_path):
     for style in STYLES:
         for router in ("full", "residual"):
             model = make_model(style)
-            cfg = SDMoEConfig(mode="shared", rank=8, router_input=router, split_step=0)
+            cfg = SDMoEConfig(rank=8, router_input=router, split_step=0)
             train_steps(model, convert(model, cfg, reference_batch=ids), ids)
             model.eval()
             want = _logits(model, ids)

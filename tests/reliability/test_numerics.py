@@ -158,7 +158,7 @@ def test_per_expert_convert_is_exact_and_finite_on_degenerate_experts(kind, dtyp
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(input_ids=ids).logits.float()
-    convert(model, SDMoEConfig(mode="per_expert", rank=8))
+    convert(model, SDMoEConfig(form="per_expert", rank=8))
     with torch.no_grad():
         during = model(input_ids=ids).logits.float()
     export(model)

@@ -107,7 +107,8 @@ LEAVES = list(_leaves())
         ("sdmoe.projections=gate,gate", "sdmoe.projections lists gate twice"),
         ("sdmoe.projections=[]", "sdmoe.projections needs at least 1 entry"),
         ("sdmoe.projections=gate,o_proj", "unknown projections entry 'o_proj'; sdmoe.projections[1] must be one of"),
-        ("sdmoe.mode=hybrid", "unknown mode 'hybrid'; sdmoe.mode must be shared or per_expert"),
+        ("sdmoe.form=hybrid", "unknown form 'hybrid'; sdmoe.form must be"),
+        ("sdmoe.mode=per_expert", "unknown config key 'sdmoe.mode'"),  # sdmoe 0.1's name: now sdmoe.form
         ("data.val_fraction=1", "data.val_fraction=1.0 is out of range; use a number in (0, 1)"),
         ("model.style=[\"a\"]", "unknown model style '[\"a\"]'"),
         ("model.hidden_size=true", "model.hidden_size takes an integer, got 'true'"),
@@ -380,3 +381,15 @@ def test_any_value_either_loads_in_range_or_is_one_line_naming_the_key(override,
         assert "\n" not in str(e)
     assert cfg.to_dict() == before  # what was stored already had the declared type and range
     assert from_dict(before) == cfg
+
+
+def test_a_config_saved_by_sdmoe_0_1_loads_with_one_form_field():
+    """0.1 wrote the decomposition as sdmoe.mode + sdmoe.shared_form; a saved run.json still loads."""
+    from sdmoe.train.config import from_dict
+
+    for mode, shared_form, form in (("shared", "full", "full"), ("shared", "lowrank", "lowrank"),
+                                    ("per_expert", "full", "per_expert")):
+        raw = preset("tiny").to_dict()
+        del raw["sdmoe"]["form"]
+        raw["sdmoe"].update(mode=mode, shared_form=shared_form)
+        assert from_dict(raw).sdmoe.form == form

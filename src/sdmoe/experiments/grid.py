@@ -33,11 +33,11 @@ FIXED_VARIANTS: dict[str, dict[str, Any]] = {
     "sd-moe": {"method": "sd-moe"},  # the default SDMoEConfig
     # The control: same reparameterisation W_i = W_s + T_i, plain gradients.
     "control": {"method": "sd-moe", "sdmoe.gradient_split": "none"},
-    "fixed-weights": {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.shared_form": "lowrank",
+    "fixed-weights": {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.form": "lowrank",
                       "sdmoe.basis_source": "weights"},
-    "fixed-gradients": {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.shared_form": "lowrank",
+    "fixed-gradients": {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.form": "lowrank",
                         "sdmoe.basis_source": "gradients"},
-    "per-expert": {"method": "sd-moe", "sdmoe.mode": "per_expert"},
+    "per-expert": {"method": "sd-moe", "sdmoe.form": "per_expert"},
     "router-residual": {"method": "sd-moe", "sdmoe.router_input": "residual"},
     "normalized-tails": {"method": "sd-moe", "sdmoe.normalize_tail_updates": True},
 }
@@ -65,7 +65,7 @@ def variant_overrides(name: str) -> dict[str, Any]:
             raise UserError(f"compare variant {name!r}: {e}") from None
         if kind == "reestimate":
             # A basis from gradients, re-estimated every K steps, tails projected against it.
-            return {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.shared_form": "lowrank",
+            return {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.form": "lowrank",
                     "sdmoe.basis_source": "gradients", key: value}
         return {"method": "sd-moe", key: value}
     known = ", ".join(list(FIXED_VARIANTS) + ["rank-<r>", "tail-lr-<m>", "shared-lr-<m>", "tracker-<n>",

@@ -14,15 +14,13 @@ from typing import Literal, get_args
 from sdmoe.config_fields import check_tree, setting
 from sdmoe.errors import UserError
 
-Mode = Literal["shared", "per_expert"]
-SharedForm = Literal["full", "lowrank"]
+Form = Literal["full", "lowrank", "per_expert"]
 GradientSplit = Literal["per_step", "fixed", "none"]
 BasisSource = Literal["weights", "gradients", "activations"]
 RouterInput = Literal["full", "residual"]
 Projection = Literal["gate", "up", "down"]
 
-MODES = get_args(Mode)
-SHARED_FORMS = get_args(SharedForm)
+FORMS = get_args(Form)
 GRADIENT_SPLITS = get_args(GradientSplit)
 BASIS_SOURCES = get_args(BasisSource)
 ROUTER_INPUTS = get_args(RouterInput)
@@ -31,12 +29,10 @@ PROJECTIONS = get_args(Projection)
 
 @dataclass
 class SDMoEConfig:
-    # "shared": W_i = shared + T_i (training); "per_expert": W_i = A_i U^T + T_i, A_i = W_i U
-    # (exact, function-preserving conversion of a trained model).
-    mode: Mode = "shared"
-    # shared mode only. "full": W_i = W_s + T_i, W_s a full F x D matrix (the experts' mean at
-    # the split); "lowrank": W_i = A U^T + T_i, A: F x r shared (needs a fixed basis).
-    shared_form: SharedForm = "full"
+    # The decomposition W_i = C_i + T_i. "full": C = S, a full F x D matrix shared by the experts (their
+    # mean at the split); "lowrank": C = A U^T, A: F x r shared (needs a fixed basis); "per_expert":
+    # C_i = A_i U^T with A_i = W_i U (exact, function-preserving conversion of a trained model).
+    form: Form = "full"
     # "per_step": every step Q = tracked top-r of the experts' gradients; tails get G_i (I - QQ^T),
     #   the shared part sum_i G_i QQ^T.
     # "fixed": Q = U (the layer's basis); tails re-projected against U after every optimizer step.
@@ -63,10 +59,10 @@ class SDMoEConfig:
     def validate(self) -> "SDMoEConfig":
         """Raise UserError (one line, naming what is supported) for a config that cannot work."""
         check_tree(self, "sdmoe")
-        if self.mode == "shared" and self.shared_form == "lowrank" and self.gradient_split == "per_step":
+        if self.form == "lowrank" and self.gradient_split == "per_step":
             raise UserError(
-                "shared_form='lowrank' keeps the shared part in a fixed basis U, but gradient_split='per_step' "
-                "moves Q every step; use shared_form='full' with per_step, or gradient_split 'fixed' or 'none'"
+                "form='lowrank' keeps the shared part in a fixed basis U, but gradient_split='per_step' "
+                "moves Q every step; use form='full' with per_step, or gradient_split 'fixed' or 'none'"
             )
         return self
 
@@ -85,3 +81,13 @@ class SDMoEConfig:
             if r <= 0 or r >= d:
                 raise UserError(f"sdmoe.rank={r} is out of range; rank must be in 1..d-1 (d={d}), or 0 for d // 4")
         return ranks
+
+
+def upgrade_saved(section: dict) -> dict:
+    """A saved `sdmoe` section in today's keys: sdmoe 0.1 wrote the decomposition as two fields,
+    `mode` ("shared" | "per_expert") and `shared_form` ("full" | "lowrank"), now one `form`."""
+    if "mode" not in section and "shared_form" not in section:
+        return section
+    out = {k: v for k, v in section.items() if k not in ("mode", "shared_form")}
+    out.setdefault("form", "per_expert" if section.get("mode") == "per_expert" else section.get("shared_form", "full"))
+    return out

@@ -115,7 +115,7 @@ class SDMoE:
             raise UserError("this model is already split by another SDMoE; use that one, or export(model) first to "
                             "split it again")
         self.model, self.cfg = model, cfg
-        self.form = "per_expert" if cfg.mode == "per_expert" else cfg.shared_form
+        self.form = cfg.form
         self.blocks = find_moe_blocks(model)
         self.ranks = cfg.resolve_ranks(self.blocks[0].hidden_size, len(self.blocks))
         self.split_done = False

@@ -16,6 +16,6 @@ __all__ = ["convert", "export", "with_kv_cache"]
 def convert(model: nn.Module, cfg: SDMoEConfig | None = None, reference_batch=None) -> SDMoE:
     """Split `model` in place immediately (ignores cfg.split_step); returns its controller
     (bind an optimizer with `bind_optimizer` to train it)."""
-    ctl = SDMoE(model, cfg or SDMoEConfig(mode="per_expert"))
+    ctl = SDMoE(model, cfg or SDMoEConfig(form="per_expert"))
     ctl.last_split = ctl.split(reference_batch)
     return ctl

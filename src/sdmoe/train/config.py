@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 from sdmoe.config_fields import assign, check_tree, parse_value, setting
 from sdmoe.data.config import DataConfig
 from sdmoe.errors import UserError
-from sdmoe.method.config import SDMoEConfig
+from sdmoe.method.config import SDMoEConfig, upgrade_saved
 from sdmoe.models.config import ModelConfig
 from sdmoe.models.config import validate as validate_model
 
@@ -210,7 +210,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Rebuild a config saved with `to_dict` (checkpoints, compare grids)."""
     cfg = RunConfig()
     for key, value in raw.items():
-        set_value(cfg, key, value)
+        set_value(cfg, key, upgrade_saved(value) if key == "sdmoe" and isinstance(value, dict) else value)
     return cfg
 
 
