@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 SDMOE   = $(BIN)/sdmoe
 
-.PHONY: install demo test test-slow bench clean-venv
+.PHONY: install demo test test-slow bench reproduce clean-venv
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,12 @@ $(VENV)/.installed: pyproject.toml
 # (runs/compare-demo/report.html). A re-run skips finished runs and resumes the rest.
 demo: install
 	$(SDMOE) compare --preset demo --out runs/compare-demo
+
+# The lab-model evidence of docs/results.md (issue 18): baseline, default SD-MoE, the paper's own split and
+# the control, 3 paired seeds, the 0.5x-4x rate grid and the paper's ablations; 27 runs, 2-3 hours on 2 cores.
+# Resumable: run it again to continue.
+reproduce: install
+	$(SDMOE) compare --preset lab --out runs/compare-lab
 
 test: install
 	$(BIN)/python -m pytest

@@ -115,13 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interval and a verdict computed from the runs. Re-running the same command "
                                    "skips finished runs and resumes interrupted ones.",
                        formatter_class=_Help)
-    c.add_argument("--preset", default="demo", help="demo (about 10 min on 2 cores) | paper (the full grid; hours on CPU) | tiny")
+    c.add_argument("--preset", default="demo", help="demo (about 10 min on 2 cores) | lab (the lab model: default against the "
+                                                   "paper's own split, 3 seeds; 2-3 hours on CPU) | paper (the full "
+                                                   "grid; hours on CPU) | tiny")
     c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
     c.add_argument("--seeds", type=int, help="seeds per pair (default: the preset's)")
     c.add_argument("--steps", type=int, help="training steps per run (default: the train preset's)")
     c.add_argument("--variants", help="comma-separated variants trained for every style and seed (default: "
                                       "baseline,sd-moe,control); names: baseline, sd-moe, control, fixed-weights, "
-                                      "fixed-gradients, per-expert, router-residual, normalized-tails, rank-<r>, "
+                                      "fixed-gradients, per-expert, router-residual, normalized-tails, paper (the "
+                                      "paper's own two-sided split), paper-one-sided, paper-refresh-1, "
+                                      "paper-no-refresh, paper-rank-d4, paper-after-warmup, rank-<r>, "
                                       "tail-lr-<m>, shared-lr-<m>, tracker-<n>, reestimate-<k>")
     c.add_argument("--ablations", help="comma-separated further variants, trained at the tuned rate")
     c.add_argument("--lr-multipliers", help="comma-separated multiples of the preset's tuned rate for the LR sweep "

@@ -80,3 +80,15 @@ def test_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "x.txt").write_text("mine")
     with pytest.raises(UserError, match="holds no compare"):
         run_compare(_cfg(), tmp_path, progress=False)
+
+
+def test_compare_runs_the_papers_own_split_beside_the_default(tmp_path, tiny_dataset):
+    cfg = _cfg(seeds=1, variants=["baseline", "sd-moe", "paper", "control"], analyze=False, steps=8)
+    result = run_compare(cfg, tmp_path / "cmp", progress=False)
+    assert {r["action"] for r in result.runs} == {"trained"}
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert {r["variant"] for r in summary["parameters"]} >= {"baseline", "sd-moe", "paper", "control"}
+    assert "paper" in (tmp_path / "cmp" / "report.html").read_text()
+    run = json.loads((tmp_path / "cmp" / "runs" / "qwen2_moe" / "paper" / "lr1" / "seed0" / "run.json").read_text())
+    sd = run["config"]["sdmoe"]
+    assert (sd["projection_sides"], sd["basis_source"], sd["refresh_every"], sd["rank"]) == ("two", "shared", 16, 8)

@@ -24,6 +24,10 @@ from sdmoe.errors import UserError
 from sdmoe.models.config import Style
 from sdmoe.train.config import PresetName, apply_overrides, parse_setting, preset, set_value, validate
 
+# The paper's own split (spec, "What the paper's own text says").
+_PAPER = {"method": "sd-moe", "sdmoe.form": "full", "sdmoe.gradient_split": "fixed", "sdmoe.projection_sides": "two",
+          "sdmoe.basis_source": "shared", "sdmoe.basis_method": "randomized", "sdmoe.refresh_every": 16,
+          "sdmoe.rank": 8, "sdmoe.split_step": 0}
 # Variants every compare knows by name; parametrised ones (rank-<r>, tail-lr-<m>,
 # shared-lr-<m>, reestimate-<k>, tracker-<n>) are parsed by `variant_overrides`.
 FIXED_VARIANTS: dict[str, dict[str, Any]] = {
@@ -38,6 +42,15 @@ FIXED_VARIANTS: dict[str, dict[str, Any]] = {
     "fixed-gradients": {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.form": "lowrank",
                         "sdmoe.basis_source": "gradients"},
     "per-expert": {"method": "sd-moe", "sdmoe.form": "per_expert"},
+    # The paper's own split (spec, "What the paper's own text says"): from scratch, two-sided fixed bases
+    # from the shared weight's top-8 singular vectors by a randomized range finder, refreshed every 16 steps.
+    "paper": _PAPER,
+    # ... and the ablations that say which of its choices matters
+    "paper-one-sided": {**_PAPER, "sdmoe.projection_sides": "one"},
+    "paper-refresh-1": {**_PAPER, "sdmoe.refresh_every": 1},
+    "paper-no-refresh": {**_PAPER, "sdmoe.refresh_every": 0},
+    "paper-rank-d4": {**_PAPER, "sdmoe.rank": 0},
+    "paper-after-warmup": {k: v for k, v in _PAPER.items() if k != "sdmoe.split_step"},
     "router-residual": {"method": "sd-moe", "sdmoe.router_input": "residual"},
     "normalized-tails": {"method": "sd-moe", "sdmoe.normalize_tail_updates": True},
 }
@@ -129,7 +142,9 @@ class CompareConfig:
 
 
 def compare_preset(name: str) -> CompareConfig:
-    """`demo`: ~10 min on 2 CPU cores; `paper`: the full grid (hours on CPU); `tiny`: tests."""
+    """`demo`: ~10 min on 2 CPU cores; `lab`: the lab model, default against the paper's own split (about
+    27 runs of 4-6 min, 2-3 hours on 2 cores; `make reproduce`); `paper`: the full grid (hours on CPU);
+    `tiny`: tests."""
     if name == "demo":
         # The variant that won the tuned-rate search at this scale, beside the default (docs/results.md).
         return CompareConfig(ablations=["fixed-weights"], ablation_styles=1)
@@ -147,10 +162,25 @@ def compare_preset(name: str) -> CompareConfig:
             ablations=["fixed-weights", "reestimate-50", "per-expert", "router-residual", "normalized-tails",
                        "tail-lr-2", "shared-lr-2", "tracker-2"],
         )
+    if name == "lab":
+        # issue 18: 3 paired seeds of baseline, default, the paper's split and the control on the spec's lab
+        # model; the rate grid 0.5x-4x (one seed) for baseline, default and paper; the paper's ablations.
+        return CompareConfig(
+            preset="small",
+            styles=["qwen3_moe"],
+            seeds=3,
+            variants=["baseline", "sd-moe", "paper", "control"],
+            lr_multipliers=[0.5, 1.0, 2.0, 4.0],
+            lr_sweep_styles=1,
+            lr_sweep_seeds=1,
+            lr_sweep_variants=["baseline", "sd-moe", "paper"],
+            ablations=["paper-one-sided", "paper-refresh-1", "paper-no-refresh", "paper-rank-d4", "fixed-gradients"],
+            ablation_seeds=1,
+        )
     if name == "tiny":
         return CompareConfig(preset="tiny", styles=["qwen2_moe"], seeds=2, variants=["baseline", "sd-moe"],
                              lr_multipliers=[1.0], lr_sweep_styles=0, analyze=False)
-    raise UserError(f"unknown compare preset {name!r}; choose demo, paper or tiny")
+    raise UserError(f"unknown compare preset {name!r}; choose demo, lab, paper or tiny")
 
 
 @dataclass(frozen=True)

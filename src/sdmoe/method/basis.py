@@ -117,21 +117,38 @@ def decode(d: dict | None) -> torch.Tensor | None:
     return torch.tensor(d["data"], dtype=getattr(torch, d["dtype"])).reshape(d["shape"])
 
 
-def choose_bases(block: MoEBlock, li: int, projs, r: int, source: str, collector: Collector) -> dict[str, torch.Tensor]:
-    """U (D x r, float32) for every decomposed projection of one block."""
-    if source == "weights":
-        w = canonical(block, "data")
-        return {p: common_subspace(w[p].float(), r)[0] for p in projs}
+def choose_bases(block: MoEBlock, li: int, projs, width: int, r: int, cfg, collector: Collector,
+                 shared: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per decomposed projection of one block: (U, D x width) and, for a two-sided split, the ffn-side
+    basis (F x r); float32.
+
+    Sources (`cfg.basis_source`): the stacked experts' weights, the shared weight S (`shared`: F x D
+    per projection; its own singular vectors, the paper's), the gradients or the layer inputs
+    collected over the warm-up. Weights and S by an exact eigendecomposition or, with
+    basis_method='randomized', a randomized range finder (Gaussian projection, power iterations, QR)."""
+    source = cfg.basis_source
+    if source in ("weights", "shared"):
+        w = canonical(block, "data") if source == "weights" else {p: s.unsqueeze(0) for p, s in shared.items()}
+        two = cfg.projection_sides == "two"
+        return {p: (_top(w[p], width, cfg), _top(w[p].transpose(1, 2), r, cfg) if two else None) for p in projs}
     if source == "gradients":
         if not collector.has_grads():
             raise UserError("basis_source='gradients' has no gradients to use; set split_step >= 1 so warm-up "
                             "steps are observed, or pass reference_batch to split()")
-        return {p: data_subspace(collector.grads[(li, p)], r)[0].float() for p in projs}
+        return {p: (data_subspace(collector.grads[(li, p)], width)[0].float(), None) for p in projs}
     if not collector.has_inputs():
         raise UserError("basis_source='activations' has seen no layer inputs; set split_step >= 1 so warm-up "
                         "steps are observed, or pass reference_batch to split()")
-    u = data_subspace(collector.input_moment(li), r)[0].float()
-    return {p: u for p in projs}
+    u = data_subspace(collector.input_moment(li), width)[0].float()
+    return {p: (u, None) for p in projs}
+
+
+def _top(w_EFD: torch.Tensor, r: int, cfg) -> torch.Tensor:
+    """The top-r right singular subspace of the stacked w_EFD (D x r, float32), exact or randomized."""
+    if cfg.basis_method == "randomized":
+        return common_subspace(w_EFD.float(), r, "randomized", oversample=cfg.range_oversample,
+                               iters=cfg.range_power_iters)[0].float()
+    return common_subspace(w_EFD.float(), r)[0].float()
 
 
 def ensure_on(module: nn.Module, t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ from sdmoe.errors import UserError
 
 Form = Literal["full", "lowrank", "per_expert"]
 GradientSplit = Literal["per_step", "fixed", "none"]
-BasisSource = Literal["weights", "gradients", "activations"]
+BasisSource = Literal["weights", "gradients", "activations", "shared"]
+ProjectionSides = Literal["one", "two"]
+BasisMethod = Literal["exact", "randomized"]
 RouterInput = Literal["full", "residual"]
 Projection = Literal["gate", "up", "down"]
 
@@ -40,7 +42,22 @@ class SDMoEConfig:
     gradient_split: GradientSplit = "per_step"
     # common rank r per layer (one number or a per-layer list); 0 -> d // 4; <= d - 1 (resolve_ranks)
     rank: int | list[int] = setting(0, ge=0, note="0 = d // 4")
+    rank_fraction: float = setting(0.0, ge=0, lt=1, note="0 = use sdmoe.rank")  # r = round(fraction * d) instead
+    # Where U comes from: the experts' weights (top-r of the stack), their gradients or the layer inputs
+    # over the warm-up, or "shared": the shared weight S's own top-r singular vectors (the paper's).
     basis_source: BasisSource = "weights"
+    # "one": split the hidden (d) side only: tails G_i (I - P_D). "two" (the paper's): both sides of the
+    # shared weight's subspace, tails (I - P_F) G_i (I - P_D), shared part the rest (fixed bases, full form).
+    projection_sides: ProjectionSides = "one"
+    # "randomized": bases from weights or the shared weight by a randomized range finder (Gaussian
+    # projection, power iterations, QR; the paper's) instead of an exact eigendecomposition.
+    basis_method: BasisMethod = "exact"
+    range_oversample: int = setting(8, ge=0)  # randomized: extra columns of the Gaussian projection
+    # randomized: products with W^T W before the QR (1: one Gaussian projection of the Gram, then QR)
+    range_power_iters: int = setting(1, ge=1)
+    # recompute U (and the other side's basis) from its source every K steps after the split, without
+    # changing any weight (the paper: every 16 steps from W_C); weights or shared bases only
+    refresh_every: int = setting(0, ge=0, note="0 = never")
     # train as a plain MoE before this step, then split
     split_step: int = setting(100, ge=0, note="0 = split at once")
     reestimate_every: int = setting(0, ge=0, note="0 = never")  # re-estimate U every K steps after the split
@@ -59,6 +76,21 @@ class SDMoEConfig:
     def validate(self) -> "SDMoEConfig":
         """Raise UserError (one line, naming what is supported) for a config that cannot work."""
         check_tree(self, "sdmoe")
+        if self.projection_sides == "two":
+            if self.form != "full" or self.gradient_split == "per_step":
+                raise UserError("projection_sides='two' splits in fixed bases of the full shared weight: set "
+                                "form='full' and gradient_split='fixed' (or 'none', the control)")
+            if self.basis_source not in ("weights", "shared"):
+                raise UserError(f"projection_sides='two' needs bases on both sides of the experts' matrices, which "
+                                f"basis_source={self.basis_source!r} lacks; use basis_source 'shared' or 'weights'")
+        if self.basis_source == "shared" and self.form != "full":
+            raise UserError("basis_source='shared' takes U from the full shared weight S: set form='full'")
+        if self.refresh_every and self.basis_source not in ("weights", "shared"):
+            raise UserError(f"refresh_every recomputes U from the weights or the shared weight; with "
+                            f"basis_source={self.basis_source!r} use reestimate_every, or refresh_every=0")
+        if self.rank_fraction and self.rank != 0:
+            raise UserError(f"sdmoe.rank={self.rank!r} and sdmoe.rank_fraction={self.rank_fraction} both set the "
+                            "rank; set one of them (rank=0 or rank_fraction=0)")
         if self.form == "lowrank" and self.gradient_split == "per_step":
             raise UserError(
                 "form='lowrank' keeps the shared part in a fixed basis U, but gradient_split='per_step' "
@@ -69,6 +101,11 @@ class SDMoEConfig:
     def resolve_ranks(self, hidden_size: int, num_layers: int) -> list[int]:
         """Per-layer common rank r (0 -> d // 4); 1 <= r <= d - 1 (d = hidden size)."""
         d = hidden_size
+        if self.rank_fraction:
+            r = max(1, round(self.rank_fraction * d))
+            if r >= d:
+                raise UserError(f"sdmoe.rank_fraction={self.rank_fraction} gives r={r}, not below d={d}; lower it")
+            return [r] * num_layers
         if isinstance(self.rank, (list, tuple)):
             if len(self.rank) != num_layers:
                 raise UserError(f"sdmoe.rank lists {len(self.rank)} ranks but the model has {num_layers} MoE "

@@ -71,6 +71,9 @@ class _Layer:
         ref = next(block.experts.parameters())
         dt, dev = ref.dtype, ref.device
         self.basis = {p: torch.zeros(d, rank, dtype=torch.float32, device=dev) for p in self.projs}
+        # the ffn side's basis of a two-sided split (P_F = basis_f basis_f^T)
+        self.basis_f = ({p: torch.zeros(f, rank, dtype=torch.float32, device=dev) for p in self.projs}
+                        if cfg.projection_sides == "two" else {})
         self.q = ({p: torch.zeros(d, width, dtype=torch.float32, device=dev) for p in self.projs}
                   if cfg.gradient_split == "per_step" else {})
         shape = {"full": (f, d), "lowrank": (f, rank), "per_expert": (e, f, rank)}[form]
@@ -83,7 +86,7 @@ class _Layer:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for name in ("basis", "q", "shared"):
+        for name in ("basis", "basis_f", "q", "shared"):
             out.update({f"{name}_{p}": t for p, t in getattr(self, name).items()})
         if self.router_basis is not None:
             out["router_basis"] = self.router_basis
@@ -118,6 +121,11 @@ class SDMoE:
         self.form = cfg.form
         self.blocks = find_moe_blocks(model)
         self.ranks = cfg.resolve_ranks(self.blocks[0].hidden_size, len(self.blocks))
+        f = self.blocks[0].expert_ffn
+        if cfg.projection_sides == "two" and max(self.ranks) >= f:
+            raise UserError(f"a two-sided split of rank {max(self.ranks)} needs a larger expert ffn width than "
+                            f"F={f}; lower sdmoe.rank below {f}")
+        self.refreshed_at: list[int] = []  # steps after which the bases were refreshed (refresh_every)
         self.split_done = False
         self.layers: list[_Layer] = []
         self.shared_optimizer: torch.optim.Optimizer | None = None
@@ -171,14 +179,15 @@ class SDMoE:
             reduce = sharding.reducer(layer.block.host_parameters(layer.projs)[0].grad)
             for projs, g in groups:
                 q = self._split_basis(li, layer, projs, g, exact, reduce)
+                f = torch.stack([layer.basis_f[p] for p in projs]) if layer.basis_f and q is not None else None
                 # the full form keeps the shared gradient in the split's basis, the low-rank forms in U
                 keep_in = q if self.form == "full" or cfg.gradient_split == "fixed" else \
                     torch.stack([layer.basis[p] for p in projs])
-                shared = core.shared_gradient(g, self.form, keep_in, reduce)
+                shared = core.shared_gradient(g, self.form, keep_in, reduce, f)
                 for k, p in enumerate(projs):
                     layer.delta[p].grad = shared[:, k] if self.form == "per_expert" else shared[k]
                 if q is not None:
-                    core.split_tails(g, q, cfg.normalize_tail_updates)
+                    core.split_tails(g, q, cfg.normalize_tail_updates, f)
             commit()
         if collect:
             self.collector.grad_batches += 1
@@ -231,9 +240,12 @@ class SDMoE:
                 layer.shared[p].mul_(1.0 - lr_s * wd).add_(step_)
                 step_.zero_()
                 if self._reproject:
-                    core.project_tails(w, layer.contribution(p), layer.basis[p])
+                    core.project_tails(w, layer.contribution(p), layer.basis[p], layer.basis_f.get(p))
             commit()
         self.shared_optimizer.zero_grad(set_to_none=True)
+        if (r := self.cfg.refresh_every) and step >= self.cfg.split_step and (step - self.cfg.split_step + 1) % r == 0:
+            self.refresh()
+            self.refreshed_at.append(step)
         record = None
         k = self.cfg.reestimate_every
         if k and step >= self.cfg.split_step and (step - self.cfg.split_step + 1) % k == 0:
@@ -254,7 +266,7 @@ class SDMoE:
             width = self._width(block, r)
             layer = _Layer(block, self.cfg, self.form, r, width)
             self.layers.append(layer)
-            self._fill(li, layer, choose_bases(block, li, layer.projs, width, self.cfg.basis_source, self.collector))
+            self._fill(li, layer, self._bases(li, layer, width))
             if layer.router_basis is not None:
                 if not self.collector.has_inputs():
                     raise UserError("router_input='residual' needs the layer inputs: set split_step >= 1 so warm-up "
@@ -280,14 +292,40 @@ class SDMoE:
         views, commit = layer.block.views("data", layer.projs)
         project = self.form != "full" or self.cfg.gradient_split == "fixed"
         for p in layer.projs:
-            u = bases[p].to(layer.basis[p].device)
-            layer.basis[p].copy_(u[:, : layer.r])
+            u, _ = bases[p]
+            self._set_bases(layer, p, bases[p])
             if p in layer.q:
                 layer.q[p].copy_(u[:, : layer.q[p].shape[1]])
             layer.shared[p].copy_(core.shared_at_split(views[p], layer.basis[p], self.form))
             if project:
-                core.project_tails(views[p], layer.contribution(p), layer.basis[p])
+                core.project_tails(views[p], layer.contribution(p), layer.basis[p], layer.basis_f.get(p))
         commit()
+
+    def _bases(self, li: int, layer: _Layer, width: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The bases the split (or a re-estimation) takes; from the shared weight it is about to set, the
+        experts' mean, when basis_source='shared'."""
+        shared = None
+        if self.cfg.basis_source == "shared":
+            views, _ = layer.block.views("data", layer.projs)
+            shared = {p: core.shared_at_split(views[p], None, "full") for p in layer.projs}
+        return choose_bases(layer.block, li, layer.projs, width, layer.r, self.cfg, self.collector, shared)
+
+    @staticmethod
+    def _set_bases(layer: _Layer, p: str, bases: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        u, u_f = bases
+        layer.basis[p].copy_(u[:, : layer.r])
+        if u_f is not None:
+            layer.basis_f[p].copy_(u_f[:, : layer.r])
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the bases from their source (the shared weight S as trained so far, or the experts'
+        weights) without changing any weight: the paper's refresh of P_U, P_V every 16 steps."""
+        for li, layer in enumerate(self.layers):
+            shared = layer.shared if self.cfg.basis_source == "shared" else None
+            bases = choose_bases(layer.block, li, layer.projs, layer.r, layer.r, self.cfg, self.collector, shared)
+            for p in layer.projs:
+                self._set_bases(layer, p, bases[p])
 
     @torch.no_grad()
     def reestimate(self, reference_batch=None) -> dict:
@@ -298,8 +336,8 @@ class SDMoE:
         records = []
         for li, layer in enumerate(self.layers):
             width = self._width(layer.block, layer.r) if layer.q else layer.r
-            bases = choose_bases(layer.block, li, layer.projs, width, self.cfg.basis_source, self.collector)
-            overlap = {p: float((layer.basis[p].T @ bases[p][:, : layer.r]).square().sum() / layer.r)
+            bases = self._bases(li, layer, width)
+            overlap = {p: float((layer.basis[p].T @ bases[p][0][:, : layer.r]).square().sum() / layer.r)
                        for p in layer.projs}
             self._fill(li, layer, bases)
             records.append({"layer": layer.block.layer, "rank": layer.r, "basis_source": self.cfg.basis_source,

@@ -8,7 +8,8 @@ place; none of them reads a value back to the host (no device sync).
 
 Legend of the shape letters in names: E experts (local ones under FSDP2), P
 projections handled together, F expert ffn width, D hidden size, R common rank,
-X tracked width (R + oversampling).
+X tracked width (R + oversampling). A basis on the hidden side is q_PDR / u_DR; the
+two-sided split adds one on the ffn side, f_PFR / u_FR (P_F = u_FR u_FR^T).
 
     paper concept                                   function
     -------------------------------------------------------------------------
@@ -16,6 +17,7 @@ X tracked width (R + oversampling).
     the shared part at the split                    shared_at_split
     the shared part's gradient  sum_i G_i Q Q^T     shared_gradient
     the experts' tails' gradient  G_i (I - Q Q^T)   split_tails
+      two-sided (the paper's): (I - P_F) G_i (I - P_D) to the tails, the rest to the shared part
     the shared update folded into every expert      fold_shared
     tails kept out of U after the optimizer step    project_tails
     W_i = C_i + T_i: the shared contribution C_i    shared_contribution
@@ -73,12 +75,12 @@ def drift(q_DR: torch.Tensor, exact_DR: torch.Tensor) -> torch.Tensor:
 
 # -- the split ------------------------------------------------------------------------------------
 @torch.no_grad()
-def shared_at_split(w_EFD: torch.Tensor, u_DR: torch.Tensor, form: str) -> torch.Tensor:
+def shared_at_split(w_EFD: torch.Tensor, u_DR: torch.Tensor | None, form: str) -> torch.Tensor:
     """The shared part from the experts' weights: S = mean_i W_i (full), A = mean_i W_i U (lowrank),
     A_i = W_i U (per_expert, exact)."""
-    u = _as(u_DR, w_EFD)
     if form == "full":
         return w_EFD.mean(0)
+    u = _as(u_DR, w_EFD)
     if form == "lowrank":
         return w_EFD.mean(0) @ u
     return w_EFD @ u
@@ -91,12 +93,14 @@ def shared_contribution(shared: torch.Tensor, u_DR: torch.Tensor, form: str) -> 
 
 @torch.no_grad()
 def shared_gradient(g_EPFD: torch.Tensor, form: str, q_PDR: torch.Tensor | None,
-                    reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                    reduce: Callable[[torch.Tensor], None] | None = None,
+                    f_PFR: torch.Tensor | None = None) -> torch.Tensor:
     """The shared part's gradient, from the experts' whole gradients (before their tails are split).
 
-    full: (sum_i G_i) Q Q^T, or the plain sum_i G_i when q is None (the control); lowrank:
-    (sum_i G_i) U; per_expert: G_i U (E x P x F x R). `reduce` sums over the processes
-    holding the other experts (FSDP2); a per-expert gradient needs none."""
+    full: (sum_i G_i) Q Q^T, or the plain sum_i G_i when q is None (the control); two-sided (f
+    given): sum_i G_i - (I - P_F)(sum_i G_i)(I - P_D) = P_F G + (I - P_F) G P_D, the paper's common
+    update; lowrank: (sum_i G_i) U; per_expert: G_i U (E x P x F x R). `reduce` sums over the
+    processes holding the other experts (FSDP2); a per-expert gradient needs none."""
     if form == "per_expert":
         q = _as(q_PDR, g_EPFD)
         return torch.einsum("epfd,pdr->epfr", g_EPFD, q)
@@ -105,17 +109,32 @@ def shared_gradient(g_EPFD: torch.Tensor, form: str, q_PDR: torch.Tensor | None,
         reduce(s_PFD)
     if form == "lowrank":
         return torch.bmm(s_PFD, _as(q_PDR, s_PFD))
+    if f_PFR is not None:
+        unique = s_PFD.clone().unsqueeze(0)
+        split_tails(unique, q_PDR, f_PFR=f_PFR)
+        return s_PFD.sub_(unique[0])
     if q_PDR is not None:
         keep_inside(s_PFD, q_PDR)
     return s_PFD
 
 
 @torch.no_grad()
-def split_tails(g_EPFD: torch.Tensor, q_PDR: torch.Tensor, normalize: bool = False) -> None:
-    """The experts' gradients keep only their tails: G_i <- G_i (I - Q Q^T), in place.
+def split_tails(g_EPFD: torch.Tensor, q_PDR: torch.Tensor, normalize: bool = False,
+                f_PFR: torch.Tensor | None = None) -> None:
+    """The experts' gradients keep only their tails: G_i <- G_i (I - Q Q^T), or two-sided (f given)
+    (I - P_F) G_i (I - Q Q^T), in place.
 
     normalize: rescale each projected gradient to its whole gradient's Frobenius norm."""
-    project_out(g_EPFD, q_PDR, normalize)
+    if f_PFR is None:
+        project_out(g_EPFD, q_PDR, normalize)
+        return
+    full = g_EPFD.square().sum((-1, -2)) if normalize else None
+    project_out(g_EPFD, q_PDR)
+    project_rows_out(g_EPFD, f_PFR)
+    if normalize:
+        rest = g_EPFD.square().sum((-1, -2))
+        scale = torch.where(rest > 1e-12 * full, (full / rest.clamp_min(1e-30)).sqrt(), torch.ones_like(full))
+        g_EPFD.mul_(scale[..., None, None])
 
 
 @torch.no_grad()
@@ -126,14 +145,21 @@ def fold_shared(w_EFD: torch.Tensor, step: torch.Tensor, u_DR: torch.Tensor, for
 
 
 @torch.no_grad()
-def project_tails(w_EFD: torch.Tensor, c: torch.Tensor, u_DR: torch.Tensor) -> None:
-    """Keep the tails T_i = W_i - C_i out of U: W_i <- W_i - (W_i - C_i) U U^T, in place.
+def project_tails(w_EFD: torch.Tensor, c: torch.Tensor, u_DR: torch.Tensor, u_FR: torch.Tensor | None = None) -> None:
+    """Keep the tails T_i = W_i - C_i out of U: W_i <- W_i - (W_i - C_i) U U^T, in place; two-sided
+    (u_FR given): W_i <- C_i + (I - P_F) T_i (I - P_D).
 
     (AdamW's elementwise scaling and weight decay leak the tails back into U; the fixed split
     and the per-expert form re-project after every optimizer step.)"""
     u = _as(u_DR, w_EFD)
     t_EFD = w_EFD - c
-    w_EFD.sub_(_each(_each(t_EFD, u), u.T))
+    if u_FR is None:
+        w_EFD.sub_(_each(_each(t_EFD, u), u.T))
+        return
+    unique = t_EFD.clone()
+    project_out(unique, u)
+    project_rows_out(unique, _as(u_FR, w_EFD))
+    w_EFD.sub_(t_EFD.sub_(unique))
 
 
 # -- the kernels under them -------------------------------------------------------------------------
@@ -172,6 +198,18 @@ def _project_out_one(x_EFD: torch.Tensor, q_DR: torch.Tensor, normalize: bool) -
         rest = (full - inside).clamp_min(0.0)
         scale = torch.where(rest > 1e-12 * full, (full / rest.clamp_min(1e-30)).sqrt(), torch.ones_like(full))
         x_EFD.mul_(scale[:, None, None])
+
+
+@torch.no_grad()
+def project_rows_out(x: torch.Tensor, f: torch.Tensor) -> None:
+    """x_ip <- (I - F_p F_p^T) x_ip in place (the ffn side); x (E, P, F, D) or (E, F, D) with f (P, F, R) or (F, R)."""
+    x, f = _grouped(x, f)
+    f = _as(f, x)
+    e = x.shape[0]
+    for p in range(x.shape[1]):
+        x_EFD, f_FR = x[:, p], f[p]
+        y_ERD = torch.bmm(f_FR.T.expand(e, -1, -1), x_EFD)
+        x_EFD.sub_(torch.bmm(f_FR.expand(e, -1, -1), y_ERD))
 
 
 @torch.no_grad()

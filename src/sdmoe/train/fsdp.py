@@ -51,6 +51,9 @@ def check_sdmoe(controller) -> None:
     if cfg.reestimate_every:
         raise UserError(f"SD-MoE reestimate_every={cfg.reestimate_every} does not run on FSDP2-sharded parameters; "
                         "set reestimate_every=0 under FSDP2, or use DDP")
+    if cfg.refresh_every and cfg.basis_source == "weights":
+        raise UserError("SD-MoE refresh_every with basis_source='weights' reads every expert's weights, which "
+                        "FSDP2 shards; use basis_source='shared', refresh_every=0, or DDP")
     if controller.form == "per_expert":
         raise UserError("SD-MoE's per-expert form does not run under FSDP2 (its shared parts would shard with the "
                         "experts); use the shared form, or DDP")
