@@ -278,6 +278,7 @@ class SDMoE:
         self.collector.stop()
         self.collector.reset()
         out = {"form": self.form, "gradient_split": self.cfg.gradient_split,
+               "projection_sides": self.cfg.projection_sides,
                "layers": [{"layer": b.layer, "rank": r, "basis_source": self.cfg.basis_source}
                           for b, r in zip(self.blocks, self.ranks)]}
         if io is not None:
