@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdmoe.device import autocast, synchronize
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import variant_overrides
 from sdmoe.method import SDMoE, SDMoEConfig, core
@@ -68,13 +69,16 @@ def shapes(preset_name: str = "small") -> dict:
     p = preset(preset_name)
     m = p.model
     return dict(style=m.style, d=m.hidden_size, layers=m.num_layers, heads=m.num_heads, experts=m.num_experts,
-                top_k=m.top_k, f=m.expert_ffn, vocab=p.data.vocab_size, batch=p.data.batch_size, seq=p.data.seq_len)
+                top_k=m.top_k, f=m.expert_ffn, shared_f=m.shared_expert_ffn, vocab=p.data.vocab_size,
+                batch=p.data.batch_size, seq=p.data.seq_len)
 
 
-def build(s: dict):
+def build(s: dict, device: torch.device | str = "cpu"):
     cfg = ModelConfig(style=s["style"], hidden_size=s["d"], num_layers=s["layers"], num_heads=s["heads"],
-                      num_experts=s["experts"], top_k=s["top_k"], expert_ffn=s["f"], aux_loss_coef=0.0)
-    return build_model(cfg, s["vocab"], seed=0)
+                      num_experts=s["experts"], top_k=s["top_k"], expert_ffn=s["f"], aux_loss_coef=0.0,
+                      shared_expert_ffn=s.get("shared_f", 0), max_seq_len=max(512, s["seq"]),
+                      experts_implementation=s.get("kernel", "auto"))
+    return build_model(cfg, s["vocab"], seed=0, device=device)
 
 
 def variant_config(name: str) -> SDMoEConfig | None:
@@ -91,46 +95,58 @@ def variant_config(name: str) -> SDMoEConfig | None:
     return run.sdmoe
 
 
-def forward_backward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of one batch, backward into the parameters' .grad; returns the loss."""
-    logits = model(input_ids=ids).logits
-    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+def forward_backward(model: nn.Module, ids: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Next-token cross-entropy of one batch, backward into the parameters' .grad; returns the loss.
+    `precision`: as `loop.precision` (auto = bf16 autocast on CUDA)."""
+    with autocast(precision, ids.device):
+        logits = model(input_ids=ids).logits
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
     return loss.detach()
 
 
 class Side:
-    """One training setup; `step()` returns its phase times (seconds). cfg None: the plain MoE."""
+    """One training setup; `step()` returns its phase times (seconds). cfg None: the plain MoE.
 
-    def __init__(self, s: dict, cfg: SDMoEConfig | None, lr: float = 1e-3):
-        self.model = build(s)
+    On CUDA the device is synchronised at each phase boundary, so a phase's time is its own work
+    (the training loop itself never waits: this is timing only)."""
+
+    def __init__(self, s: dict, cfg: SDMoEConfig | None, lr: float = 1e-3, device: torch.device | str = "cpu",
+                 precision: str = "fp32"):
+        self.device, self.precision = torch.device(device), precision
+        self.model = build(s, self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1)
         g = torch.Generator().manual_seed(0)
-        self.batches = [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g) for _ in range(4)]
+        self.batches = [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(self.device)
+                        for _ in range(4)]
         self.ctl = SDMoE(self.model, cfg) if cfg is not None else None
         if self.ctl is not None:  # the batch feeds variants whose basis comes from gradients or inputs
             self.ctl.before_forward(0, self.opt, self.batches[0])
         self.n = 0
 
+    def _now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
     def step(self) -> dict[str, float]:
         ids = self.batches[self.n % len(self.batches)]
         c0 = time.process_time()
-        t0 = time.perf_counter()
-        self.last_loss = forward_backward(self.model, ids)
-        t1 = time.perf_counter()
+        t0 = self._now()
+        self.last_loss = forward_backward(self.model, ids, self.precision)
+        t1 = self._now()
         if self.ctl is not None:
             self.ctl.after_backward(self.n)
-        t2 = time.perf_counter()
+        t2 = self._now()
         if self.ctl is not None:
             self.ctl.clip_grad_norm_(1.0)
         else:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
-        t3 = time.perf_counter()
+        t3 = self._now()
         if self.ctl is not None:
             self.ctl.after_optimizer_step(self.n)
         self.opt.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        t4 = self._now()
         self.n += 1
         return {"fwd_bwd": t1 - t0, "split": t2 - t1, "clip_step": t3 - t2, "after_step": t4 - t3,
                 "cpu": time.process_time() - c0, "total": t4 - t0}
@@ -139,7 +155,7 @@ class Side:
 def split_breakdown(side: Side, reps: int) -> dict[str, float]:
     """The method's own work per training step, each part timed alone on copies (median ms over reps)."""
     ctl = side.ctl
-    forward_backward(side.model, side.batches[0])
+    forward_backward(side.model, side.batches[0], side.precision)
     grads = [{p: g.clone() for p, g in layer.block.views("grad", layer.projs)[0].items()} for layer in ctl.layers]
     weights = [{p: w.clone() for p, w in layer.block.views("data", layer.projs)[0].items()} for layer in ctl.layers]
     qs = [{p: q.clone() for p, q in layer.q.items()} for layer in ctl.layers]
@@ -148,8 +164,10 @@ def split_breakdown(side: Side, reps: int) -> dict[str, float]:
     def timed(fn):
         out = []
         for _ in range(reps):
+            synchronize(side.device)
             t = time.perf_counter()
             fn()
+            synchronize(side.device)
             out.append(time.perf_counter() - t)
         return 1e3 * statistics.median(out)
 

@@ -32,6 +32,12 @@ def _add_text(p: argparse.ArgumentParser) -> None:
                         "label of its files); default: the bundled corpora (drama, encyclopedia, fairy tales)")
 
 
+def _add_device(p: argparse.ArgumentParser, what: str, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default,
+                   help=f"where {what} runs: auto (CUDA when torch sees a GPU, else the CPU) | cpu | cuda | cuda:N"
+                        + ("" if default else " (default: the config's loop.device, auto)"))
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Show a default only where it says something (not None, [], False)."""
 
@@ -77,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="training steps (overrides loop.steps)")
     t.add_argument("--seed", type=int, help="seed for weights and data order (overrides loop.seed)")
     _add_text(t)
+    _add_device(t, "training", default=None)
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="forward/backward precision (default: auto = bf16 autocast on CUDA, float32 on the CPU; "
+                        "weights, optimizer state and the SD-MoE split stay float32)")
     t.add_argument("--out", help="run directory (default: runs/<preset>-<method>-seed<seed>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -103,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batches", type=int, default=4, help="batches of text for gradients and routing")
     a.add_argument("--seq-len", type=int, default=128)
     a.add_argument("--batch-size", type=int, default=8)
+    _add_device(a, "the model's forward and backward")
     a.add_argument("--out", help="output directory (default: PATH/../analysis)")
     a.add_argument("--force", action="store_true", help="overwrite a previous analysis in --out")
     a.add_argument("--weights-only", action="store_true",
@@ -133,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="train-config override applied to every run, e.g. --set loop.threads=2")
     _add_text(c)
+    _add_device(c, "every run")
     c.add_argument("--out", default="runs/compare-demo", help="compare directory")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -149,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text(e)
     e.add_argument("--tasks-dir", help="where the task files go (default: MODEL_DIR/../eval-tasks)")
     e.add_argument("--limit", type=int, help="examples per task (default: all)")
+    _add_device(e, "the harness's model")
     e.add_argument("--out", help="write the scores here as JSON")
 
     r = sub.add_parser("report", help="rebuild a compare's report.html, summary.json and summary.csv from its run files")
@@ -166,7 +179,7 @@ def _train(args) -> int:
     apply_overrides(cfg, args.overrides)
     # Flags set config keys the way --set does: one declaration checks the value of either.
     flags = {"method": args.method, "model.style": args.style, "loop.steps": args.steps, "loop.seed": args.seed,
-             "data.text": list(args.text) or None}
+             "data.text": list(args.text) or None, "loop.device": args.device, "loop.precision": args.precision}
     for key, value in flags.items():
         if value is not None:
             set_value(cfg, key, value)
@@ -199,7 +212,7 @@ def _analyze(args) -> int:
                             "(or leave --layers out for all)")
     result = analyze_path(args.path, text=args.text or None, layers=layers, rank=args.rank, out=args.out,
                           n_batches=args.batches, seq_len=args.seq_len, batch_size=args.batch_size, force=args.force,
-                          weights_only=args.weights_only)
+                          weights_only=args.weights_only, device=args.device)
     print(result.summary())
     return 0
 
@@ -220,7 +233,7 @@ def _compare(args) -> int:
             except UserError as e:
                 raise UserError(f"--{key.replace('_', '-')}: {e}") from None
     cfg.overrides = list(cfg.overrides) + list(args.overrides)
-    result = run_compare(cfg, args.out, progress=not args.quiet)
+    result = run_compare(cfg, args.out, progress=not args.quiet, device=args.device)
     print(result.text)
     return 0
 
@@ -232,7 +245,8 @@ def _evaluate(args) -> int:
     from sdmoe.eval.tasks import evaluate_model
     from sdmoe.files import write_json_atomic
 
-    scores = evaluate_model(args.model_dir, text=args.text or None, tasks_dir=args.tasks_dir, limit=args.limit)
+    scores = evaluate_model(args.model_dir, text=args.text or None, tasks_dir=args.tasks_dir, limit=args.limit,
+                            device=args.device)
     if args.out:
         write_json_atomic(Path(args.out), scores)
     print(json.dumps(scores, indent=1))

@@ -154,7 +154,7 @@ def test_resume_may_extend_the_run(interrupted, tiny_config, tiny_dataset):
     ("optim.lr", 0.01, "different optim config than the run in"),
     ("loop.steps", 8, "loop.steps=8, but the run was written with loop.steps=10; a resume may not shorten it"),
     ("loop.seed", 3, "loop.seed=3, but the run was written with loop.seed=0"),
-    ("loop.bf16", True, "loop.bf16=True, but the run was written with loop.bf16=False"),
+    ("loop.deterministic", False, "loop.deterministic=False, but the run was written with loop.deterministic=True"),
     ("data.seq_len", 16, "resume with --set data.seq_len=32, or start a new run in another --out"),
     ("model.aux_loss_coef", 0.1, "different model config"),
 ])

@@ -34,9 +34,9 @@ def test_presets_validate_and_round_trip(name):
 
 
 def test_overrides_coerce_types():
-    cfg = apply_overrides(preset("tiny"), ["optim.lr=0.01", "model.style=qwen2_moe", "loop.bf16=true",
+    cfg = apply_overrides(preset("tiny"), ["optim.lr=0.01", "model.style=qwen2_moe", "loop.precision=bf16",
                                            "sdmoe.rank=[4,8]", "optim.betas=[0.9,0.99]"])
-    assert cfg.optim.lr == 0.01 and cfg.model.style == "qwen2_moe" and cfg.loop.bf16 is True
+    assert cfg.optim.lr == 0.01 and cfg.model.style == "qwen2_moe" and cfg.loop.precision == "bf16"
     assert cfg.sdmoe.rank == [4, 8] and cfg.optim.betas == (0.9, 0.99)
 
 
@@ -102,8 +102,9 @@ LEAVES = list(_leaves())
         ("loop.seed=-1", "loop.seed=-1 is out of range"),
         ("loop.steps=0", "loop.steps=0 is out of range; use an integer >= 1"),
         ("loop.threads=-2", "loop.threads=-2 is out of range; use an integer in [0, 1024] (0 = PyTorch's default)"),
-        ("loop.bf16=maybe", "loop.bf16 takes true or false, got 'maybe'"),
-        ("loop.bf16=2", "loop.bf16 takes true or false, got '2'"),
+        ("loop.deterministic=maybe", "loop.deterministic takes true or false, got 'maybe'"),
+        ("loop.deterministic=2", "loop.deterministic takes true or false, got '2'"),
+        ("loop.precision=fp16", "unknown precision 'fp16'"),
         ("sdmoe.projections=gate,gate", "sdmoe.projections lists gate twice"),
         ("sdmoe.projections=[]", "sdmoe.projections needs at least 1 entry"),
         ("sdmoe.projections=gate,o_proj", "unknown projections entry 'o_proj'; sdmoe.projections[1] must be one of"),
@@ -132,8 +133,8 @@ def test_every_value_is_checked_against_its_declaration(override, fragment):
     ("loop.steps=1e3", "loop.steps", 1000),  # decision: an integral float is an integer (a JSON file may write 1e3)
     ("loop.steps=7.0", "loop.steps", 7),
     ("optim.lr=1", "optim.lr", 1.0),
-    ("loop.bf16=yes", "loop.bf16", True),
-    ("loop.bf16=0", "loop.bf16", False),
+    ("loop.deterministic=yes", "loop.deterministic", True),
+    ("loop.deterministic=0", "loop.deterministic", False),
     ("sdmoe.rank=4,8", "sdmoe.rank", [4, 8]),
     ("sdmoe.rank=[4, 8]", "sdmoe.rank", [4, 8]),
     ("sdmoe.rank=16", "sdmoe.rank", 16),

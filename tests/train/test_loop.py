@@ -131,7 +131,7 @@ def test_bf16_autocast_tracks_float32(tmp_path, tiny_config, tiny_dataset, metho
     tiny_config.method = method
     tiny_config.loop.steps = 10
     fp32 = train(tiny_config, tmp_path / "fp32", progress=False, dataset=tiny_dataset)
-    tiny_config.loop.bf16 = True
+    tiny_config.loop.precision = "bf16"
     bf16 = train(tiny_config, tmp_path / "bf16", progress=False, dataset=tiny_dataset)
     assert all(math.isfinite(v) for v in _losses(tmp_path / "bf16").values())
     # Same run up to bf16 rounding of activations: the losses stay close, not equal.

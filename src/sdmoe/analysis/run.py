@@ -33,6 +33,7 @@ from sdmoe.analysis.gradients import (
     findings_from_capture,
 )
 from sdmoe.analysis.parameters import ProjectionFindings, check_rank, parameter_findings
+from sdmoe.device import resolve_device
 from sdmoe.errors import UserError
 from sdmoe.files import json_safe
 from sdmoe.moe import find_moe_blocks
@@ -274,8 +275,11 @@ def analyze_path(
     progress: bool = True,
     write: bool = True,
     weights_only: bool = False,
+    device: str = "auto",
 ) -> AnalysisResult:
     """Analyse a local checkpoint directory; write `analysis.json`, plots and `report.html` to `out`.
+
+    `device`: where the model's forward and backward run (auto = CUDA when torch sees one).
 
     `out=None`: PATH/../analysis (the CLI's default); `write=False`: write nothing.
     `weights_only`: finding 1 alone, read layer by layer; the model is never loaded whole
@@ -291,6 +295,7 @@ def analyze_path(
         out = path.resolve().parent / "analysis"
     if out is not None:
         check_out_dir(out, force)  # before any work
+    target = resolve_device(device)  # a missing GPU fails before any work too
     for name, v in (("n_batches", n_batches), ("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "seq_len" else 1):
             raise UserError(f"{name}={v!r} is invalid; pass a positive integer{' >= 2' if name == 'seq_len' else ''}")
@@ -324,6 +329,7 @@ def analyze_path(
         return result
 
     model, tokenizer = _load_model_and_tokenizer(path)
+    model.to(target)
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise UserError(

@@ -208,16 +208,19 @@ def _require_harness() -> None:
 
 
 def evaluate_model(model_dir: str | Path, text: list[str] | None = None, tasks_dir: str | Path | None = None,
-                   limit: int | None = None) -> dict[str, dict]:
+                   limit: int | None = None, device: str = "auto") -> dict[str, dict]:
     """`sdmoe evaluate`: build the tasks (default MODEL_DIR/../eval-tasks), then score MODEL_DIR with the harness.
 
     The model directory and the harness are checked first: a bad MODEL_DIR creates no files.
     """
+    from sdmoe.device import resolve_device
+
     model_dir = Path(model_dir).expanduser()
     check_model_dir(model_dir)
     _require_harness()
+    target = str(resolve_device(device))  # "cuda" on a machine without one: one line, before any file
     if limit is not None and (isinstance(limit, bool) or limit < 1):
         raise UserError(f"--limit must be a positive number of examples per task, got {limit}")
     tasks_dir = Path(tasks_dir) if tasks_dir else model_dir.parent / "eval-tasks"
     build_tasks(tasks_dir, text=text)
-    return score_with_harness(model_dir, tasks_dir, limit=limit)
+    return score_with_harness(model_dir, tasks_dir, limit=limit, device=target)

@@ -164,12 +164,14 @@ def analyze_run(run_dir: Path, ds, k: int) -> dict | None:
     return payload
 
 
-def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets) -> dict[str, Any]:
+def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets,
+               device: str = "auto") -> dict[str, Any]:
     from sdmoe.train.loop import NonFiniteError, train
 
     run_dir = out / "runs" / spec.run_id
     state = run_state(run_dir)
     rc = spec.run_config(cfg)
+    rc.loop.device = device  # where it runs is not part of the grid: a compare may move between machines
     mine = read_json(run_dir / RUN_FILE) or {}
     record = {"run_id": spec.run_id, "action": "skipped" if state in ("done", "diverged") else state,
               "wall_s": mine.get("wall_s", 0.0)}
@@ -202,14 +204,18 @@ def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets
 
 
 def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
-                max_runs: int | None = None) -> CompareResult:
+                max_runs: int | None = None, device: str = "auto") -> CompareResult:
     """Run (or resume) every run of `plan(cfg)` into `out_dir`, then write the summary and report.
 
-    `max_runs` stops after that many runs were trained (an interrupted compare, for tests).
+    `max_runs` stops after that many runs were trained (an interrupted compare, for tests);
+    `device`: where the runs train (`loop.device`), not part of the grid's settings.
     """
     from tqdm.auto import tqdm
 
+    from sdmoe.device import resolve_device
+
     cfg.validate()
+    resolve_device(device)  # "cuda" on a machine without one fails before anything is written
     out = Path(out_dir)
     specs = plan(cfg)
     # One compare per --out: a second one would remove the runs the first is training
@@ -226,7 +232,7 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
             if max_runs is not None and trained >= max_runs:
                 break
             bar.set_postfix_str(spec.run_id)
-            rec = _train_one(spec, cfg, out, datasets)
+            rec = _train_one(spec, cfg, out, datasets, device)
             trained += rec["action"] != "skipped"
             records.append(rec)
         bar.close()

@@ -97,10 +97,19 @@ class Collector:
                 "inputs": [{"sum": encode(m._sum), "count": m.count} for m in self.inputs]}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore `state_dict()` onto the experts' device (a checkpoint written on a GPU resumes on a CPU)."""
         self.grads = {(int(k.split(".")[0]), k.split(".")[1]): decode(v) for k, v in sd.get("grads", {}).items()}
         self.grad_batches = int(sd.get("grad_batches", 0))
         for m, s in zip(self.inputs, sd.get("inputs", [])):
             m._sum, m.count = decode(s["sum"]), int(s["count"])
+        self.to(next(self.blocks[0].experts.parameters()).device)
+
+    def to(self, device: torch.device) -> None:
+        """Move the sums collected so far to `device`."""
+        self.grads = {k: v.to(device) for k, v in self.grads.items()}
+        for m in self.inputs:
+            if m._sum is not None:
+                m._sum = m._sum.to(device)
 
 
 def encode(t: torch.Tensor | None) -> dict | None:

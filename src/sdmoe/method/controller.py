@@ -422,6 +422,23 @@ class SDMoE:
         defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
         self.shared_optimizer = type(optimizer)(self.parameters(), **{**defaults, "weight_decay": 0.0})
 
+    @torch.no_grad()
+    def to(self, device: torch.device | str) -> "SDMoE":
+        """Move the split's state to `device` (after `model.to(device)`): bases, shared parts, deltas, the
+        shared optimizer's moments and the collected sums. Tensors are moved in place (`.data`), so the
+        router hooks and the optimizers that hold them keep working."""
+        device = torch.device(device)
+        for layer in self.layers:
+            for t in [*layer.tensors().values(), *layer.delta.values()]:
+                t.data = t.data.to(device)
+        if self.shared_optimizer is not None:
+            for state in self.shared_optimizer.state.values():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and key != "step":  # AdamW keeps its step count on the CPU
+                        state[key] = value.to(device)
+        self.collector.to(device)
+        return self
+
     # -- monitoring ---------------------------------------------------------------------------------
     @torch.no_grad()
     def monitor(self, k: int = 8) -> dict:

@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from sdmoe.device import experts_kernel
 from sdmoe.models.config import EXPERTS_IMPLEMENTATIONS, STYLES, ModelConfig, validate
 
 __all__ = ["EXPERTS_IMPLEMENTATIONS", "STYLES", "ModelConfig", "build_model", "count_parameters", "to_hf_config",
@@ -92,11 +93,16 @@ def to_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     return AutoConfig.for_model(s, **common, **extra)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: int = 0) -> PreTrainedModel:
-    """A freshly initialised transformers MoE causal LM (float32, train mode)."""
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: int = 0,
+                device: torch.device | str = "cpu") -> PreTrainedModel:
+    """A freshly initialised transformers MoE causal LM (float32, train mode) on `device`.
+
+    The weights are drawn on the CPU whatever the device (the same seed gives the same
+    model everywhere), then moved; the expert kernel is the device's (`experts_kernel`)."""
+    device = torch.device(device)
     hf_config = to_hf_config(cfg, vocab_size)
     hf_config.bos_token_id = hf_config.eos_token_id = hf_config.pad_token_id = eos_token_id
-    hf_config._experts_implementation = cfg.experts_implementation
+    hf_config._experts_implementation = experts_kernel(cfg.experts_implementation, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config)
@@ -109,7 +115,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: 
                 if name.endswith("mlp.gate.weight"):
                     torch.nn.init.normal_(p, std=cfg.init_std)
     model.train()
-    return model
+    return model.to(device)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:

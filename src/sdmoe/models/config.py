@@ -17,7 +17,7 @@ from sdmoe.errors import UserError
 # defaults of `compare` (softmax router + gated shared expert; sigmoid router
 # with score-correction bias + fine-grained shared experts).
 Style = Literal["qwen2_moe", "deepseek_v3", "qwen3_moe", "deepseek_v2", "olmoe", "mixtral"]
-ExpertsImplementation = Literal["eager", "batched_mm", "grouped_mm"]
+ExpertsImplementation = Literal["auto", "eager", "batched_mm", "grouped_mm"]
 STYLES = get_args(Style)
 EXPERTS_IMPLEMENTATIONS = get_args(ExpertsImplementation)
 
@@ -38,9 +38,10 @@ class ModelConfig:
     aux_loss_coef: float = setting(0.01, ge=0)  # the host model's own load-balancing loss
     init_std: float = setting(0.02, gt=0)
     tie_embeddings: bool = False
-    # transformers' expert kernel: "eager" (a loop over the experts a batch hits),
-    # "batched_mm" or "grouped_mm"; SD-MoE runs unchanged on each (benchmarks/bench_experts.py).
-    experts_implementation: ExpertsImplementation = setting("eager", label="model.experts_implementation")
+    # transformers' expert kernel: "eager" (a loop over the experts a batch hits), "batched_mm" or
+    # "grouped_mm" (one grouped GEMM); "auto" = grouped_mm on CUDA, eager on the CPU (the fastest
+    # on each, benchmarks/bench_experts.py). SD-MoE runs unchanged on each.
+    experts_implementation: ExpertsImplementation = setting("auto", label="model.experts_implementation")
 
 
 def validate(cfg: ModelConfig, vocab_size: int) -> None:

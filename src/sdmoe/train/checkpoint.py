@@ -112,7 +112,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
     try:
         model_state = load_file(str(path / "model.safetensors"))
         # weights_only: tensors and plain values, never pickled code (a checkpoint directory may be foreign)
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        # map_location: a checkpoint written on a GPU resumes on a CPU-only machine (and the optimizer
+        # moves its state to its parameters' device when it loads it)
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any unreadable part means the same fix
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}") from None
     return model_state, optimizer_state, state
@@ -124,7 +126,7 @@ def load_sdmoe_state(path: Path) -> dict[str, Any] | None:
     if not f.is_file():
         return None
     try:
-        return torch.load(f, weights_only=True)
+        return torch.load(f, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any unreadable part means the same fix
         raise UserError(f"checkpoint {path} has an unreadable sdmoe.pt ({type(e).__name__}); delete the checkpoint "
                         "to resume from an earlier one") from None

@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 
 from sdmoe.config_fields import assign, check_tree, parse_value, setting
 from sdmoe.data.config import DataConfig
+from sdmoe.device import check_device_name
 from sdmoe.errors import UserError
 from sdmoe.method.config import SDMoEConfig, upgrade_saved
 from sdmoe.models.config import ModelConfig
@@ -28,7 +29,8 @@ from sdmoe.models.config import validate as validate_model
 Method = Literal["baseline", "sd-moe"]
 NanPolicy = Literal["stop", "skip"]
 Parallel = Literal["ddp", "fsdp"]
-PresetName = Literal["tiny", "demo", "small"]
+Precision = Literal["auto", "fp32", "bf16"]
+PresetName = Literal["tiny", "demo", "small", "gpu"]
 METHODS = get_args(Method)
 MAX_SEED = 2**32 - 1
 MAX_THREADS = 1024
@@ -67,7 +69,12 @@ class LoopConfig:
     seed: int = setting(0, ge=0, le=MAX_SEED)
     # torch threads; a resume may change it (float sums may then differ in the last bits)
     threads: int = setting(0, ge=0, le=MAX_THREADS, note="0 = PyTorch's default", resume="any")
-    bf16: bool = False  # bf16 autocast for forward/backward
+    # Where the run computes: auto (CUDA when torch sees a GPU, else the CPU) | cpu | cuda | cuda:N.
+    # "auto": bf16 autocast on CUDA, float32 on the CPU (weights, gradients, optimizer state and the
+    # SD-MoE split stay float32 either way). A resume may move a run between devices (a checkpoint
+    # written on a GPU resumes on a CPU and back); the numbers then differ by rounding, as with threads.
+    device: str = setting("auto", resume="any")
+    precision: Precision = setting("auto", resume="any")
     deterministic: bool = True
     # what a NaN/Inf loss or gradient does; a resume may change it (it acts only at such a step)
     nan_policy: NanPolicy = setting("stop", resume="any")
@@ -128,7 +135,26 @@ def _preset_small() -> RunConfig:
     )
 
 
-PRESETS = {"tiny": _preset_tiny, "demo": _preset_demo, "small": _preset_small}  # the names of PresetName
+def _preset_gpu() -> RunConfig:
+    # One large GPU for minutes, not hours: d=1024, 12 layers, 32 fine-grained experts top-4 plus a
+    # gated shared expert (qwen2_moe), 0.71B parameters of which 0.18B are active per token;
+    # sequences of 1024. A step sees 16 x 1024 = 16,384 tokens, 600 steps 9.8M tokens: about 10
+    # passes over the bundled corpora (1.0M training tokens at this vocabulary). For fewer passes,
+    # a larger corpus through --text (docs/performance.md, "The gpu preset").
+    return RunConfig(
+        name="gpu",
+        model=ModelConfig(style="qwen2_moe", hidden_size=1024, num_layers=12, num_heads=16, num_experts=32, top_k=4,
+                          expert_ffn=512, shared_expert_ffn=1024, max_seq_len=1024),
+        data=DataConfig(vocab_size=8192, seq_len=1024, batch_size=16, eval_batches=4),
+        optim=OptimConfig(lr=1e-3, warmup_steps=50),
+        # deterministic off: CUDA's deterministic scatter/index_add kernels cost more than they buy here
+        loop=LoopConfig(steps=600, eval_every=100, log_every=10, checkpoint_every=200, monitor_every=200,
+                        deterministic=False),
+        sdmoe=SDMoEConfig(split_step=100),
+    )
+
+
+PRESETS = {"tiny": _preset_tiny, "demo": _preset_demo, "small": _preset_small, "gpu": _preset_gpu}  # PresetName
 
 
 def preset(name: str) -> RunConfig:
@@ -210,13 +236,30 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Rebuild a config saved with `to_dict` (checkpoints, compare grids)."""
     cfg = RunConfig()
     for key, value in raw.items():
-        set_value(cfg, key, upgrade_saved(value) if key == "sdmoe" and isinstance(value, dict) else value)
+        if key == "sdmoe" and isinstance(value, dict):
+            value = upgrade_saved(value)
+        elif key == "loop" and isinstance(value, dict):
+            value = _upgrade_loop(value)
+        set_value(cfg, key, value)
     return cfg
+
+
+def _upgrade_loop(section: dict) -> dict:
+    """A saved `loop` section in today's keys: before 0.2, `bf16` (true | false) chose the precision."""
+    if "bf16" not in section:
+        return section
+    out = {k: v for k, v in section.items() if k != "bf16"}
+    out.setdefault("precision", "bf16" if section["bf16"] is True else "fp32")
+    return out
 
 
 def validate(cfg: RunConfig) -> None:
     """Every field against its declaration, then the rules between fields; raises a one-line UserError."""
     check_tree(cfg)  # types, ranges, choices, finite numbers: also of values set in code or by a flag
+    try:
+        check_device_name(cfg.loop.device)
+    except UserError as e:
+        raise UserError(f"loop.device: {e}") from None
     if cfg.loop.parallel == "fsdp" and cfg.method == "sd-moe":
         if cfg.sdmoe.split_step != 0:  # FSDP2 shards the split model; a later split would replace sharded parameters
             raise UserError(f"loop.parallel=fsdp needs the SD-MoE split before sharding: set sdmoe.split_step=0 "

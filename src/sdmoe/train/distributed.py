@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sdmoe.device import resolve_device
 from sdmoe.errors import UserError
 
 
@@ -38,12 +39,16 @@ class DistContext:
         return self.world_size > 1
 
 
-def setup() -> DistContext:
-    """Join the process group torchrun describes; a plain process gets world size 1."""
+def setup(device: str = "auto") -> DistContext:
+    """Join the process group torchrun describes; a plain process gets world size 1.
+
+    `device` is `loop.device`: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N. Under
+    torchrun each rank takes the GPU of its local rank (NCCL), or the CPU (gloo) for `cpu`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    chosen = resolve_device(device)
     if world <= 1:
-        return DistContext(device=torch.device("cuda" if cuda else "cpu"))
+        return DistContext(device=chosen)
+    cuda = chosen.type == "cuda"
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)

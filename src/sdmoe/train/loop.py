@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.config_fields import changed_settings, show
 from sdmoe.data import prepare_dataset
+from sdmoe.device import autocast as device_autocast
 from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
 from sdmoe.files import DirLock, atomic_dir, load_json, probe_writable, write_failure
@@ -172,7 +173,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
            held: ExitStack) -> TrainResult:
     validate(cfg)
     out = Path(out_dir)
-    ctx = dist.setup()
+    ctx = dist.setup(cfg.loop.device)  # before the lock: a missing GPU fails before anything is written
     if ctx.is_main:
         # One process per run directory: a second one's start-up clean-up would delete the
         # first's temp files. Taken before anything looks inside, and again once a new
@@ -201,7 +202,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
 
     fsdp = ctx.enabled and lc.parallel == "fsdp"
     data = dataset or prepare_dataset(cfg.data, seed=lc.seed)
-    model = build_model(cfg.model, len(data.tokenizer), seed=lc.seed, eos_token_id=data.tokenizer.eos_token_id).to(device)
+    model = build_model(cfg.model, len(data.tokenizer), seed=lc.seed, eos_token_id=data.tokenizer.eos_token_id,
+                        device=device)
     optimizer = build_optimizer(model, cfg.optim)
     controller = SDMoE(model, cfg.sdmoe) if cfg.method == "sd-moe" else None
     blocks = find_moe_blocks(model)
@@ -277,7 +279,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
 
     end_step = cfg.loop.steps if stop_after is None else min(cfg.loop.steps, start_step + stop_after)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if lc.bf16 else nullcontext()
+    autocast = device_autocast(lc.precision, device)  # bf16 on CUDA by default, float32 on the CPU
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.loop.steps, desc=cfg.name,
                disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
     val_loss: dict[str, float] = {}
