@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 SDMOE   = $(BIN)/sdmoe
 
-.PHONY: install demo test test-slow bench reproduce clean-venv
+.PHONY: install demo test test-slow bench gpu-check reproduce clean-venv
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+# The prepared GPU check (docs/performance.md section 5): under 8 minutes on one GPU; --tiny runs it on a CPU.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py --out runs/gpu-check
 
 clean-venv:
 	rm -rf $(VENV)

@@ -39,8 +39,8 @@ class ModelConfig:
     init_std: float = setting(0.02, gt=0)
     tie_embeddings: bool = False
     # transformers' expert kernel: "eager" (a loop over the experts a batch hits), "batched_mm" or
-    # "grouped_mm" (one grouped GEMM); "auto" = grouped_mm on CUDA, eager on the CPU (the fastest
-    # on each, benchmarks/bench_experts.py). SD-MoE runs unchanged on each.
+    # "grouped_mm" (one grouped GEMM); "auto" = grouped_mm on CUDA, eager on the CPU (the reference
+    # kernel of every recorded result; sdmoe.device.experts_kernel). SD-MoE runs unchanged on each.
     experts_implementation: ExpertsImplementation = setting("auto", label="model.experts_implementation")
 
 
