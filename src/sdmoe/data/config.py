@@ -29,3 +29,9 @@ class DataConfig:
     # change it, as it may find the cache wiped: it holds only what is rebuilt from the text when missing.
     cache_dir: str = setting("", resume="any")
     domain_weights: DomainWeights = "proportional"  # "uniform": every domain equally often
+    # Keep only these domains of the text (bundled: drama, encyclopedia, fairy_tales; --text: the
+    # directory names); the tokenizer is trained on what is kept. Empty = every domain.
+    domains: list[str] = setting([], unique=True)
+    # Keep only the first N training tokens, shared among the domains in proportion to their size:
+    # the way to train more passes over less text at the same step count (`sdmoe study`). 0 = all.
+    max_train_tokens: int = setting(0, ge=0, note="0 = all")

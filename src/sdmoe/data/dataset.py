@@ -59,6 +59,35 @@ def unigram_entropy(tokens: list[np.ndarray], vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def select_domains(docs: list, domains: list[str]) -> list:
+    """The documents of `domains` (all when empty); an unknown name is a one-line error naming the known."""
+    if not domains:
+        return docs
+    known = sorted({doc.domain for doc in docs})
+    unknown = [d for d in domains if d not in known]
+    if unknown:
+        raise UserError(f"data.domains names {', '.join(map(repr, unknown))}, which the text does not have; "
+                        f"its domains are {', '.join(known)}")
+    return [doc for doc in docs if doc.domain in domains]
+
+
+def truncate_tokens(train_tokens: dict[str, np.ndarray], limit: int, seq_len: int) -> dict[str, np.ndarray]:
+    """The first `limit` training tokens, shared among the domains in proportion to their size (each
+    keeps at least one training window, seq_len + 1 tokens)."""
+    total = sum(len(t) for t in train_tokens.values())
+    if limit >= total:
+        return train_tokens
+    if limit < (seq_len + 1) * len(train_tokens):
+        raise UserError(f"data.max_train_tokens={limit} leaves less than one window of seq_len+1={seq_len + 1} "
+                        f"tokens for each of the {len(train_tokens)} domains; raise it (the text has {total})")
+    return {d: t[: max(seq_len + 1, round(limit * len(t) / total))] for d, t in train_tokens.items()}
+
+
+def passes_over_data(steps: int, batch_size: int, seq_len: int, train_tokens: int) -> float:
+    """How many times a run of `steps` steps reads its training text: tokens drawn / tokens held."""
+    return steps * batch_size * seq_len / max(1, train_tokens)
+
+
 def prepare_dataset(cfg: DataConfig, seed: int, tokenizer=None) -> Dataset:
     """Load, split, tokenise (cached) and batch the corpus in `cfg`.
 
@@ -68,7 +97,7 @@ def prepare_dataset(cfg: DataConfig, seed: int, tokenizer=None) -> Dataset:
     """
     _validate(cfg, training_tokenizer=tokenizer is None)
     cache_dir = resolve_cache_dir(cfg.cache_dir)
-    docs = load_corpus(cfg.text, min_chars=MIN_CORPUS_CHARS)
+    docs = select_domains(load_corpus(cfg.text, min_chars=MIN_CORPUS_CHARS), cfg.domains)
     split = split_corpus(docs, cfg.val_fraction)
     domains = split.domains
     if tokenizer is None:
@@ -88,6 +117,8 @@ def prepare_dataset(cfg: DataConfig, seed: int, tokenizer=None) -> Dataset:
                 f"(it has {n_chars}), or lower seq_len, or raise val_fraction"
             )
 
+    if cfg.max_train_tokens:
+        train_tokens = truncate_tokens(train_tokens, cfg.max_train_tokens, cfg.seq_len)
     train = TokenBatches(train_tokens, cfg.seq_len, cfg.batch_size, seed, cfg.domain_weights, domains)
     val = {d: eval_batches(val_tokens[d], cfg.seq_len, cfg.batch_size, cfg.eval_batches) for d in domains}
     vocab_size = len(tokenizer)

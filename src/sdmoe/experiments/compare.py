@@ -204,11 +204,12 @@ def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets
 
 
 def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
-                max_runs: int | None = None, device: str = "auto") -> CompareResult:
+                max_runs: int | None = None, device: str = "auto", timing: bool = True) -> CompareResult:
     """Run (or resume) every run of `plan(cfg)` into `out_dir`, then write the summary and report.
 
     `max_runs` stops after that many runs were trained (an interrupted compare, for tests);
-    `device`: where the runs train (`loop.device`), not part of the grid's settings.
+    `device`: where the runs train (`loop.device`), not part of the grid's settings; `timing=False`
+    skips the interleaved step-time measurement (claim (e)), as `sdmoe study` does.
     """
     from tqdm.auto import tqdm
 
@@ -236,7 +237,7 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
             trained += rec["action"] != "skipped"
             records.append(rec)
         bar.close()
-        if max_runs is None:
+        if max_runs is None and timing:
             _measure_step_times(cfg, specs, out, datasets, progress)
         summary, text, report = rebuild_report(out, _return_all=True)
     return CompareResult(out, cfg, records, summary, text, report)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.config_fields import changed_settings, show
 from sdmoe.data import prepare_dataset
+from sdmoe.data.dataset import passes_over_data
 from sdmoe.device import autocast as device_autocast
 from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
@@ -239,8 +240,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
         ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "running"})
     log = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tensorboard") if ctx.is_main else NullLog()
     if start_step == 0:
+        held = sum(len(t) for t in data.train_tokens.values())
         log.write({"event": "start", "step": 0, "trainable_parameters": count_parameters(model),
-                   "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains})
+                   "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains, "train_tokens": held,
+                   "passes": passes_over_data(cfg.loop.steps, cfg.data.batch_size, cfg.data.seq_len, held)})
 
     def split(step: int) -> bool:
         """The SD-MoE split at `step` if due (logged); whether it happened."""

@@ -1,0 +1,228 @@
+"""`sdmoe study`: when does SD-MoE help? One factor at a time, every cell a paired `sdmoe compare`.
+
+    sdmoe study --factor text          each bundled domain alone, and the mix
+    sdmoe study --factor repetition    passes over the data: the same step count on less text
+                                       (data.max_train_tokens), and the same text for more steps
+    sdmoe study --factor size          d = 64, 96, 128 at a fixed number of tokens per parameter
+
+Each cell is a compare in OUT/<factor>/<cell>/ (resumable; its own report.html) on the demo
+preset (qwen2_moe, 3 paired seeds), everything but the factor fixed. The study reads every run's
+final validation loss and its passes over its training text (the run's start record), pairs runs
+by seed and writes OUT/study.json, OUT/study.md (one table per factor: the gain baseline - variant
+with its 95% t-interval) and OUT/study.png (the gain against passes and against size, one line
+per text). Re-running the command skips finished cells and runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdmoe.errors import UserError
+from sdmoe.experiments.grid import CompareConfig
+from sdmoe.experiments.stats import paired_differences, t_interval
+from sdmoe.files import read_json, read_jsonl, write_json_atomic, write_text_atomic
+
+FACTORS = ("text", "repetition", "size")
+TEXTS = ("drama", "encyclopedia", "fairy_tales", "mix")
+BASE_STEPS = 400  # the demo preset's
+TOKENS_PER_STEP = 16 * 64  # the demo preset's batch x sequence
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One compare of the study: the factor's value in `label`, the text, and what the compare changes."""
+
+    factor: str
+    name: str  # its directory under OUT/<factor>/
+    text: str  # a bundled domain, or "mix"
+    label: str  # the factor's value as the tables print it
+    d: int = 64
+    steps: int = BASE_STEPS
+    max_train_tokens: int = 0
+    variants: tuple[str, ...] = ("baseline", "sd-moe")
+    rate_check: bool = False  # the baseline at 0.5x and 2x the rate on seed 0: is 1x its tuned rate here?
+    overrides: tuple[str, ...] = field(default=())
+
+    def compare_config(self, seeds: int) -> CompareConfig:
+        ov = [f"model.hidden_size={self.d}", f"model.expert_ffn={self.d}", *self.overrides]
+        if self.text != "mix":
+            ov.append(f"data.domains={self.text}")
+        if self.max_train_tokens:
+            ov.append(f"data.max_train_tokens={self.max_train_tokens}")
+        return CompareConfig(
+            preset="demo", styles=["qwen2_moe"], seeds=seeds, variants=list(self.variants), steps=self.steps,
+            lr_multipliers=[0.5, 1.0, 2.0] if self.rate_check else [1.0], lr_sweep_styles=int(self.rate_check),
+            lr_sweep_seeds=1, lr_sweep_variants=["baseline"], overrides=ov, analyze=False,
+            rerun_baseline=self.factor == "text")
+
+
+def demo_parameters(d: int) -> int:
+    """Non-embedding parameters of the demo preset's model at width d (2 layers, 8 experts of width d, a
+    shared expert of width d, attention d x d four times): the size the tokens-per-parameter rule scales."""
+    per_layer = 4 * d * d + 8 * 3 * d * d + 3 * d * d + 8 * d + d
+    return 2 * per_layer
+
+
+def cells(factor: str, sizes: tuple[int, ...] = (64, 96, 128)) -> list[Cell]:
+    """The cells of one factor, in the order they run."""
+    if factor == "text":
+        return [Cell("text", t, t, t, variants=("baseline", "sd-moe", "control"), rate_check=True) for t in TEXTS]
+    if factor == "repetition":
+        out = []
+        # the same 400 steps over less text: 1, 2, 4 and 8 passes (the whole text is the text factor's cell)
+        for text in ("encyclopedia", "drama"):
+            for passes in (1, 2, 4, 8):
+                tokens = BASE_STEPS * TOKENS_PER_STEP // passes
+                out.append(Cell("repetition", f"{text}-{passes}x", text, f"{passes} passes (truncated)",
+                                max_train_tokens=tokens))
+        # the converse: the whole text, more steps
+        for steps in (800, 1600):
+            out.append(Cell("repetition", f"encyclopedia-{steps}-steps", "encyclopedia", f"{steps} steps (whole text)",
+                            steps=steps))
+        return out
+    if factor == "size":
+        base = demo_parameters(64)
+        return [Cell("size", f"d{d}", "mix", f"d={d}", d=d,
+                     steps=round(BASE_STEPS * demo_parameters(d) / base)) for d in sizes]
+    raise UserError(f"unknown study factor {factor!r}; choose {', '.join(FACTORS)} or all")
+
+
+# -- reading the cells ---------------------------------------------------------------------------
+
+
+def _final_loss(run_dir: Path) -> float | None:
+    run = read_json(run_dir / "run.json") or {}
+    if run.get("status") != "done":
+        return None
+    return float(run.get("val_loss", {}).get("mean", math.nan))
+
+
+def _passes(run_dir: Path) -> float | None:
+    start = next((r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "start"), None)
+    return None if start is None else start.get("passes")
+
+
+def cell_result(cell: Cell, out: Path) -> dict[str, Any]:
+    """The paired gains of one finished (or partly finished) cell, from its runs' files."""
+    root = out / cell.factor / cell.name / "runs" / "qwen2_moe"
+    losses = {v: {} for v in cell.variants}
+    passes = []
+    for variant in cell.variants:
+        for seed_dir in sorted((root / variant / "lr1").glob("seed*")):
+            seed = int(seed_dir.name.removeprefix("seed"))
+            if (loss := _final_loss(seed_dir)) is not None:
+                losses[variant][seed] = loss
+            if variant == "baseline" and (p := _passes(seed_dir)) is not None:
+                passes.append(p)
+    gains = {v: t_interval(list(paired_differences(losses["baseline"], losses[v]).values()))
+             for v in cell.variants if v != "baseline"}
+    rerun = _final_loss(root / "baseline-rerun" / "lr1" / "seed0")
+    same_seed = None if rerun is None or 0 not in losses["baseline"] else abs(rerun - losses["baseline"][0])
+    rates = {}
+    for mult in ("0.5", "1", "2"):
+        loss = _final_loss(root / "baseline" / f"lr{mult}" / "seed0")
+        if loss is not None:
+            rates[mult] = loss
+    return {"factor": cell.factor, "cell": cell.name, "text": cell.text, "label": cell.label, "d": cell.d,
+            "steps": cell.steps, "passes": sum(passes) / len(passes) if passes else None,
+            "baseline_loss": t_interval(list(losses["baseline"].values())).mean,
+            "gains": {v: g.to_dict() for v, g in gains.items()}, "same_seed_noise": same_seed,
+            "baseline_best_rate": min(rates, key=rates.get) + "x" if len(rates) > 1 else None}
+
+
+def run_study(factors: list[str], out_dir: str | Path, seeds: int = 3, sizes: tuple[int, ...] = (64, 96, 128),
+              progress: bool = True, device: str = "auto") -> dict:
+    """Run (or resume) every cell of `factors`, then write study.json, study.md and study.png."""
+    from sdmoe.experiments.compare import run_compare
+
+    out = Path(out_dir)
+    plan = [c for f in factors for c in cells(f, sizes)]
+    for i, cell in enumerate(plan):
+        if progress:
+            print(f"study cell {i + 1}/{len(plan)}: {cell.factor} {cell.name}", flush=True)
+        run_compare(cell.compare_config(seeds), out / cell.factor / cell.name, progress=progress, device=device,
+                    timing=False)
+    return write_study(out, factors, sizes)
+
+
+def write_study(out: Path, factors: list[str], sizes: tuple[int, ...] = (64, 96, 128)) -> dict:
+    """study.json, study.md and study.png from the cells' run files (finished cells only)."""
+    results = [cell_result(c, out) for f in factors for c in cells(f, sizes) if (out / c.factor / c.name).is_dir()]
+    payload = {"version": 1, "factors": factors, "cells": results}
+    write_json_atomic(out / "study.json", payload)
+    write_text_atomic(out / "study.md", study_markdown(results))
+    if results:
+        plot_study(results, out / "study.png")
+    return payload
+
+
+def _gain_text(g: dict) -> str:
+    if not g or g["n"] == 0:
+        return "-"
+    if g["n"] < 2:
+        return f"{g['mean']:+.3f} (1 seed)"
+    return f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+
+
+def study_markdown(results: list[dict]) -> str:
+    lines = ["# When does SD-MoE help?", "",
+             "Gain = the plain MoE's final validation loss - the variant's (nats/token), paired by seed, mean "
+             "and 95% t-interval. Passes = tokens drawn / training tokens held.", ""]
+    for factor in FACTORS:
+        rows = [r for r in results if r["factor"] == factor]
+        if not rows:
+            continue
+        variants = sorted({v for r in rows for v in r["gains"]}, key=["sd-moe", "control"].index)
+        lines += [f"## {factor}", "",
+                  "| cell | text | passes | steps | baseline loss | " + " | ".join(f"{v} gain" for v in variants)
+                  + " | baseline's best rate | same-seed noise |",
+                  "|---|---|---|---|---|" + "---|" * len(variants) + "---|---|"]
+        for r in rows:
+            passes = f"{r['passes']:.2f}" if r["passes"] is not None else "-"
+            noise = f"{r['same_seed_noise']:.4f}" if r["same_seed_noise"] is not None else "-"
+            lines.append(f"| {r['label']} | {r['text']} | {passes} | {r['steps']} | {r['baseline_loss']:.3f} | "
+                         + " | ".join(_gain_text(r["gains"].get(v, {})) for v in variants)
+                         + f" | {r['baseline_best_rate'] or '-'} | {noise} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_study(results: list[dict], path: Path) -> None:
+    """The default's gain with its interval against passes over the data (one line per text) and against d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    by_text: dict[str, list[dict]] = {}
+    for r in results:
+        if r["factor"] in ("text", "repetition") and r["passes"] is not None and r["gains"].get("sd-moe", {}).get("n"):
+            by_text.setdefault(r["text"], []).append(r)
+    for text, rows in sorted(by_text.items()):
+        rows.sort(key=lambda r: r["passes"])
+        x = [r["passes"] for r in rows]
+        g = [r["gains"]["sd-moe"] for r in rows]
+        mean = [v["mean"] for v in g]
+        err = [[v["mean"] - v["lo"] if v["n"] > 1 else 0 for v in g], [v["hi"] - v["mean"] if v["n"] > 1 else 0 for v in g]]
+        a.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=text)
+    a.axhline(0, color="grey", lw=0.8)
+    a.set(xscale="log", xlabel="passes over the training text", ylabel="gain of SD-MoE (nats/token)",
+          title="gain against repetition")
+    a.legend()
+    size = sorted((r for r in results if r["factor"] == "size" and r["gains"].get("sd-moe", {}).get("n")),
+                  key=lambda r: r["d"])
+    if size:
+        g = [r["gains"]["sd-moe"] for r in size]
+        b.errorbar([r["d"] for r in size], [v["mean"] for v in g],
+                   yerr=[[v["mean"] - v["lo"] if v["n"] > 1 else 0 for v in g],
+                         [v["hi"] - v["mean"] if v["n"] > 1 else 0 for v in g]], marker="o", capsize=3, label="mix")
+        b.legend()
+    b.axhline(0, color="grey", lw=0.8)
+    b.set(xlabel="hidden size d", title="gain against size (fixed tokens per parameter)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
