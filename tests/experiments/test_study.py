@@ -11,8 +11,7 @@ from sdmoe.cli import main
 from sdmoe.data.dataset import passes_over_data, select_domains, truncate_tokens
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import plan
-from sdmoe.experiments.study import (BASE_STEPS, TOKENS_PER_STEP, cell_result, cells, demo_parameters,
-                                     write_study)
+from sdmoe.experiments.study import BASE_STEPS, TOKENS_PER_STEP, cell_result, cells, demo_parameters, write_study
 from sdmoe.train.config import preset
 
 
