@@ -195,3 +195,15 @@ def test_trainer_config_carries_sdmoe():
     base.training.steps = 7
     cfg = SDMoETrainer.configure(base, SDMoEConfig(split_step=3))
     assert type(cfg)._owner is SDMoETrainer and cfg.sdmoe.split_step == 3 and cfg.training.steps == 7
+
+
+def test_analysis_and_monitor_read_their_module():
+    """`analyze_model` (forward, gradients, routing) and the spectral monitor run on torchtitan's live MoE."""
+    from sdmoe.analysis import analyze_model
+    from sdmoe.analysis.monitor import spectral_snapshot
+
+    model = TinyTitan()
+    res = analyze_model(model, tokens(V, 2), k=4, progress=False)
+    assert res.meta["layers"] == [0, 1] and res.meta["num_experts"] == E
+    snap = spectral_snapshot(model, 4)
+    assert 0 < snap["param_overlap/mean"] <= 1

@@ -48,6 +48,7 @@ from torch import nn
 
 from sdmoe.errors import UserError
 from sdmoe.moe import MoEBlock, find_moe_blocks
+from sdmoe.moe.forward import logits
 from sdmoe.moe.sharding import local, unsharded, whole
 from sdmoe.spectral import data_subspace, expert_subspaces, mean_off_diagonal, overlap_matrix
 
@@ -557,7 +558,9 @@ def _input_ids(batch) -> torch.Tensor:
 
 
 def _forward(model: nn.Module, batch) -> torch.Tensor:
-    out = model(**batch) if isinstance(batch, Mapping) else model(input_ids=batch)
+    if not isinstance(batch, Mapping):
+        return logits(model, batch)
+    out = model(**batch)
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
 
 
