@@ -191,10 +191,13 @@ def test_attach_takes_the_clip_and_joins_the_checkpoint():
 
 
 def test_trainer_config_carries_sdmoe():
-    base = SDMoETrainer.Config.__mro__[1]()  # torchtitan's Trainer.Config, defaults
-    base.training.steps = 7
+    """The README's config function: a registered MoE config, SD-MoE on, built by SDMoETrainer."""
+    from torchtitan.models.qwen3.config_registry import qwen3_30b_a3b
+
+    base = qwen3_30b_a3b()
     cfg = SDMoETrainer.configure(base, SDMoEConfig(split_step=3))
-    assert type(cfg)._owner is SDMoETrainer and cfg.sdmoe.split_step == 3 and cfg.training.steps == 7
+    assert type(cfg)._owner is SDMoETrainer and cfg.sdmoe.split_step == 3
+    assert cfg.model_spec is base.model_spec and cfg.training == base.training
 
 
 def test_analysis_and_monitor_read_their_module():

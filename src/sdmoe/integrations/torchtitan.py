@@ -3,10 +3,11 @@
 In a torchtitan config file (a function returning the Trainer's config):
 
     from sdmoe.integrations.torchtitan import SDMoETrainer
+    from torchtitan.models.qwen3.config_registry import qwen3_30b_a3b
     from sdmoe.method import SDMoEConfig
 
     def qwen3_moe_sdmoe():
-        return SDMoETrainer.configure(qwen3_moe_debug(), SDMoEConfig(split_step=100))
+        return SDMoETrainer.configure(qwen3_30b_a3b(), SDMoEConfig(split_step=100))
 
 or, in a script that builds the Trainer itself: `attach(trainer, SDMoEConfig(...))` after building it.
 
