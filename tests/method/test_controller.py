@@ -146,6 +146,24 @@ def test_bind_optimizer_resets_the_experts_and_follows_the_rates():
     assert all(float(d.detach().abs().max()) == 0.0 for d in ctl.parameters())  # the delta is folded in and reset
 
 
+def test_shared_optimizer_takes_the_experts_groups_settings_and_a_loaded_state_is_kept():
+    """Optimizers built from group dicts (torchtitan's) keep betas/eps in the groups, torch's defaults in
+    `defaults`; the shared part must step with the group's. A host whose state was loaded first keeps it."""
+    model = make_model("qwen2_moe")
+    host = [p for b in find_moe_blocks(model) for p in (b.experts.gate_up_proj, b.experts.down_proj)]
+    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-7,
+                              "weight_decay": 0.1}])
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    lm_loss(model, batch()).backward()
+    opt.step()
+    ctl = SDMoE(model, SDMoEConfig(split_step=0, rank=8))
+    ctl.split()
+    ctl.bind_optimizer(opt, reset_state=False)
+    assert all(p in opt.state for p in host)  # the loaded moments stay
+    shared = ctl.shared_optimizer.param_groups[0]
+    assert shared["betas"] == (0.9, 0.95) and shared["eps"] == 1e-7 and shared["weight_decay"] == 0.0
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("save_at", [1, 5])
 def test_resume_is_exact(kind, save_at, tmp_path):

@@ -27,6 +27,7 @@ from torch import nn
 
 from sdmoe.errors import UserError
 from sdmoe.moe import MoEBlock, find_moe_blocks
+from sdmoe.moe.forward import logits as logits_of
 from sdmoe.spectral import SecondMoment
 
 
@@ -136,7 +137,7 @@ def capture(
             current_domains[0] = domain_ids[i].reshape(-1).cpu() if domain_ids is not None else None
             ids = ids.to(next(model.parameters()).device)
             with torch.set_grad_enabled(with_grads):
-                logits = model(input_ids=ids, use_cache=False).logits
+                logits = logits_of(model, ids)
                 if with_grads:
                     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
                     loss.backward()

@@ -48,6 +48,7 @@ from torch import nn
 
 from sdmoe.errors import UserError
 from sdmoe.moe import MoEBlock, find_moe_blocks
+from sdmoe.moe.forward import logits
 from sdmoe.moe.sharding import local, unsharded, whole
 from sdmoe.spectral import data_subspace, expert_subspaces, mean_off_diagonal, overlap_matrix
 
@@ -392,10 +393,13 @@ class SDMoE:
         """Trainable numbers the shared parts add to the model's own (the method's extra parameters)."""
         return sum(t.numel() for t in self.parameters())
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer, reset_state: bool = True) -> None:
         """Attach the host optimizer (once, after the split): reset the experts' optimizer state (fresh
         moments for the tails), move them into their own group when lr_tail_mult != 1, and build the
-        shared optimizer (the host's class and settings, no weight decay: it is applied to C here)."""
+        shared optimizer (the host's class and settings, no weight decay: it is applied to C here).
+
+        reset_state=False keeps the experts' moments: a resume whose host loads the optimizer's state
+        before SD-MoE's (OLMo-core, torchtitan) binds an optimizer that already holds the tails' moments."""
         if not self.split_done:
             raise UserError("bind_optimizer() before the split; call split() first (or before_forward at split_step)")
         hosts = {id(p): p for layer in self.layers for p in layer.block.host_parameters(layer.projs)}
@@ -405,7 +409,7 @@ class SDMoE:
         if self._host is not None and self._host[0] is optimizer:
             return  # already bound
         group = optimizer.param_groups[index]
-        for p in hosts.values():
+        for p in hosts.values() if reset_state else ():
             optimizer.state.pop(p, None)
         mult = self.cfg.lr_tail_mult
         if mult != 1.0 and group.get("name") != "sdmoe.tails":
@@ -419,8 +423,11 @@ class SDMoE:
             index = len(optimizer.param_groups) - 1
         self._host = (optimizer, index)
         accepted = inspect.signature(type(optimizer)).parameters  # defaults may hold more (AdamW's decoupled flag)
-        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-        self.shared_optimizer = type(optimizer)(self.parameters(), **{**defaults, "weight_decay": 0.0})
+        # the experts' group's settings over the defaults: optimizers built from group dicts (torchtitan's)
+        # keep their betas and eps in the groups, the constructor's defaults being torch's
+        settings = {**optimizer.defaults, **optimizer.param_groups[index]}
+        settings = {k: v for k, v in settings.items() if k in accepted and k != "params"}
+        self.shared_optimizer = type(optimizer)(self.parameters(), **{**settings, "weight_decay": 0.0})
 
     @torch.no_grad()
     def to(self, device: torch.device | str) -> "SDMoE":
@@ -478,9 +485,11 @@ class SDMoE:
                 "layers": [layer.tensors() for layer in self.layers],
                 "shared_optimizer": self.shared_optimizer.state_dict() if self.shared_optimizer else None}
 
-    def load_state_dict(self, sd: Mapping, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def load_state_dict(self, sd: Mapping, optimizer: torch.optim.Optimizer | None = None,
+                        optimizer_loaded: bool = False) -> None:
         """Restore a `state_dict()` on a fresh model; after the split it rebuilds the split's state and
-        binds `optimizer` (load the host optimizer's own state after this)."""
+        binds `optimizer` (load the host optimizer's own state after this, or pass optimizer_loaded=True
+        when it already holds its checkpointed state: the experts' moments are then kept)."""
         if sd.get("version") != STATE_VERSION:
             raise UserError(f"this SD-MoE state has version {sd.get('version')!r}, written by sdmoe 0.1's "
                             "parametrization engine; resume it with sdmoe 0.1.0 (pip install sdmoe==0.1.0), or "
@@ -504,7 +513,7 @@ class SDMoE:
         self.split_done = True
         SPLIT_BY[self.model] = self
         if optimizer is not None:
-            self.bind_optimizer(optimizer)
+            self.bind_optimizer(optimizer, reset_state=not optimizer_loaded)
             if sd.get("shared_optimizer") is not None:
                 self.shared_optimizer.load_state_dict(sd["shared_optimizer"])
 
@@ -566,7 +575,9 @@ def _input_ids(batch) -> torch.Tensor:
 
 
 def _forward(model: nn.Module, batch) -> torch.Tensor:
-    out = model(**batch) if isinstance(batch, Mapping) else model(input_ids=batch)
+    if not isinstance(batch, Mapping):
+        return logits(model, batch)
+    out = model(**batch)
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
 
 

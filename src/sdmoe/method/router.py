@@ -34,8 +34,10 @@ class ResidualRouterInput(SDMoEHook):
 
 @torch.no_grad()
 def fold(router: torch.nn.Module, q_DR: torch.Tensor) -> None:
-    """W_r <- W_r (I - Q Q^T), computed in float32, stored in the router weight's dtype."""
-    w = router.weight
+    """W_r <- W_r (I - Q Q^T), computed in float32, stored in the router weight's dtype.
+
+    The weight is E x D, or flat E*D (OLMo-core's router): a (-1, D) view covers both."""
+    w = router.weight.view(-1, q_DR.shape[0])
     wf = w.float()
     q = q_DR.float().to(w.device)
     w.copy_((wf - (wf @ q) @ q.T).to(w.dtype))
