@@ -2,13 +2,10 @@
 # Each creates .venv (CPU PyTorch 2.13.0 unless a torch is already there) and installs sdmoe.
 PYTHON ?= python3
 VENV   ?= .venv
-# Extras installed with sdmoe; CI adds the training stacks (EXTRAS=test,olmo-core,torchtitan), whose
-# tests skip when they are absent.
-EXTRAS ?= test
 BIN     = $(VENV)/bin
 SDMOE   = $(BIN)/sdmoe
 
-.PHONY: install demo test test-slow bench gpu-check reproduce clean-venv
+.PHONY: install demo test test-integrations test-slow bench gpu-check reproduce clean-venv
 
 install: $(VENV)/.installed
 
@@ -16,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
 # The main job on the bundled corpora: baseline vs SD-MoE, matched seeds, one report
@@ -32,6 +29,13 @@ reproduce: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The training stacks' integration tests (docs/integrations.md): installs the olmo-core and torchtitan
+# extras into .venv (about 1 GB with Triton, which torchtitan imports), then runs their tests, which
+# `make test` skips without them. CI runs it after `make test`.
+test-integrations: install
+	$(BIN)/python -m pip install -q -e ".[test,olmo-core,torchtitan]"
+	$(BIN)/python -m pytest tests/integrations
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
