@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdmoe.device import autocast, synchronize
+from sdmoe.device import autocast, resolve_device, synchronize
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import variant_overrides
 from sdmoe.method import SDMoE, SDMoEConfig, core
@@ -273,7 +273,7 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     names = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
     print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, "
           f"interleaved ({', '.join(names)})")
-    sides = {n: Side(s, variant_config(n), lr=args.lr) for n in names}
+    sides = {n: Side(s, variant_config(n), lr=args.lr, device=args.device, precision="auto") for n in names}
     times = interleave(sides, args.warmup, steps)
     med = median_ms(times)
     for k in names:
@@ -309,7 +309,7 @@ def repeat(args, preset_name: str, steps: int) -> None:
     """The timing in args.repeat fresh processes: each gets its own heap and page layout, the largest
     source of run-to-run spread here, so one process's ratio is one sample of it."""
     n = args.repeat
-    cmd = [sys.executable, __file__, "--repeat-child", "--no-memory", "--preset", preset_name,
+    cmd = [sys.executable, __file__, "--repeat-child", "--no-memory", "--preset", preset_name, "--device", args.device,
            "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--lr", str(args.lr), "--batch", str(args.batch), "--variants", args.variants]
     runs = []
@@ -350,12 +350,19 @@ def main() -> None:
     ap.add_argument("--variants", default="control,sd-moe",
                     help="compare variants timed against the baseline (names as in `sdmoe compare --variants`, "
                          "e.g. control,sd-moe,fixed-weights,rank-16); the memory and split figures are sd-moe's")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu | cuda | cuda:N | auto; on CUDA the step runs under bf16 autocast and the peak-memory "
+                         "subprocesses (RSS) are skipped: benchmarks/gpu_check.py measures device memory")
     ap.add_argument("--memory-child", choices=("0", "1"), help=argparse.SUPPRESS)
     ap.add_argument("--repeat-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     for flag, least in (("repeat", 1), ("threads", 1), ("steps", 0), ("warmup", 0), ("batch", 0)):
         if getattr(args, flag) < least:
             ap.error(f"--{flag} must be at least {least}, got {getattr(args, flag)}")
+    try:
+        args.device = str(resolve_device(args.device))
+    except UserError as e:
+        ap.error(str(e))
     name = args.preset or ("demo" if args.quick else "small")
     s = shapes(name)
     if args.batch:
@@ -378,7 +385,9 @@ def main() -> None:
         if args.repeat_child:
             print(json.dumps(ratios))
             return
-    if not args.no_memory:
+    if not args.no_memory and args.device != "cpu":
+        print("peak memory: skipped on a GPU (RSS measures the host); benchmarks/gpu_check.py measures device memory")
+    elif not args.no_memory:
         mem = memory(name, args.warmup, args.threads, args.batch)
         b, m = mem["baseline"], mem["sdmoe"]
         print(f"peak RSS during training steps (VmHWM, whole process): baseline {b['peak_kb'] / 1024:.0f} MiB, sdmoe "
