@@ -48,6 +48,24 @@ def test_verdict_boundaries():
     assert stats.combine([stats.REPRODUCED, stats.INCONCLUSIVE]) == stats.INCONCLUSIVE
     assert stats.combine([stats.REPRODUCED, stats.NOT_REPRODUCED]) == stats.NOT_REPRODUCED
     assert stats.combine([stats.REPRODUCED] * 2) == stats.REPRODUCED
+    # a part the compare cannot test leaves the claim not measurable, unless another part already failed
+    assert stats.combine([stats.REPRODUCED, stats.NOT_MEASURABLE]) == stats.NOT_MEASURABLE
+    assert stats.combine([stats.INCONCLUSIVE, stats.NOT_MEASURABLE]) == stats.NOT_MEASURABLE
+    assert stats.combine([stats.NOT_REPRODUCED, stats.NOT_MEASURABLE]) == stats.NOT_REPRODUCED
+
+
+def test_a_verdict_stands_only_beyond_the_noise():
+    assert stats.beyond_noise(stats.REPRODUCED, 1.01, 1.05, 0.02)
+    assert not stats.beyond_noise(stats.REPRODUCED, 1.01, 1.05, 0.05)
+    assert not stats.beyond_noise(stats.NOT_REPRODUCED, 1.08, 1.05, float("nan"))  # unknown noise: no verdict
+    assert stats.beyond_noise(stats.INCONCLUSIVE, 1.05, 1.05, 1.0)  # nothing to overrule
+
+
+def test_no_interval_of_zero_width():
+    iv = stats.t_interval([0.0, 0.0, 0.0])
+    assert iv.n == 3 and iv.std == 0.0 and math.isnan(iv.lo) and math.isnan(iv.hi)
+    assert "no interval" in iv.text()
+    assert stats.verdict(iv.lo, iv.hi) == stats.INCONCLUSIVE
 
 
 def _run(steps, curve, step_time, total):

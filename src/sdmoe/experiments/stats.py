@@ -2,6 +2,10 @@
 
 No scipy: the two-sided 95% Student-t quantiles for df 1..30 are tabulated,
 beyond that a Cornish-Fisher expansion (error < 1e-4 at df > 30).
+
+Four verdicts: reproduced, not reproduced, inconclusive (measured, but the
+interval or the machine's noise reaches the threshold), and not measurable
+(this compare cannot test the claim; the claim's row says why).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ T975 = (
 Z975 = 1.959964
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-BADGE = {REPRODUCED: "pass", NOT_REPRODUCED: "fail", INCONCLUSIVE: "warn"}
+NOT_MEASURABLE = "not measurable"
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_MEASURABLE)
+BADGE = {REPRODUCED: "pass", NOT_REPRODUCED: "fail", INCONCLUSIVE: "warn", NOT_MEASURABLE: "info"}
 
 
 def t975(df: int) -> float:
@@ -62,11 +68,17 @@ class Interval:
             return "-"
         if self.n < 2:
             return f"{fmt.format(self.mean)} (1 value, no interval)"
+        if not math.isfinite(self.lo):
+            return f"{fmt.format(self.mean)} (every value the same, no interval)"
         return f"{fmt.format(self.mean)} [{fmt.format(self.lo)}, {fmt.format(self.hi)}]"
 
 
 def t_interval(values: Sequence[float | None]) -> Interval:
-    """Mean and 95% t-interval of the finite values (lo = hi = nan below two values)."""
+    """Mean and 95% t-interval of the finite values.
+
+    lo = hi = nan below two values, and when every value is the same: an interval of
+    zero width would read as certainty where there is only no spread to estimate it from.
+    """
     v = _finite(values)
     n = len(v)
     if n == 0:
@@ -75,6 +87,8 @@ def t_interval(values: Sequence[float | None]) -> Interval:
     if n < 2:
         return Interval(mean, math.nan, math.nan, 1, math.nan, v)
     s = std(v)
+    if s == 0.0:
+        return Interval(mean, math.nan, math.nan, n, 0.0, v)
     half = t975(n - 1) * s / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n, s, v)
 
@@ -154,10 +168,26 @@ def verdict(lo: float, hi: float, threshold: float = 0.0, direction: int = +1) -
     return INCONCLUSIVE
 
 
+def beyond_noise(verdict_: str, mean: float, threshold: float, noise: float) -> bool:
+    """Whether a verdict from an interval stands against the machine's noise (same units as `mean`).
+
+    A paired interval can be narrow while each side's own time moves more than the
+    ratio's distance to the threshold; then the next run on the same machine may land
+    on the other side, and the verdict is the noise's, not the method's.
+    """
+    if verdict_ not in (REPRODUCED, NOT_REPRODUCED):
+        return True
+    return math.isfinite(noise) and noise < abs(mean - threshold)
+
+
 def combine(verdicts: Sequence[str]) -> str:
-    """All parts reproduced -> reproduced; any part not -> not reproduced; else inconclusive."""
-    if verdicts and all(v == REPRODUCED for v in verdicts):
-        return REPRODUCED
+    """A claim of several parts: any part not reproduced -> not reproduced; else any part not
+    measurable -> not measurable (the claim cannot be established as a whole); all reproduced ->
+    reproduced; else inconclusive."""
     if any(v == NOT_REPRODUCED for v in verdicts):
         return NOT_REPRODUCED
+    if any(v == NOT_MEASURABLE for v in verdicts):
+        return NOT_MEASURABLE
+    if verdicts and all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
     return INCONCLUSIVE
