@@ -25,6 +25,13 @@ def test_report_structure_and_embedding(tmp_path):
     assert not list((tmp_path / "sub").glob(".*"))  # no temp file left behind
 
 
+def test_headline_is_the_first_line_of_the_page():
+    html = HtmlReport("Title", subtitle="sub", headline="It found <this>.").render()
+    body = html.split("<body>", 1)[1]
+    assert body.startswith('<p class="headline">It found &lt;this&gt;.</p><h1>Title</h1>')
+    assert '<p class="headline">' not in HtmlReport("Title").render()
+
+
 def test_table_raw_cells_and_empty():
     assert "(no rows)" in table_html([])
     html = table_html([{"verdict": Raw(badge_html("x", "fail"))}])

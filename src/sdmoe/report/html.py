@@ -32,6 +32,7 @@ figure{margin:1rem 0;display:inline-block;vertical-align:top}figure img{max-widt
 figcaption{font-size:.82rem;color:#555}.badge{display:inline-block;border-radius:.8rem;padding:.1rem .65rem;
 font-size:.82rem;font-weight:600;margin:.15rem .3rem .15rem 0}.pass{background:#d7f5dd;color:#11602a}
 .fail{background:#fde0de;color:#8a1c12}.warn{background:#fff1cc;color:#7a5300}.info{background:#e3ecfb;color:#1e3f7a}
+.headline{font-size:1.08rem;font-weight:600;background:#f5f5f7;border-left:4px solid #1e3f7a;padding:.5rem .8rem}
 dl{display:grid;grid-template-columns:max-content auto;gap:.1rem 1rem;font-size:.9rem}dt{font-weight:600}
 code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85rem}pre{background:#f5f5f7;padding:.6rem;
 overflow-x:auto}
@@ -149,6 +150,7 @@ class HtmlReport:
     title: str
     subtitle: str = ""
     sections: list[Section] = field(default_factory=list)
+    headline: str = ""  # one sentence of what the report found: the first line of the page, above the title
 
     def section(self, title: str, intro: str = "") -> Section:
         sec = Section(title)
@@ -159,11 +161,12 @@ class HtmlReport:
 
     def render(self) -> str:
         sub = f'<p class="sub">{esc(self.subtitle)}</p>' if self.subtitle else ""
+        lead = f'<p class="headline">{esc(self.headline)}</p>' if self.headline else ""
         body = "".join(s.render() for s in self.sections)
         return (
             '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{esc(self.title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{esc(self.title)}</h1>{sub}{body}</body></html>\n"
+            f"<style>{_CSS}</style></head><body>{lead}<h1>{esc(self.title)}</h1>{sub}{body}</body></html>\n"
         )
 
     def write(self, path: str | Path) -> Path:
