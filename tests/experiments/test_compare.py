@@ -1,6 +1,7 @@
 """End to end on the tiny preset: interrupted compare, resume, skip, report, rebuild, refusal."""
 
 import json
+from html import escape
 
 import pytest
 
@@ -14,7 +15,7 @@ def _cfg(**kw):
     base = dict(preset="tiny", styles=["qwen2_moe"], seeds=2, variants=["baseline", "sd-moe"],
                 lr_multipliers=[1.0], lr_sweep_styles=0, analyze=True, steps=10,
                 overrides=["sdmoe.split_step=4", "loop.eval_every=5", "loop.log_every=2",
-                           "loop.monitor_every=5", "loop.checkpoint_every=5"])
+                           "loop.monitor_every=5", "loop.checkpoint_every=5"], timing_processes=2, timing_rounds=3)
     base.update(kw)
     return CompareConfig(**base)
 
@@ -43,12 +44,16 @@ def test_compare_end_to_end(tmp_path, tiny_dataset):
         assert (out / "runs" / s.run_id / "analysis.json").is_file()
 
     html = (out / "report.html").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert html.split("<body>", 1)[1].startswith(f'<p class="headline">{escape(summary["headline"])}</p>')
+    assert second.text.splitlines()[0] == summary["headline"]
     assert "Claims" in html and "SD-MoE lowers validation loss" in html
     assert 'class="badge' in html and "data:image/png;base64," in html
-    summary = json.loads((out / "summary.json").read_text())
     assert [c["claim"] for c in summary["claims"]] == list("abcdefg")
     a = summary["claims"][0]
     assert a["n"] == 2 and a["verdict"] in ("reproduced", "not reproduced", "inconclusive")
+    # three domains (the bundled corpora), analysis on: (d) is measured
+    assert summary["claims"][3]["n"] == 2 and len(summary["claims"][3]["domains"]) > 1
     assert set(a["per_pair"]) == {"qwen2_moe/seed0", "qwen2_moe/seed1"}
     assert summary["claims"][2]["n"] == 2  # tails' overlap from the trainer's monitor records
     params = {r["variant"]: r for r in summary["parameters"]}
@@ -56,9 +61,14 @@ def test_compare_end_to_end(tmp_path, tiny_dataset):
     assert (out / "summary.csv").read_text().count("\n") == 6
     # Fixed threads and deterministic algorithms: a same-seed rerun is the same run, bit for bit.
     assert a["same_seed_noise"] == 0.0
+    # claim (e) from interleaved rounds in two fresh processes, on both clocks
     timing = json.loads((out / "timing.json").read_text())["qwen2_moe"]
-    assert len(timing["baseline"]) == len(timing["sd-moe"]) == 5  # claim (e) from interleaved rounds
-    assert summary["claims"][4]["n"] == 5
+    assert len(timing["processes"]) == 2
+    for proc in timing["processes"]:
+        assert {len(proc[clock][side]) for clock in ("wall", "cpu") for side in ("baseline", "sd-moe")} == {3}
+    e = summary["claims"][4]
+    assert e["n"] == 2 and e["clock"] in ("wall", "cpu") and e["verdict"] != "not measurable"
+    assert set(e["sides"]["qwen2_moe"]) == {"baseline", "sd-moe"}
     assert "(a)" in second.text
 
     third = run_compare(cfg, out, progress=False)
@@ -83,7 +93,8 @@ def test_refuses_a_foreign_directory(tmp_path):
 
 
 def test_compare_runs_the_papers_own_split_beside_the_default(tmp_path, tiny_dataset):
-    cfg = _cfg(seeds=1, variants=["baseline", "sd-moe", "paper", "control"], analyze=False, steps=8)
+    cfg = _cfg(seeds=1, variants=["baseline", "sd-moe", "paper", "control"], analyze=False, steps=8,
+               timing_processes=0)
     result = run_compare(cfg, tmp_path / "cmp", progress=False)
     assert {r["action"] for r in result.runs} == {"trained"}
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())

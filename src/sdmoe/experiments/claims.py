@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdmoe.experiments import stats
+from sdmoe.experiments import stats, timing
 from sdmoe.experiments.grid import CompareConfig, fmt_mult, plan
 from sdmoe.files import read_json, read_jsonl
 
@@ -33,29 +33,34 @@ class Claim:
     measure: str  # how this compare measures it
     threshold: float
     direction: int  # +1: measured value must exceed threshold; -1: fall below it
+    short: str = ""  # the per-pair value's name: a column of the report's per-pair matrix
 
 
 CLAIMS = (
     Claim("a", "SD-MoE lowers validation loss vs the plain MoE",
           "paired difference baseline - SD-MoE of final mean validation loss (nats), per style x seed at the tuned rate",
-          0.0, +1),
+          0.0, +1, "loss, baseline - SD-MoE (nats)"),
     Claim("b", "SD-MoE reaches the baseline's final loss in ~0.7x the steps",
           "steps at which SD-MoE's eval curve (linear between evaluations, warm-up counted) reaches the paired "
           "baseline's final loss, / the baseline's steps; not reached counts as 1.0 (a lower bound)",
-          1.0, -1),
+          1.0, -1, "steps to the baseline's loss / its steps"),
     Claim("c", "SD-MoE tails' inter-expert spectral similarity < 0.1, below the baseline's",
           "mean off-diagonal top-k subspace overlap of the tails at the last monitor record, and paired "
-          "baseline expert overlap - SD-MoE tails overlap", PAPER_OVERLAP, -1),
+          "baseline expert overlap - SD-MoE tails overlap", PAPER_OVERLAP, -1, "tails' overlap"),
     Claim("d", "experts specialise more (domain information, fewer de facto shared experts)",
           "paired difference SD-MoE - baseline of the normalised mutual information I(expert; domain), "
-          "mean over layers, on the validation text", 0.0, +1),
+          "mean over layers, on the validation text", 0.0, +1, "I(expert; domain), SD-MoE - baseline"),
     Claim("e", "minimal extra compute (step time <= ~1.05x)",
-          "SD-MoE / baseline median step time over the log windows after the split, per pair", STEP_TIME_LIMIT, -1),
+          "SD-MoE / baseline step time, the two training steps interleaved A B A B in several fresh processes "
+          "(split at step 0); one process's median ratio over its rounds is one sample; on process CPU time "
+          "when wall time spreads more; inconclusive while either side's own spread is wider than the ratio's "
+          "distance to the threshold", STEP_TIME_LIMIT, -1, "step time, SD-MoE / baseline"),
     Claim("f", "stable at 4x the tuned learning rate",
           "no divergence at 4x, and the loss lost going 1x -> 4x smaller than the baseline's (paired, nats)",
-          0.0, +1),
+          0.0, +1, "loss lost 1x -> 4x, baseline - SD-MoE (nats)"),
     Claim("g", "the gain is the spectral split's, not the reparameterisation's",
-          "paired difference control (W_s + T_i, plain gradients) - SD-MoE of final mean validation loss", 0.0, +1),
+          "paired difference control (W_s + T_i, plain gradients) - SD-MoE of final mean validation loss", 0.0, +1,
+          "loss, control - SD-MoE (nats)"),
 )
 
 
@@ -187,22 +192,105 @@ def _ci(values) -> dict:
     return stats.t_interval(list(values)).to_dict()
 
 
-def _claim_row(claim: Claim, interval: dict, verdict: str, figure: str, note: str = "", **extra) -> dict:
-    return {"claim": claim.key, "statement": claim.statement, "measure": claim.measure, "figure": figure,
-            "mean": interval.get("mean"), "lo": interval.get("lo"), "hi": interval.get("hi"), "n": interval.get("n"),
-            "values": interval.get("values"), "verdict": verdict, "badge": stats.BADGE[verdict], "note": note, **extra}
+ONE_PAIR_FIX = "run two seeds or more (--seeds 2)"
+
+
+def judge(values: dict, threshold: float, direction: int, missing: str,
+          one_pair_fix: str = ONE_PAIR_FIX) -> tuple[dict, str, str]:
+    """(interval, verdict, reason) of per-pair values against a threshold.
+
+    Not measurable, with its reason, where the values give no interval: none
+    (`missing` says why), one pair, or pairs that all agree exactly (zero spread).
+    """
+    iv = _ci(values.values())
+    n = iv["n"]
+    if n == 0:
+        return iv, stats.NOT_MEASURABLE, missing
+    if n == 1:
+        pair = next(k for k, v in values.items() if v is not None and math.isfinite(v))
+        return iv, stats.NOT_MEASURABLE, f"one pair ({pair}) gives no interval; {one_pair_fix}"
+    if not iv["std"]:
+        return iv, stats.NOT_MEASURABLE, (f"all {n} pairs gave exactly {_fmt(iv['mean'], '.4g')}: no spread to "
+                                          "form an interval from")
+    return iv, stats.verdict(iv["lo"], iv["hi"], threshold, direction), ""
+
+
+def _reasons(*parts: str) -> str:
+    return "; ".join(dict.fromkeys(p for p in parts if p))
+
+
+def _claim_row(claim: Claim, interval: dict, verdict: str, figure: str, note: str = "", reason: str = "",
+               **extra) -> dict:
+    """One row of the claims table; `reason`: why the claim is not measurable, or why the machine's
+    noise overrules its interval (empty when the interval decides)."""
+    return {"claim": claim.key, "statement": claim.statement, "measure": claim.measure, "short": claim.short,
+            "figure": figure, "mean": interval.get("mean"), "lo": interval.get("lo"), "hi": interval.get("hi"),
+            "n": interval.get("n"), "values": interval.get("values"), "verdict": verdict,
+            "badge": stats.BADGE[verdict], "reason": reason, "note": note, **extra}
 
 
 def _fmt(x, spec=".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def _figure(iv: dict, spec=".3f", unit: str = "") -> str:
+def _figure(iv: dict, spec=".3f", unit: str = "", what: str = "pairs") -> str:
     if iv.get("n", 0) == 0:
         return "no data"
     if iv["n"] < 2:
         return f"{_fmt(iv['mean'], spec)}{unit} (n=1, no interval)"
+    if not iv["std"]:
+        return f"{_fmt(iv['mean'], spec)}{unit} in all {iv['n']} {what} (no spread, no interval)"
     return f"{_fmt(iv['mean'], spec)}{unit} [{_fmt(iv['lo'], spec)}, {_fmt(iv['hi'], spec)}] (n={iv['n']})"
+
+
+def _domains(runs: dict) -> list[str] | None:
+    """The validation domains of the compare's text, from the first finished run; None before any finished."""
+    for r in runs.values():
+        if r["status"] == "done" and r["final"]:
+            return [d for d in r["final"] if d != "mean"]
+    return None
+
+
+def step_time_claim(samples: dict[str, dict], claim: Claim) -> dict:
+    """Claim (e) from the timing samples ({style: sample} of timing.json).
+
+    The interval is over processes; the verdict it gives stands only where the machine's
+    noise (the wider of the two sides' own step-time spread, in units of the ratio) is
+    narrower than the ratio's distance to the threshold: else inconclusive.
+    """
+    fig = timing.analyze(samples)
+    if fig is None:
+        return _claim_row(claim, _ci([]), stats.NOT_MEASURABLE, "no data",
+                          reason="no interleaved timing in this compare (timing.json): it ran with "
+                                 "timing_processes = 0, or stopped before timing; run it to the end")
+    per_pair, by = fig["per_pair"], fig["by"]
+    iv, v, reason = judge(per_pair, claim.threshold, claim.direction, "no timing rounds",
+                          "set the compare setting timing_processes to 2 or more")
+    noise, distance = fig["noise"], abs(iv["mean"] - claim.threshold)
+    noisy = not stats.beyond_noise(v, iv["mean"], claim.threshold, noise)
+    if noisy:
+        reason = (f"the machine's noise, +-{_fmt(noise)}x, is wider than the ratio's distance to {claim.threshold:g}, "
+                  f"{_fmt(distance)}x: a second run may land on the other side")
+        v = stats.INCONCLUSIVE
+    ms = lambda x: _fmt(1e3 * x, ".2f")  # noqa: E731
+    spread = "; ".join(
+        (f"{style}: " if len(fig["sides"]) > 1 else "")
+        + ", ".join(f"{side} {ms(s['median'])} ms [{ms(s['lo'])}, {ms(s['hi'])}]" for side, s in sides.items())
+        for style, sides in fig["sides"].items())
+    units = "processes" if by == "process" else "rounds"
+    figure = _figure(iv, unit="x", what=units)
+    if iv["n"] > 1 and iv["std"]:
+        figure = figure.replace(f"(n={iv['n']})", f"(n={iv['n']} {units}, {fig['clock_name']})")
+    figure += f"; each side's own step time, median [central {timing.SPREAD_COVERAGE:g}% of rounds]: {spread}"
+    other = "; ".join(f"{timing.CLOCK_NAMES[c]}'s +-{100 * o['noise_rel']:.1f}% (ratio {_fmt(o['ratio'])}x)"
+                      for c, o in fig["other"].items())
+    over = "processes" if by == "process" else "rounds of one process (the spread between processes is not in it)"
+    note = (f"on {fig['clock_name']}: each side's own spread (central {timing.SPREAD_COVERAGE:g}% of its rounds) "
+            f"+-{100 * fig['noise_rel']:.1f}%" + (f", narrower than {other}" if other else "")
+            + f"; interval over {iv['n']} {over}"
+            + f"; machine noise +-{_fmt(noise)}x against the distance to {claim.threshold:g}, {_fmt(distance)}x")
+    return _claim_row(claim, iv, v, figure, note, reason, per_pair=per_pair, clock=fig["clock"], noise=noise,
+                      noise_limited=noisy, sides=fig["sides"], other_clocks=fig["other"])
 
 
 def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
@@ -228,33 +316,33 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
 
     claims = []
     has = set(cfg.variants) | set(cfg.lr_sweep_variants) | set(cfg.ablations)
+    no_pair = "no finished baseline / SD-MoE pair at the tuned rate yet"
 
     # (a) loss
     ca = CLAIMS[0]
     diffs = paired("baseline", "sd-moe")
-    iv = _ci(diffs.values())
+    iv, v, reason = judge(diffs, ca.threshold, ca.direction, no_pair)
     base_spread = {st: stats.std([final(st, "baseline", 1.0, s) for s in seeds]) for st in cfg.styles}
     rerun, first = final(cfg.styles[0], "baseline-rerun", 1.0, 0), final(cfg.styles[0], "baseline", 1.0, 0)
     same_seed = abs(rerun - first) if rerun is not None and first is not None else None
-    per_style = {st: _ci(v for k, v in diffs.items() if k.startswith(st + "/")) for st in cfg.styles}
+    per_style = {st: _ci(v_ for k, v_ in diffs.items() if k.startswith(st + "/")) for st in cfg.styles}
     # A gain over an untuned baseline is no gain: say so when the LR sweep found a better baseline rate.
     untuned = []
     for st in cfg.styles[: cfg.lr_sweep_styles]:
         rates = {m: final(st, "baseline", m, 0) for m in cfg.lr_multipliers}
-        rates = {m: v for m, v in rates.items() if v is not None and math.isfinite(v)}
+        rates = {m: x for m, x in rates.items() if x is not None and math.isfinite(x)}
         if rates and min(rates, key=rates.get) != 1.0:
             best = min(rates, key=rates.get)
             sd_best = final(st, "sd-moe", best, 0)
             untuned.append(f"{st}: the baseline's best rate in the sweep is {fmt_mult(best)}x, not 1x "
                            f"(baseline {rates[best]:.3f}, SD-MoE {_fmt(sd_best)} there, seed 0): the pairs' "
                            "baseline is not tuned; rerun with --set optim.lr=<that rate>")
-    claims.append(_claim_row(ca, iv, stats.verdict(iv["lo"], iv["hi"], ca.threshold, ca.direction),
-                             _figure(iv, unit=" nats"),
+    claims.append(_claim_row(ca, iv, v, _figure(iv, unit=" nats"),
                              "; ".join(["WARNING " + u for u in untuned]
                                        + ["baseline seed-to-seed std: "
-                                          + ", ".join(f"{st} {_fmt(v)}" for st, v in base_spread.items())])
+                                          + ", ".join(f"{st} {_fmt(x)}" for st, x in base_spread.items())])
                              + ("; same-seed rerun of the baseline: " + (f"{same_seed:.4f} nats apart" if same_seed
-                                is not None else "not run")),
+                                is not None else "not run")), reason,
                              per_pair=diffs, per_style=per_style, baseline_std=base_spread, same_seed_noise=same_seed))
 
     # (b) steps / wall-clock to target
@@ -271,13 +359,16 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         ratios[f"{st}/seed{s}"] = r
         if w is not None:
             walls[f"{st}/seed{s}"] = w
-    iv = _ci(ratios.values())
+    iv, v, reason = judge(ratios, cb.threshold, cb.direction, no_pair)
     wiv = _ci(walls.values())
     note = f"paper: ~{PAPER_STEPS_RATIO}x; wall-clock to target: {_figure(wiv)}"
     if unreached:
         note += f"; {unreached} of {len(ratios)} never reached the baseline's final loss (counted as 1.0)"
-    claims.append(_claim_row(cb, iv, stats.verdict(iv["lo"], iv["hi"], cb.threshold, cb.direction), _figure(iv, unit="x"),
-                             note, per_pair=ratios, wall_ratio=wiv, wall_per_pair=walls, unreached=unreached))
+    if len(ratios) > 1 and unreached == len(ratios):
+        # Every ratio is a lower bound at 1.0: no spread, yet the answer is plain.
+        v, reason = stats.NOT_REPRODUCED, ""
+    claims.append(_claim_row(cb, iv, v, _figure(iv, unit="x"), note, reason, per_pair=ratios, wall_ratio=wiv,
+                             wall_per_pair=walls, unreached=unreached))
 
     # (c) tails' overlap
     cc = CLAIMS[2]
@@ -294,18 +385,22 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
             k_over_d = base["monitor"]["baseline"] or k_over_d
             if f"{st}/seed{s}" in tails:
                 gaps[f"{st}/seed{s}"] = base_ov[f"{st}/seed{s}"] - tails[f"{st}/seed{s}"]
-    iv, giv, biv = _ci(tails.values()), _ci(gaps.values()), _ci(base_ov.values())
-    v = stats.combine([stats.verdict(iv["lo"], iv["hi"], cc.threshold, cc.direction),
-                       stats.verdict(giv["lo"], giv["hi"], 0.0, +1)])
+    missing = ("no tails' overlap in the monitor records (loop.monitor_every is 0, or later than the runs' "
+               "last step)")
+    iv, v_abs, r_abs = judge(tails, cc.threshold, cc.direction, missing)
+    giv, v_gap, r_gap = judge(gaps, 0.0, +1, missing if not tails else "no baseline experts' overlap to pair with")
+    biv = _ci(base_ov.values())
+    if k_over_d is not None and k_over_d >= cc.threshold and v_abs != stats.REPRODUCED:
+        # Random subspaces already overlap this much: missing the threshold says nothing about the method.
+        v_abs = stats.NOT_MEASURABLE
+        r_abs = _reasons(r_abs, f"random subspaces already overlap k/d = {_fmt(k_over_d)} >= {cc.threshold:g} at "
+                                "this d, so the absolute threshold cannot be tested; raise d or lower "
+                                "loop.monitor_rank")
+    v = stats.combine([v_abs, v_gap])
     note = f"random baseline k/d = {_fmt(k_over_d)}; baseline experts' overlap {_figure(biv)}; gap {_figure(giv)}"
-    if not tails:
-        v, note = stats.INCONCLUSIVE, "no tails' overlap in the monitor records (trainer does not log it); " + note
-    elif k_over_d is not None and k_over_d >= cc.threshold and v == stats.NOT_REPRODUCED:
-        v = stats.INCONCLUSIVE
-        note += f"; at this scale random subspaces already overlap {_fmt(k_over_d)} >= {cc.threshold}: " \
-                "the absolute threshold cannot be met, raise d or lower loop.monitor_rank"
-    claims.append(_claim_row(cc, iv, v, _figure(iv), note, per_pair=tails, baseline_overlap=biv, gap=giv,
-                             random_baseline=k_over_d))
+    claims.append(_claim_row(cc, iv, v, _figure(iv), note, _reasons(r_abs, r_gap) if v == stats.NOT_MEASURABLE
+                             else "", per_pair=tails, more_columns={"gap, baseline experts - tails": gaps},
+                             baseline_overlap=biv, gap=giv, random_baseline=k_over_d))
 
     # (d) specialisation
     cd = CLAIMS[3]
@@ -315,33 +410,21 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         if sd and base and sd["specialisation"] and base["specialisation"]:
             mi[f"{st}/seed{s}"] = sd["specialisation"]["domain_mi_normalized"] - base["specialisation"]["domain_mi_normalized"]
             shared[f"{st}/seed{s}"] = base["specialisation"]["shared_experts"] - sd["specialisation"]["shared_experts"]
-    iv, siv = _ci(mi.values()), _ci(shared.values())
-    v = stats.verdict(iv["lo"], iv["hi"], cd.threshold, cd.direction) if mi else stats.INCONCLUSIVE
+    iv, v, reason = judge(mi, cd.threshold, cd.direction, "no post-hoc analysis (the compare ran with analyze off)"
+                          if not cfg.analyze else "no analysed baseline / SD-MoE pair yet")
+    domains = _domains(runs)
+    if domains is not None and len(domains) < 2:
+        # I(expert; domain) of a single domain is 0 for every model: nothing to compare.
+        v, reason = stats.NOT_MEASURABLE, (
+            f"one domain in the text ({', '.join(domains) or '-'}): I(expert; domain) is 0 for any router; give "
+            "two or more domains (--text with one subdirectory per domain, or two files)")
     claims.append(_claim_row(cd, iv, v, _figure(iv),
-                             ("no post-hoc analysis (compare ran with analyze off)" if not mi else
-                              f"fewer de facto shared experts (baseline - SD-MoE, all layers): {_figure(siv, '.2f')}"),
-                             per_pair=mi, shared_experts_diff=siv))
+                             f"fewer de facto shared experts (baseline - SD-MoE, all layers): {_figure(_ci(shared.values()), '.2f')}"
+                             if mi else "", reason, per_pair=mi, shared_experts_diff=_ci(shared.values()),
+                             domains=domains))
 
-    # (e) step time: from the interleaved in-process timing when the compare made one
-    # (rounds are the paired samples), else run against run from the metrics.
-    ce = CLAIMS[4]
-    times = {}
-    timing = read_json(out / "timing.json") or {}
-    for st, t in timing.items():
-        for i, (a, b) in enumerate(zip(t.get("sd-moe", []), t.get("baseline", []))):
-            times[f"{st}/round{i}"] = a / b
-    how = ("interleaved steps in one process (timing.json), ratio per round" if times else
-           "run against run on a shared machine: noisy; control's ratio in the ablation table")
-    for st, s in ([] if times else main_keys):
-        sd, base = by.get((st, "sd-moe", "1", s)), by.get((st, "baseline", "1", s))
-        if sd and base and sd["status"] == "done" and base["status"] == "done":
-            after = sd["split_step"]
-            a, b = median_step_time(sd, after), median_step_time(base, after)
-            if math.isfinite(a) and math.isfinite(b) and b > 0:
-                times[f"{st}/seed{s}"] = a / b
-    iv = _ci(times.values())
-    claims.append(_claim_row(ce, iv, stats.verdict(iv["lo"], iv["hi"], ce.threshold, ce.direction), _figure(iv, unit="x"),
-                             how, per_pair=times))
+    # (e) step time: interleaved steps in fresh processes (timing.json)
+    claims.append(step_time_claim(read_json(out / "timing.json") or {}, CLAIMS[4]))
 
     # (f) 4x learning rate
     cf = CLAIMS[5]
@@ -360,35 +443,45 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         b_lo, b_hi = final(st, "baseline", 1.0, s), final(st, "baseline", top, s)
         if None not in (sd_lo, sd_hi, b_lo, b_hi) and all(math.isfinite(x) for x in (sd_lo, sd_hi, b_lo, b_hi)):
             tolerance[f"{st}/seed{s}"] = (b_hi - b_lo) - (sd_hi - sd_lo)
-    iv = _ci(tolerance.values())
-    if top < 4 or "sd-moe" not in cfg.lr_sweep_variants or not sweep_keys:
-        v, note = stats.INCONCLUSIVE, "the compare ran no 4x learning rate for SD-MoE"
+    iv, v_tol, r_tol = judge(tolerance, 0.0, +1, "no pair finished at both 1x and the top rate on both sides "
+                             "(a diverged run has no loss)", "the top rate ran one seed; raise the compare "
+                             "setting lr_sweep_seeds to 2 or more")
+    note = ""
+    if top < 4 or "sd-moe" not in cfg.lr_sweep_variants or "baseline" not in cfg.lr_sweep_variants or not sweep_keys:
+        v, reason = stats.NOT_MEASURABLE, (
+            "the compare ran no 4x learning rate for SD-MoE and the baseline (lr_multipliers up to "
+            f"{fmt_mult(top)}x, lr_sweep_styles {cfg.lr_sweep_styles}); add 4 to --lr-multipliers")
     elif runs_at_top["sd-moe"] == 0:
-        v, note = stats.INCONCLUSIVE, "no finished SD-MoE run at the top learning rate"
+        v, reason = stats.NOT_MEASURABLE, f"no finished SD-MoE run at {fmt_mult(top)}x yet"
     else:
         stable = stats.NOT_REPRODUCED if diverged["sd-moe"] else stats.REPRODUCED
-        v = stats.combine([stable, stats.verdict(iv["lo"], iv["hi"], 0.0, +1)])
+        v = stats.combine([stable, v_tol])
+        reason = r_tol if v == stats.NOT_MEASURABLE else ""
         note = (f"at {fmt_mult(top)}x: SD-MoE diverged in {diverged['sd-moe']} of {runs_at_top['sd-moe']} runs, "
                 f"baseline in {diverged['baseline']} of {runs_at_top['baseline']}; figure: baseline's loss increase "
                 f"minus SD-MoE's (nats)")
-    claims.append(_claim_row(cf, iv, v, _figure(iv, unit=" nats"), note, per_pair=tolerance, diverged=diverged,
-                             top_lr_mult=top))
+    claims.append(_claim_row(cf, iv, v, _figure(iv, unit=" nats"), note, reason, per_pair=tolerance,
+                             diverged=diverged, top_lr_mult=top))
 
     # (g) vs the control
     cg = CLAIMS[6]
     if "control" in has:
         diffs = paired("control", "sd-moe")
-        iv = _ci(diffs.values())
-        v = stats.verdict(iv["lo"], iv["hi"], cg.threshold, cg.direction)
+        iv, v, reason = judge(diffs, cg.threshold, cg.direction, "no finished control / SD-MoE pair yet")
         note = "control - baseline: " + _figure(_ci(paired("control", "baseline").values()))
     else:
-        diffs, iv, v, note = {}, _ci([]), stats.INCONCLUSIVE, "the compare ran no control variant"
-    claims.append(_claim_row(cg, iv, v, _figure(iv, unit=" nats"), note, per_pair=diffs))
+        diffs, iv, v, note = {}, _ci([]), stats.NOT_MEASURABLE, ""
+        reason = "the compare ran no control variant; add control to --variants"
+    claims.append(_claim_row(cg, iv, v, _figure(iv, unit=" nats"), note, reason, per_pair=diffs))
 
+    n_done = sum(r["status"] == "done" for r in runs.values())
+    lr = next((r["lr"] for r in runs.values() if r["variant"] == "baseline" and r["lr_mult"] == 1.0 and r["lr"]),
+              None)
     return {
+        "headline": headline(claims, cfg, lr, n_done, len(runs)),
         "config": cfg.to_dict(),
         "n_runs": len(runs),
-        "n_done": sum(r["status"] == "done" for r in runs.values()),
+        "n_done": n_done,
         "n_diverged": sum(r["status"] == "diverged" for r in runs.values()),
         "claims": claims,
         "variants": _variant_table(cfg, by, seeds),
@@ -398,6 +491,28 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         "parameters": _param_table(cfg, by),
         "runs": list(runs.values()),
     }
+
+
+def headline(claims: list[dict], cfg: CompareConfig, lr: float | None, n_done: int, n_runs: int) -> str:
+    """One sentence: what the compare found, from the verdicts (the first line of the report and the summary)."""
+    groups = {v: [c["claim"] for c in claims if c["verdict"] == v] for v in stats.VERDICTS}
+    keys = lambda ks: f" ({', '.join(ks)})" if ks else ""  # noqa: E731
+    parts = [f"{len(groups[stats.REPRODUCED])} of {len(claims)} of the paper's claims reproduced"
+             f"{keys(groups[stats.REPRODUCED])}"]
+    parts += [f"{len(ks)} {v}{keys(ks)}" for v, ks in groups.items() if v != stats.REPRODUCED and ks]
+    setting = [f"train preset {cfg.preset}", ", ".join(cfg.styles), f"{cfg.seeds} seed{'s' * (cfg.seeds != 1)}"]
+    if lr:
+        setting.append(f"lr {lr:g}")
+    a = next((c for c in claims if c["claim"] == "a"), None)
+    signed = lambda x: f"{round(x, 3) + 0.0:+.3f}"  # noqa: E731 - no "-0.000"
+    loss = ""
+    if a and a["n"]:
+        interval = (f" [{signed(a['lo'])}, {signed(a['hi'])}]" if a["lo"] is not None and math.isfinite(a["lo"])
+                    else " (no interval)")
+        loss = (f"; validation loss baseline - SD-MoE {signed(a['mean'])} nats{interval} over {a['n']} "
+                f"pair{'s' * (a['n'] != 1)}")
+    done = f"; {n_done} of {n_runs} runs done so far" if n_done < n_runs else ""
+    return f"SD-MoE vs the plain MoE ({', '.join(setting)}): {', '.join(parts)}{loss}{done}."
 
 
 def _variant_table(cfg, by, seeds) -> list[dict]:
@@ -531,7 +646,9 @@ def summary_csv(summary: dict) -> str:
 
 
 def summary_text(summary: dict) -> str:
-    lines = [f"compare: {summary['n_done']} of {summary['n_runs']} runs done"
+    """The terminal summary: the headline first, then one line per claim."""
+    lines = [summary["headline"],
+             f"compare: {summary['n_done']} of {summary['n_runs']} runs done"
              + (f", {summary['n_diverged']} diverged" if summary["n_diverged"] else "")]
     done = [r for r in summary["runs"] if r["status"] == "done" and r.get("unigram_entropy")]
     for variant in ("baseline", "sd-moe"):
@@ -540,5 +657,6 @@ def summary_text(summary: dict) -> str:
             lines.append(f"  {variant}: mean validation loss {statistics.mean(finals):.3f} nats/token over "
                          f"{len(finals)} runs; unigram entropy of the corpus {done[0]['unigram_entropy']:.3f} nats/token")
     for c in summary["claims"]:
-        lines.append(f"  ({c['claim']}) {c['verdict'].upper():<15} {c['statement']}: {c['figure']}")
+        line = f"  ({c['claim']}) {c['verdict'].upper():<15} {c['statement']}: {c['figure']}"
+        lines.append(line + (f"\n      {c['reason']}" if c.get("reason") else ""))
     return "\n".join(lines)

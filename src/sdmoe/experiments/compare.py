@@ -46,7 +46,7 @@ def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
     """Write out/compare.json, or check that the one there holds the same settings."""
     saved_file = out / COMPARE_FILE
     if saved_file.is_file():
-        if _saved_config(out) != cfg.to_dict():
+        if _as_current(_saved_config(out)) != cfg.to_dict():
             raise UserError(f"{out} holds a compare with other settings; use another --out "
                             "(or the same settings to resume it)")
         return
@@ -57,6 +57,15 @@ def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
         write_json_atomic(saved_file, {"version": 1, "config": cfg.to_dict()})
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+
+
+def _as_current(saved: dict) -> dict | None:
+    """A saved config with the settings added since it was written at their defaults (None: unreadable),
+    so a compare from before a new setting still resumes."""
+    try:
+        return CompareConfig.from_dict(saved).to_dict()
+    except UserError:
+        return None
 
 
 def _saved_config(out: Path) -> dict | None:
@@ -247,22 +256,26 @@ TIMING_FILE = "timing.json"
 
 
 def _measure_step_times(cfg: CompareConfig, specs: list[RunSpec], out: Path, datasets: _Datasets, progress: bool) -> None:
-    """Claim (e) from a fair measurement: baseline and SD-MoE interleaved in this process, per style.
+    """Claim (e) from a fair measurement: baseline and SD-MoE interleaved, in fresh processes, per style.
 
-    Run-against-run step times move with the machine's load; these do not. Kept in
-    out/timing.json (measured once; delete the file to measure again)."""
-    from sdmoe.experiments.timing import interleaved_step_times
+    Run-against-run step times move with the machine's load; these do not (see
+    `sdmoe.experiments.timing`). Kept in out/timing.json (measured once; delete the
+    file to measure again)."""
+    from sdmoe.experiments.timing import measure
 
+    if cfg.timing_processes == 0:
+        return
     saved = read_json(out / TIMING_FILE) or {}
     for style in cfg.styles:
         pair = {s.variant: s for s in specs if s.style == style and s.lr_mult == 1.0 and s.seed == 0
                 and s.variant in ("baseline", "sd-moe")}
         if style in saved or len(pair) < 2:
             continue
-        configs = {v: spec.run_config(cfg) for v, spec in pair.items()}
+        configs = {v: pair[v].run_config(cfg) for v in ("baseline", "sd-moe")}
         if progress:
-            print(f"timing {style}: baseline and sd-moe steps, interleaved in one process", flush=True)
-        saved[style] = interleaved_step_times(configs, datasets.get(configs["baseline"]))
+            print(f"timing {style}: baseline and sd-moe steps interleaved, {cfg.timing_rounds} rounds in each of "
+                  f"{cfg.timing_processes} fresh processes", flush=True)
+        saved[style] = measure(configs, datasets.get(configs["baseline"]), cfg.timing_processes, cfg.timing_rounds)
         write_json_atomic(out / TIMING_FILE, saved)
 
 

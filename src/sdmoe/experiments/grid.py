@@ -111,6 +111,10 @@ class CompareConfig:
     text: list[str] = setting([])  # user text (data.text); empty = bundled corpora
     analyze: bool = True  # post-hoc routing analysis of each final model (expert load, domain MI)
     rerun_baseline: bool = True  # train the first style's baseline seed 0 twice: the same-seed noise
+    # Claim (e): baseline and SD-MoE steps interleaved, in this many fresh processes one after the
+    # other (the ratio moves more between processes than within one), each timing this many rounds.
+    timing_processes: int = setting(4, ge=0, note="0 = no timing; claim (e) is then not measurable")
+    timing_rounds: int = setting(6, ge=2)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -179,7 +183,8 @@ def compare_preset(name: str) -> CompareConfig:
         )
     if name == "tiny":
         return CompareConfig(preset="tiny", styles=["qwen2_moe"], seeds=2, variants=["baseline", "sd-moe"],
-                             lr_multipliers=[1.0], lr_sweep_styles=0, analyze=False)
+                             lr_multipliers=[1.0], lr_sweep_styles=0, analyze=False,
+                             timing_processes=0)  # each timing process costs seconds of start-up: tests opt in
     raise UserError(f"unknown compare preset {name!r}; choose demo, lab, paper or tiny")
 
 

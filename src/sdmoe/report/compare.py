@@ -67,11 +67,30 @@ def _loss_ylim_curves(curves: dict[str, tuple]) -> dict[str, tuple]:
     return {k: (x[1:], y[:, 1:]) if len(x) > 2 else (x, y) for k, (x, y) in curves.items()}
 
 
+def per_pair_matrix(claims: list[dict]) -> list[dict]:
+    """Pairs as rows, claims as columns (each claim's per-pair values, then any further columns it
+    carries), and a last row with each claim's verdict."""
+    columns: dict[str, dict] = {}
+    verdicts: dict[str, Raw] = {}
+    for c in claims:
+        name = f"({c['claim']}) {c.get('short') or c['statement']}"
+        columns[name] = c.get("per_pair") or {}
+        verdicts[name] = Raw(badge_html(c["verdict"], c["badge"]))
+        for extra, values in (c.get("more_columns") or {}).items():
+            columns[f"({c['claim']}) {extra}"] = values
+    pairs = list(dict.fromkeys(k for values in columns.values() for k in values))
+    if not pairs:
+        return []
+    rows = [{"pair": p, **{name: values.get(p) for name, values in columns.items()}} for p in pairs]
+    return rows + [{"pair": "verdict", **verdicts}]
+
+
 def write_report(out: str | Path, summary: dict) -> Path:
     out = Path(out)
     cfg = summary["config"]
     doc = HtmlReport(
         "SD-MoE compare: the paper's claims, measured",
+        headline=summary.get("headline", ""),
         subtitle=f"train preset {cfg['preset']}; styles {', '.join(cfg['styles'])}; {cfg['seeds']} seeds; "
                  f"{summary['n_done']} of {summary['n_runs']} runs done"
                  + (f", {summary['n_diverged']} diverged" if summary["n_diverged"] else ""),
@@ -80,19 +99,21 @@ def write_report(out: str | Path, summary: dict) -> Path:
 
     sec = doc.section("Claims", intro="Each verdict is computed from the runs: reproduced when the 95% t-interval "
                                       "lies wholly on the claimed side, not reproduced when it lies wholly on the "
-                                      "other side, inconclusive otherwise. Pairs share style, seed and learning "
-                                      "rate: same initial weights and data order.")
+                                      "other side, inconclusive otherwise (and for step time while the machine's "
+                                      "noise is wider than the distance to the threshold); not measurable when this "
+                                      "compare cannot test the claim, with the reason. Pairs share style, seed and "
+                                      "learning rate: same initial weights and data order.")
     sec.table([{"claim": c["claim"], "paper's claim": c["statement"], "measured (mean [95% CI])": c["figure"],
-                "verdict": Raw(badge_html(c["verdict"], c["badge"])), "n": c["n"], "notes": c["note"]}
+                "verdict": Raw(badge_html(c["verdict"], c["badge"])), "why": c.get("reason") or "", "n": c["n"],
+                "notes": c["note"]}
                for c in summary["claims"]])
     sub = sec.subsection("How each claim is measured")
     sub.table([{"claim": c["claim"], "measure": c["measure"]} for c in summary["claims"]])
-    per_pair = []
-    for c in summary["claims"]:
-        for k, v in (c.get("per_pair") or {}).items():
-            per_pair.append({"claim": c["claim"], "pair": k, "value": v})
-    if per_pair:
-        sec.subsection("Per pair").table(per_pair, floatfmt="{:.4f}")
+    matrix = per_pair_matrix(summary["claims"])
+    if matrix:
+        sec.subsection("Per pair").paragraph(
+            "One row per pair (style/seed; step time: per timing process), one column per claim: the paired "
+            "value each verdict is computed from.").table(matrix, floatfmt="{:.4f}")
 
     sec = doc.section("Validation loss", intro="Final mean validation loss over domains (nats/token) at the tuned "
                                                "rate, mean and 95% interval over seeds; std = seed-to-seed spread.")
@@ -149,7 +170,13 @@ def write_report(out: str | Path, summary: dict) -> Path:
     sec = doc.section("Compute and parameters")
     claim_e = next((c for c in summary["claims"] if c["claim"] == "e"), None)
     if claim_e:
-        sec.paragraph(f"SD-MoE / baseline step time after the split: {claim_e['figure']}.")
+        sec.paragraph(f"SD-MoE / baseline step time, interleaved steps: {claim_e['figure']}. "
+                      + (claim_e.get("reason") or claim_e["note"]))
+        sec.table([{"style": style, "side": side, "clock": claim_e.get("clock"), "median ms": 1e3 * v["median"],
+                    "central 95% of rounds, ms": f"{1e3 * v['lo']:.2f} - {1e3 * v['hi']:.2f}", "rounds": v["n"],
+                    "spread / median": f"+-{100 * v['half_width']:.1f}%"}
+                   for style, sides in (claim_e.get("sides") or {}).items() for side, v in sides.items()],
+                  floatfmt="{:.2f}")
     sec.table(summary["parameters"])
     sec.paragraph("while_training: trainable parameters after the split (SD-MoE's shared parts are extra).")
 
