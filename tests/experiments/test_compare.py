@@ -103,3 +103,14 @@ def test_compare_runs_the_papers_own_split_beside_the_default(tmp_path, tiny_dat
     run = json.loads((tmp_path / "cmp" / "runs" / "qwen2_moe" / "paper" / "lr1" / "seed0" / "run.json").read_text())
     sd = run["config"]["sdmoe"]
     assert (sd["projection_sides"], sd["basis_source"], sd["refresh_every"], sd["rank"]) == ("two", "shared", 16, 8)
+
+
+def test_a_compare_saved_before_a_new_setting_still_resumes(tmp_path):
+    from sdmoe.experiments.compare import claim_out_dir
+
+    cfg = _cfg()
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("timing_")}
+    (tmp_path / "compare.json").write_text(json.dumps({"version": 1, "config": old}))
+    claim_out_dir(tmp_path, CompareConfig.from_dict(old))  # the new settings at their defaults: the same compare
+    with pytest.raises(UserError, match="other settings"):
+        claim_out_dir(tmp_path, cfg)  # timing_processes=2 is not the default 4
