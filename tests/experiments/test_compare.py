@@ -105,12 +105,15 @@ def test_compare_runs_the_papers_own_split_beside_the_default(tmp_path, tiny_dat
     assert (sd["projection_sides"], sd["basis_source"], sd["refresh_every"], sd["rank"]) == ("two", "shared", 16, 8)
 
 
-def test_a_compare_saved_before_a_new_setting_still_resumes(tmp_path):
+def test_a_compare_saved_before_the_timing_settings_still_resumes(tmp_path):
     from sdmoe.experiments.compare import claim_out_dir
 
     cfg = _cfg()
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("timing_")}
     (tmp_path / "compare.json").write_text(json.dumps({"version": 1, "config": old}))
-    claim_out_dir(tmp_path, CompareConfig.from_dict(old))  # the new settings at their defaults: the same compare
+    # No run depends on the timing settings: a resume may change them (the new values are kept)...
+    claim_out_dir(tmp_path, cfg)
+    assert json.loads((tmp_path / "compare.json").read_text())["config"]["timing_processes"] == 2
+    # ... but not a setting the runs depend on
     with pytest.raises(UserError, match="other settings"):
-        claim_out_dir(tmp_path, cfg)  # timing_processes=2 is not the default 4
+        claim_out_dir(tmp_path, _cfg(seeds=3))

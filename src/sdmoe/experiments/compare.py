@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdmoe.config_fields import changed_settings
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import CompareConfig, RunSpec, plan
 from sdmoe.files import DirLock, json_safe, load_json, probe_writable, read_json, tmp_file_name, write_json_atomic
@@ -46,9 +47,13 @@ def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
     """Write out/compare.json, or check that the one there holds the same settings."""
     saved_file = out / COMPARE_FILE
     if saved_file.is_file():
-        if _as_current(_saved_config(out)) != cfg.to_dict():
+        # A setting saved before it existed counts as its default; one no run depends on may change.
+        changed = changed_settings(_saved_config(out), cfg)
+        if any(rule.resume != "any" for _key, rule, _old, _new in changed):
             raise UserError(f"{out} holds a compare with other settings; use another --out "
                             "(or the same settings to resume it)")
+        if changed:
+            write_json_atomic(saved_file, {"version": 1, "config": cfg.to_dict()})
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} is not empty and holds no compare; choose an empty or new --out")
@@ -57,15 +62,6 @@ def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
         write_json_atomic(saved_file, {"version": 1, "config": cfg.to_dict()})
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
-
-
-def _as_current(saved: dict) -> dict | None:
-    """A saved config with the settings added since it was written at their defaults (None: unreadable),
-    so a compare from before a new setting still resumes."""
-    try:
-        return CompareConfig.from_dict(saved).to_dict()
-    except UserError:
-        return None
 
 
 def _saved_config(out: Path) -> dict | None:
@@ -213,12 +209,12 @@ def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets
 
 
 def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
-                max_runs: int | None = None, device: str = "auto", timing: bool = True) -> CompareResult:
+                max_runs: int | None = None, device: str = "auto") -> CompareResult:
     """Run (or resume) every run of `plan(cfg)` into `out_dir`, then write the summary and report.
 
     `max_runs` stops after that many runs were trained (an interrupted compare, for tests);
-    `device`: where the runs train (`loop.device`), not part of the grid's settings; `timing=False`
-    skips the interleaved step-time measurement (claim (e)), as `sdmoe study` does.
+    `device`: where the runs train (`loop.device`), not part of the grid's settings. The
+    step-time measurement of claim (e) follows `cfg.timing_processes` (0: none, as `sdmoe study` sets).
     """
     from tqdm.auto import tqdm
 
@@ -246,7 +242,7 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
             trained += rec["action"] != "skipped"
             records.append(rec)
         bar.close()
-        if max_runs is None and timing:
+        if max_runs is None:
             _measure_step_times(cfg, specs, out, datasets, progress)
         summary, text, report = rebuild_report(out, _return_all=True)
     return CompareResult(out, cfg, records, summary, text, report)

@@ -113,8 +113,9 @@ class CompareConfig:
     rerun_baseline: bool = True  # train the first style's baseline seed 0 twice: the same-seed noise
     # Claim (e): baseline and SD-MoE steps interleaved, in this many fresh processes one after the
     # other (the ratio moves more between processes than within one), each timing this many rounds.
-    timing_processes: int = setting(4, ge=0, note="0 = no timing; claim (e) is then not measurable")
-    timing_rounds: int = setting(6, ge=2)
+    # No run depends on them, so a resumed compare may change them (resume="any").
+    timing_processes: int = setting(4, ge=0, note="0 = no timing; claim (e) is then not measurable", resume="any")
+    timing_rounds: int = setting(6, ge=2, resume="any")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -56,7 +56,7 @@ class Cell:
             preset="demo", styles=["qwen2_moe"], seeds=seeds, variants=list(self.variants), steps=self.steps,
             lr_multipliers=[0.5, 1.0, 2.0] if self.rate_check else [1.0], lr_sweep_styles=int(self.rate_check),
             lr_sweep_seeds=1, lr_sweep_variants=["baseline"], overrides=ov, analyze=False,
-            rerun_baseline=self.factor == "text")
+            rerun_baseline=self.factor == "text", timing_processes=0)  # the study reads losses, not step times
 
 
 def demo_parameters(d: int) -> int:
@@ -143,8 +143,7 @@ def run_study(factors: list[str], out_dir: str | Path, seeds: int = 3, sizes: tu
     for i, cell in enumerate(plan):
         if progress:
             print(f"study cell {i + 1}/{len(plan)}: {cell.factor} {cell.name}", flush=True)
-        run_compare(cell.compare_config(seeds), out / cell.factor / cell.name, progress=progress, device=device,
-                    timing=False)
+        run_compare(cell.compare_config(seeds), out / cell.factor / cell.name, progress=progress, device=device)
     return write_study(out, factors, sizes)
 
 
