@@ -504,7 +504,7 @@ def headline(claims: list[dict], cfg: CompareConfig, lr: float | None, n_done: i
     if lr:
         setting.append(f"lr {lr:g}")
     a = next((c for c in claims if c["claim"] == "a"), None)
-    signed = lambda x: f"{round(x, 3) + 0.0:+.3f}"  # noqa: E731 - no "-0.000"
+    signed = lambda x: f"{x:+.3f}"  # noqa: E731 - "-0.000" kept: a bound just below 0 must not read as above it
     loss = ""
     if a and a["n"]:
         interval = (f" [{signed(a['lo'])}, {signed(a['hi'])}]" if a["lo"] is not None and math.isfinite(a["lo"])
