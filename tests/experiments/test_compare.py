@@ -117,3 +117,36 @@ def test_a_compare_saved_before_the_timing_settings_still_resumes(tmp_path):
     # ... but not a setting the runs depend on
     with pytest.raises(UserError, match="other settings"):
         claim_out_dir(tmp_path, _cfg(seeds=3))
+
+
+def test_per_text_compares_each_domain_and_opens_the_report_with_the_gain_per_text(tmp_path):
+    """`per_text`: a sub-compare per domain of the text, and the report's first section the gain per text,
+    with every run's passes over its data."""
+    from sdmoe.data.corpus import load_bundled
+
+    text = tmp_path / "text"
+    for doc in load_bundled():
+        if doc.domain in ("drama", "fairy_tales"):
+            (text / doc.domain).mkdir(parents=True, exist_ok=True)
+            (text / doc.domain / "part.txt").write_text(doc.text[:40_000])
+    cfg = _cfg(text=[str(text / "drama"), str(text / "fairy_tales")], per_text=True, analyze=False,
+               timing_processes=0)
+    result = run_compare(cfg, tmp_path / "cmp", progress=False)
+    out = tmp_path / "cmp"
+    for domain in ("drama", "fairy_tales"):
+        sub = json.loads((out / "texts" / domain / "summary.json").read_text())
+        assert sub["n_done"] == 4  # 2 seeds x baseline, sd-moe
+        run = json.loads((out / "texts" / domain / "runs" / "qwen2_moe" / "baseline" / "lr1" / "seed0" /
+                          "run.json").read_text())
+        assert run["config"]["data"]["domains"] == [domain]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["text"]: r for r in summary["per_text"]}
+    assert list(rows) == ["all domains (the mix)", "drama", "fairy_tales"]
+    for r in rows.values():
+        assert r["n"] == 2 and r["passes"] > 0 and r["verdict"] in ("reproduced", "not reproduced", "inconclusive")
+    # a domain alone holds fewer tokens than the mix: the same steps make more passes over it
+    assert rows["drama"]["passes"] > rows["all domains (the mix)"]["passes"]
+    lines = result.text.splitlines()
+    assert lines[1] == summary["per_text_sentence"] and "(qwen2_moe, 2 paired seeds" in lines[1]
+    html = (out / "report.html").read_text()
+    assert html.index("Gain per text") < html.index("Claims") and "passes" in html

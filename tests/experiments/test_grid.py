@@ -17,21 +17,27 @@ def _differs_only_in_method(a, b):
 
 
 def test_demo_plan_contents():
-    specs = plan(compare_preset("demo"))
+    cfg = compare_preset("demo")
+    specs = plan(cfg)
     ids = [s.run_id for s in specs]
-    assert len(ids) == len(set(ids))
-    main = [s for s in specs if s.lr_mult == 1.0 and s.variant not in ("baseline-rerun", "fixed-weights")]
-    assert [s.run_id for s in specs if s.variant == "fixed-weights"] == [
-        f"qwen2_moe/fixed-weights/lr1/seed{k}" for k in range(3)]
+    assert len(ids) == len(set(ids)) == 18 + 1 + 4  # main grid, the same-seed rerun, the rate sweep
+    main = [s for s in specs if s.lr_mult == 1.0 and s.variant != "baseline-rerun"]
     assert len(main) == 2 * 3 * 3  # styles x seeds x (baseline, sd-moe, control)
     rerun = [s for s in specs if s.variant == "baseline-rerun"]
     base0 = next(s for s in specs if s.run_id == "qwen2_moe/baseline/lr1/seed0")
     assert len(rerun) == 1 and rerun[0].run_config().to_dict() | {"name": ""} == base0.run_config().to_dict() | {"name": ""}
     sweep = [s for s in specs if s.lr_mult != 1.0]
-    assert sorted((s.variant, s.lr_mult) for s in sweep) == [("baseline", 0.5), ("baseline", 2.0), ("baseline", 4.0),
-                                                            ("sd-moe", 0.5), ("sd-moe", 2.0), ("sd-moe", 4.0)]
+    assert sorted((s.variant, s.lr_mult) for s in sweep) == [("baseline", 0.5), ("baseline", 4.0),
+                                                            ("sd-moe", 0.5), ("sd-moe", 4.0)]
     assert {s.style for s in sweep} == {"qwen2_moe"} and {s.seed for s in sweep} == {0}
     assert "qwen2_moe/sd-moe/lr1/seed0" in ids and "qwen2_moe/baseline/lr4/seed0" in ids
+    # then each bundled domain alone: baseline against SD-MoE, first style, 3 seeds
+    from sdmoe.experiments.compare import per_text_config, text_domains
+
+    assert cfg.per_text and text_domains(cfg) == ["drama", "encyclopedia", "fairy_tales"]
+    sub = plan(per_text_config(cfg, "drama"))
+    assert len(sub) == 6 and {s.style for s in sub} == {"qwen2_moe"}
+    assert all(s.run_config(per_text_config(cfg, "drama")).data.domains == ["drama"] for s in sub)
 
 
 def test_pairs_share_everything_but_the_method():

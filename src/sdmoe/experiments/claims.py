@@ -134,6 +134,8 @@ def load_run(run_dir: Path, spec=None) -> dict[str, Any]:
                     "tails_overlap": [_tails_overlap(r) for r in monitors],
                     "baseline": next((r.get("overlap_baseline") for r in monitors if r.get("overlap_baseline")), None)},
         "trainable_parameters": start.get("trainable_parameters"),
+        "train_tokens": start.get("train_tokens"),
+        "passes": start.get("passes"),  # tokens the run draws / training tokens the text holds
         "unigram_entropy": start.get("unigram_entropy"),
         "trainable_parameters_after_split": (split or {}).get("trainable_parameters")
         or mine.get("trainable_parameters_after_split"),
@@ -647,9 +649,14 @@ def summary_csv(summary: dict) -> str:
 
 def summary_text(summary: dict) -> str:
     """The terminal summary: the headline first, then one line per claim."""
-    lines = [summary["headline"],
-             f"compare: {summary['n_done']} of {summary['n_runs']} runs done"
-             + (f", {summary['n_diverged']} diverged" if summary["n_diverged"] else "")]
+    lines = [summary["headline"]]
+    if summary.get("per_text"):  # the gain per text first: the answer a user with their own text wants
+        lines.append(summary["per_text_sentence"])
+        for r in summary["per_text"]:
+            passes = f"{r['passes']:.2f} passes" if r.get("passes") is not None else "passes -"
+            lines.append(f"  {r['text']:<24} {passes:<13} gain {r['figure']:<26} {r['verdict']}")
+    lines.append(f"compare: {summary['n_done']} of {summary['n_runs']} runs done"
+                 + (f", {summary['n_diverged']} diverged" if summary["n_diverged"] else ""))
     done = [r for r in summary["runs"] if r["status"] == "done" and r.get("unigram_entropy")]
     for variant in ("baseline", "sd-moe"):
         finals = [r["final_mean"] for r in done if r["variant"] == variant and r["lr_mult"] == 1.0]

@@ -244,11 +244,88 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
         bar.close()
         if max_runs is None:
             _measure_step_times(cfg, specs, out, datasets, progress)
+            if cfg.per_text:
+                for domain in text_domains(cfg):
+                    if progress:
+                        print(f"per text: {domain} alone", flush=True)
+                    run_compare(per_text_config(cfg, domain), out / TEXTS_DIR / domain, progress, device=device)
         summary, text, report = rebuild_report(out, _return_all=True)
     return CompareResult(out, cfg, records, summary, text, report)
 
 
 TIMING_FILE = "timing.json"
+TEXTS_DIR = "texts"  # the per-text sub-compares: OUT/texts/<domain>/
+
+
+def text_domains(cfg: CompareConfig) -> list[str]:
+    """The domains of the compare's text (the bundled corpora or --text, less any data.domains
+    filter), when it has more than one; read, not tokenised."""
+    from sdmoe.data.corpus import load_corpus
+    from sdmoe.data.dataset import MIN_CORPUS_CHARS, select_domains
+    from sdmoe.train.config import apply_overrides, preset
+
+    rc = apply_overrides(preset(cfg.preset), list(cfg.overrides))
+    docs = select_domains(load_corpus(list(cfg.text) or None, min_chars=MIN_CORPUS_CHARS), rc.data.domains)
+    domains = sorted({d.domain for d in docs})
+    return domains if len(domains) > 1 else []
+
+
+def per_text_config(cfg: CompareConfig, domain: str) -> CompareConfig:
+    """The sub-compare on one domain alone: baseline against the default SD-MoE, the first style, the
+    same seeds, steps and overrides; no sweeps, ablations, analysis or timing."""
+    return CompareConfig(preset=cfg.preset, styles=list(cfg.styles[:1]), seeds=cfg.seeds,
+                         variants=["baseline", "sd-moe"], lr_multipliers=[1.0], lr_sweep_styles=0, steps=cfg.steps,
+                         overrides=[*cfg.overrides, f"data.domains={json.dumps([domain])}"], text=list(cfg.text),
+                         analyze=False, rerun_baseline=False, timing_processes=0)
+
+
+def _text_row(label: str, runs: list[dict], style: str) -> dict[str, Any]:
+    """One text's paired gain (baseline - SD-MoE final loss, by seed, at 1x) from a compare's run records."""
+    from sdmoe.experiments import stats
+
+    finals = {v: {r["seed"]: r["final_mean"] for r in runs if r["style"] == style and r["variant"] == v
+                  and r["lr_mult"] == 1.0 and r["status"] == "done"} for v in ("baseline", "sd-moe")}
+    iv = stats.t_interval(list(stats.paired_differences(finals["baseline"], finals["sd-moe"]).values()))
+    widthless = iv.n >= 2 and iv.lo == iv.hi
+    verdict = stats.NOT_MEASURABLE if iv.n < 2 or widthless else stats.verdict(iv.lo, iv.hi)
+    base = next((r for r in runs if r["style"] == style and r["variant"] == "baseline" and r["lr_mult"] == 1.0
+                 and r.get("passes") is not None), {})
+    figure = "-" if iv.n == 0 else (f"{iv.mean:+.3f}" + (f" [{iv.lo:+.3f}, {iv.hi:+.3f}]" if iv.n >= 2 else
+                                                        " (one pair, no interval)"))
+    return {"text": label, "train_tokens": base.get("train_tokens"), "passes": base.get("passes"), "n": iv.n,
+            "mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "figure": figure, "verdict": verdict,
+            "badge": stats.BADGE[verdict]}
+
+
+def per_text_rows(out: Path, cfg: CompareConfig, summary: dict) -> tuple[list[dict], str]:
+    """The gain per text (the whole text from this compare, each domain from its sub-compare) and one
+    sentence that says where SD-MoE lowered the loss."""
+    from sdmoe.experiments.claims import load_run
+
+    style = cfg.styles[0]
+    rows = [_text_row("all domains (the mix)", summary["runs"], style)]
+    texts = out / TEXTS_DIR
+    for sub_dir in sorted(p for p in texts.iterdir() if p.is_dir()) if texts.is_dir() else []:
+        sub_cfg = load_compare_config(sub_dir) if (sub_dir / "compare.json").is_file() else None
+        if sub_cfg is None:
+            continue
+        runs = [load_run(sub_dir / "runs" / spec.run_id, spec) for spec in plan(sub_cfg)]
+        rows.append(_text_row(sub_dir.name, runs, style))
+    said = {v: [r["text"] for r in rows if r["verdict"] == v] for v in ("reproduced", "not reproduced",
+                                                                          "inconclusive", "not measurable")}
+    parts = []
+    if said["reproduced"]:
+        parts.append("SD-MoE lowered the validation loss on " + ", ".join(
+            f"{r['text']} ({r['figure']} nats)" for r in rows if r["verdict"] == "reproduced"))
+    if said["not reproduced"]:
+        parts.append("raised it on " + ", ".join(said["not reproduced"]))
+    if said["inconclusive"]:
+        parts.append("made no difference beyond the seed-to-seed noise on " + ", ".join(said["inconclusive"]))
+    if said["not measurable"]:
+        parts.append("has too few finished pairs yet on " + ", ".join(said["not measurable"]))
+    sentence = ("; ".join(parts) or "No text has a finished pair yet") + \
+        f" ({style}, {cfg.seeds} paired seeds, train preset {cfg.preset})."
+    return rows, sentence[0].upper() + sentence[1:]
 
 
 def _measure_step_times(cfg: CompareConfig, specs: list[RunSpec], out: Path, datasets: _Datasets, progress: bool) -> None:
@@ -283,7 +360,10 @@ def rebuild_report(out_dir: str | Path, _return_all: bool = False):
 
     out = Path(out_dir)
     cfg = load_compare_config(out)
-    summary = json_safe(summarize(out, cfg))
+    summary = summarize(out, cfg)
+    if cfg.per_text:
+        summary["per_text"], summary["per_text_sentence"] = per_text_rows(out, cfg, summary)
+    summary = json_safe(summary)
     write_json_atomic(out / "summary.json", summary)
     write_text_atomic(out / "summary.csv", summary_csv(summary))
     report = write_report(out, summary)

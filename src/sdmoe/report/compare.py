@@ -97,6 +97,15 @@ def write_report(out: str | Path, summary: dict) -> Path:
     )
     runs = summary["runs"]
 
+    if summary.get("per_text"):
+        sec = doc.section("Gain per text", intro=summary["per_text_sentence"] + " Gain = the plain MoE's final "
+                          "validation loss - SD-MoE's (nats/token), paired by seed, mean [95% interval]; each "
+                          "domain's compare is in texts/<domain>/report.html.")
+        sec.table([{"text": r["text"], "training tokens": r["train_tokens"], "passes": r["passes"],
+                    "pairs": r["n"], "gain (nats)": r["figure"],
+                    "verdict": Raw(badge_html(r["verdict"], r["badge"]))}
+                   for r in summary["per_text"]], floatfmt="{:.2f}")
+
     sec = doc.section("Claims", intro="Each verdict is computed from the runs: reproduced when the 95% t-interval "
                                       "lies wholly on the claimed side, not reproduced when it lies wholly on the "
                                       "other side, inconclusive otherwise (and for step time while the machine's "
@@ -180,9 +189,11 @@ def write_report(out: str | Path, summary: dict) -> Path:
     sec.table(summary["parameters"])
     sec.paragraph("while_training: trainable parameters after the split (SD-MoE's shared parts are extra).")
 
-    sec = doc.section("Runs")
+    sec = doc.section("Runs", intro="passes: how many times the run read its training text (tokens drawn / "
+                                    "training tokens held).")
     sec.table([{"run": r["run_id"], "status": r["status"], "final loss": r["final_mean"],
-                "wall s": r["wall_s"], "steps": r["steps"]} for r in runs], floatfmt="{:.4g}")
+                "wall s": r["wall_s"], "steps": r["steps"], "passes": r.get("passes")} for r in runs],
+              floatfmt="{:.4g}")
     target = out / "report.html"
     doc.write(target)
     return target
