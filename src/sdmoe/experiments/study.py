@@ -210,8 +210,11 @@ def plot_study(results: list[dict], path: Path) -> None:
         a.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=text)
     a.axhline(0, color="grey", lw=0.8)
     a.set(xscale="log", xlabel="passes over the training text", ylabel="gain of SD-MoE (nats/token)",
-          title="gain against repetition")
-    a.legend()
+          title="gain against repetition (95% intervals)")
+    a.set_xticks([0.25, 0.5, 1, 2, 4, 8, 16], labels=["0.25", "0.5", "1", "2", "4", "8", "16"])
+    a.minorticks_off()
+    if by_text:
+        a.legend()
     size = sorted((r for r in results if r["factor"] == "size" and r["gains"].get("sd-moe", {}).get("n")),
                   key=lambda r: r["d"])
     if size:
@@ -220,6 +223,8 @@ def plot_study(results: list[dict], path: Path) -> None:
                    yerr=[[v["mean"] - v["lo"] if v["n"] > 1 else 0 for v in g],
                          [v["hi"] - v["mean"] if v["n"] > 1 else 0 for v in g]], marker="o", capsize=3, label="mix")
         b.legend()
+    else:
+        b.text(0.5, 0.5, "no size cell finished yet", ha="center", va="center", transform=b.transAxes)
     b.axhline(0, color="grey", lw=0.8)
     b.set(xlabel="hidden size d", title="gain against size (fixed tokens per parameter)")
     fig.tight_layout()
