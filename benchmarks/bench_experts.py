@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from sdmoe.device import autocast, resolve_device, synchronize
 from sdmoe.models import ModelConfig, build_model
 from sdmoe.moe import find_moe_blocks
 
@@ -34,15 +35,16 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def bench(d: int, f: int, e: int, k: int, tokens: int, repeats: int) -> list[tuple[str, str, float]]:
+def bench(d: int, f: int, e: int, k: int, tokens: int, repeats: int,
+          device: torch.device = torch.device("cpu")) -> list[tuple[str, str, float]]:
     cfg = ModelConfig(style="qwen3_moe", hidden_size=d, num_layers=1, num_heads=4, num_experts=e, top_k=k, expert_ffn=f)
     gen = torch.Generator().manual_seed(0)
-    x_TD = torch.randn(tokens, d, generator=gen, requires_grad=True)
-    logits_TE = torch.randn(tokens, e, generator=gen)
+    x_TD = torch.randn(tokens, d, generator=gen).to(device).requires_grad_()
+    logits_TE = torch.randn(tokens, e, generator=gen).to(device)
     weights_TK, index_TK = torch.softmax(logits_TE, -1).topk(k, dim=-1)
     rows = []
     for variant in ("plain",):
-        model = build_model(cfg, vocab_size=256)
+        model = build_model(cfg, vocab_size=256, device=device)
         experts = find_moe_blocks(model)[0].experts
         for impl in IMPLEMENTATIONS:
             # batched_mm gathers a weight matrix per (token, expert) pair: skip it where that
@@ -53,8 +55,10 @@ def bench(d: int, f: int, e: int, k: int, tokens: int, repeats: int) -> list[tup
             experts.config._experts_implementation = impl
 
             def step():
-                out = experts(x_TD, index_TK, weights_TK)
-                out.square().mean().backward()
+                with autocast("auto", device):  # bf16 on CUDA, as training runs there
+                    out = experts(x_TD, index_TK, weights_TK)
+                out.float().square().mean().backward()
+                synchronize(device)
 
             try:
                 rows.append((variant, impl, _time(step, repeats)))
@@ -68,13 +72,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (on CUDA under bf16 autocast)")
     args = ap.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     shapes = [("demo", 64, 64, 8, 2, 1024)] if args.quick else [
         ("demo", 64, 64, 8, 2, 1024), ("small", 128, 128, 8, 2, 2048), ("wide", 256, 512, 16, 4, 2048)]
     print(f"experts forward+backward, median of {5 if args.quick else 15}, {args.threads} threads")
     for name, d, f, e, k, tokens in shapes:
-        rows = bench(d, f, e, k, tokens, 5 if args.quick else 15)
+        rows = bench(d, f, e, k, tokens, 5 if args.quick else 15, device)
         print(f"{name}: d={d} f={f} E={e} top-{k}, {tokens} tokens")
         for variant, impl, t in rows:
             print(f"  {variant:7s} {impl:11s} " + (f"{t * 1e3:8.2f} ms" if t == t else "  skipped (memory)"))
