@@ -150,3 +150,25 @@ def test_per_text_compares_each_domain_and_opens_the_report_with_the_gain_per_te
     assert lines[1] == summary["per_text_sentence"] and "(qwen2_moe, 2 paired seeds" in lines[1]
     html = (out / "report.html").read_text()
     assert html.index("Gain per text") < html.index("Claims") and "passes" in html
+
+
+def test_the_per_text_sentence_says_where_sd_moe_helped(tmp_path):
+    from sdmoe.experiments.compare import per_text_rows
+
+    def runs(gains):
+        out = []
+        for seed, g in enumerate(gains):
+            for variant, loss in (("baseline", 4.0), ("sd-moe", 4.0 - g)):
+                out.append({"style": "qwen2_moe", "variant": variant, "lr_mult": 1.0, "status": "done", "seed": seed,
+                            "final_mean": loss, "passes": 0.3, "train_tokens": 1000})
+        return out
+
+    cfg = CompareConfig(styles=["qwen2_moe"], seeds=3)
+    rows, sentence = per_text_rows(tmp_path, cfg, {"runs": runs([0.10, 0.12, 0.11])})
+    assert rows[0]["verdict"] == "reproduced"
+    assert sentence.startswith("SD-MoE lowered the validation loss on all domains (the mix) (+0.110 [")
+    assert sentence.endswith("(qwen2_moe, 3 paired seeds, train preset demo).")
+    rows, sentence = per_text_rows(tmp_path, cfg, {"runs": runs([0.01, -0.02, 0.005])})
+    assert sentence.startswith("SD-MoE made no difference beyond the seed-to-seed noise on all domains (the mix)")
+    rows, sentence = per_text_rows(tmp_path, cfg, {"runs": runs([0.01])})
+    assert rows[0]["verdict"] == "not measurable" and "too few finished pairs" in sentence

@@ -315,17 +315,15 @@ def per_text_rows(out: Path, cfg: CompareConfig, summary: dict) -> tuple[list[di
                                                                           "inconclusive", "not measurable")}
     parts = []
     if said["reproduced"]:
-        parts.append("SD-MoE lowered the validation loss on " + ", ".join(
+        parts.append("lowered the validation loss on " + ", ".join(
             f"{r['text']} ({r['figure']} nats)" for r in rows if r["verdict"] == "reproduced"))
     if said["not reproduced"]:
-        parts.append("raised it on " + ", ".join(said["not reproduced"]))
+        parts.append("raised the validation loss on " + ", ".join(said["not reproduced"]))
     if said["inconclusive"]:
         parts.append("made no difference beyond the seed-to-seed noise on " + ", ".join(said["inconclusive"]))
     if said["not measurable"]:
-        parts.append("has too few finished pairs yet on " + ", ".join(said["not measurable"]))
-    sentence = ("; ".join(parts) or "No text has a finished pair yet") + \
-        f" ({style}, {cfg.seeds} paired seeds, train preset {cfg.preset})."
-    return rows, sentence[0].upper() + sentence[1:]
+        parts.append("has too few finished pairs to say on " + ", ".join(said["not measurable"]))
+    return rows, f"SD-MoE {'; '.join(parts)} ({style}, {cfg.seeds} paired seeds, train preset {cfg.preset})."
 
 
 def _measure_step_times(cfg: CompareConfig, specs: list[RunSpec], out: Path, datasets: _Datasets, progress: bool) -> None:
