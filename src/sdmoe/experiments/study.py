@@ -16,7 +16,7 @@ per text). Re-running the command skips finished cells and runs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,9 @@ class Cell:
     max_train_tokens: int = 0
     variants: tuple[str, ...] = ("baseline", "sd-moe")
     rate_check: bool = False  # the baseline at 0.5x and 2x the rate on seed 0: is 1x its tuned rate here?
-    overrides: tuple[str, ...] = field(default=())
 
     def compare_config(self, seeds: int) -> CompareConfig:
-        ov = [f"model.hidden_size={self.d}", f"model.expert_ffn={self.d}", *self.overrides]
+        ov = [f"model.hidden_size={self.d}", f"model.expert_ffn={self.d}"]
         if self.text != "mix":
             ov.append(f"data.domains={self.text}")
         if self.max_train_tokens:
