@@ -119,3 +119,15 @@ def test_the_study_pairs_runs_by_seed(tmp_path):
     assert [c["cell"] for c in payload["cells"]] == ["drama"]  # cells not started are left out
     md = (tmp_path / "study.md").read_text()
     assert "| drama | drama | 1.50 | 400 | 4.100 | +0.117 [" in md and (tmp_path / "study.png").is_file()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--sizes", "60"], "each hidden size must be a multiple of 8"),
+    (["--sizes", "64,x"], "--sizes takes comma-separated hidden sizes"),
+    (["--seeds", "1"], "a paired interval needs at least 2 seeds"),
+    (["--factor", ","], "choose from text, repetition, size or all"),
+])
+def test_bad_study_arguments_are_one_line_and_write_nothing(tmp_path, capsys, argv, fragment):
+    assert main(["study", *argv, "--out", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and not (tmp_path / "study").exists()
