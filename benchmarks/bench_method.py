@@ -58,10 +58,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sdmoe.device import autocast, resolve_device, synchronize
 from sdmoe.errors import UserError
-from sdmoe.experiments.grid import variant_overrides
+from sdmoe.experiments.grid import variant_sdmoe_config
 from sdmoe.method import SDMoE, SDMoEConfig, core
 from sdmoe.models import ModelConfig, build_model
-from sdmoe.train.config import PRESETS, RunConfig, preset, set_value
+from sdmoe.train.config import PRESETS, preset
 
 
 def shapes(preset_name: str = "small") -> dict:
@@ -79,20 +79,6 @@ def build(s: dict, device: torch.device | str = "cpu"):
                       shared_expert_ffn=s.get("shared_f", 0), max_seq_len=max(512, s["seq"]),
                       experts_implementation=s.get("kernel", "auto"))
     return build_model(cfg, s["vocab"], seed=0, device=device)
-
-
-def variant_config(name: str) -> SDMoEConfig | None:
-    """The SDMoEConfig of a compare variant (`sdmoe compare --variants` names), split at step 0;
-    None for the baseline."""
-    overrides = variant_overrides(name)
-    if overrides.get("method", "sd-moe") == "baseline":
-        return None
-    run = RunConfig()
-    for key, value in overrides.items():
-        if key != "method":
-            set_value(run, key, value)
-    run.sdmoe.split_step = 0
-    return run.sdmoe
 
 
 def forward_backward(model: nn.Module, ids: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
@@ -221,7 +207,7 @@ def _status_kb(field: str) -> int:
 
 def memory_child(s: dict, sdmoe: bool, steps: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    side = Side(s, variant_config("sd-moe") if sdmoe else None)
+    side = Side(s, variant_sdmoe_config("sd-moe") if sdmoe else None)
     side.step()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -273,7 +259,7 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     names = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
     print(f"shapes: {s}; threads {args.threads}; warm-up {args.warmup}, timed {steps} steps per side, "
           f"interleaved ({', '.join(names)})")
-    sides = {n: Side(s, variant_config(n), lr=args.lr, device=args.device, precision="auto") for n in names}
+    sides = {n: Side(s, variant_sdmoe_config(n), lr=args.lr, device=args.device, precision="auto") for n in names}
     times = interleave(sides, args.warmup, steps)
     med = median_ms(times)
     for k in names:
@@ -375,7 +361,7 @@ def main() -> None:
     for v in args.variants.split(","):
         if v:
             try:
-                variant_config(v)
+                variant_sdmoe_config(v)
             except UserError as e:
                 ap.error(f"{e}")
     if args.repeat > 1:

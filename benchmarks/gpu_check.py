@@ -44,9 +44,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_method import Side, interleave, median_ms, shapes, split_breakdown, variant_config  # noqa: E402
+from bench_method import Side, interleave, median_ms, shapes, split_breakdown  # noqa: E402
 
 from sdmoe.device import describe, resolve_device, synchronize, uses_bf16  # noqa: E402
+from sdmoe.experiments.grid import variant_sdmoe_config  # noqa: E402
 from sdmoe.models import ModelConfig, build_model  # noqa: E402
 from sdmoe.moe import find_moe_blocks  # noqa: E402
 
@@ -179,7 +180,7 @@ def memory_section(sides: dict, s: dict, device: torch.device, precision: str) -
         if device.type == "cuda":
             torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        side = Side(s, variant_config(name), lr=1e-3, device=device, precision=precision)
+        side = Side(s, variant_sdmoe_config(name), lr=1e-3, device=device, precision=precision)
         side.step()  # optimizer state and the split's parts exist from here
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from sdmoe.device import autocast
-from sdmoe.experiments.grid import variant_overrides
+from sdmoe.experiments.grid import variant_sdmoe_config
 from sdmoe.method import SDMoE
 from sdmoe.models import STYLES, ModelConfig, build_model
 from sdmoe.moe import find_moe_blocks
-from sdmoe.train.config import RunConfig, preset, set_value
+from sdmoe.train.config import RunConfig, preset
 from sdmoe.train.loop import train
 
 pytestmark = pytest.mark.gpu
@@ -25,19 +25,6 @@ GPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU on
 CPU = torch.device("cpu")
 VOCAB = 256
 VARIANTS = ("baseline", "sd-moe", "paper", "control")
-
-
-def _sdmoe_config(variant: str):
-    """The variant's SDMoEConfig, split at step 0 (None for the baseline)."""
-    overrides = variant_overrides(variant)
-    if overrides.get("method") == "baseline":
-        return None
-    run = RunConfig()
-    for key, value in overrides.items():
-        if key != "method":
-            set_value(run, key, value)
-    run.sdmoe.split_step = 0
-    return run.sdmoe
 
 
 class _Trainer:
@@ -49,7 +36,7 @@ class _Trainer:
         self.device, self.precision = device, precision
         self.model = build_model(cfg, VOCAB, seed=0, device=device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.1)
-        sd = _sdmoe_config(variant)
+        sd = variant_sdmoe_config(variant)
         self.ctl = SDMoE(self.model, sd) if sd is not None else None
         gen = torch.Generator().manual_seed(1)
         self.batches = [torch.randint(0, VOCAB, (4, 16), generator=gen) for _ in range(3)]

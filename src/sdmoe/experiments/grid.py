@@ -22,7 +22,7 @@ from typing import Any
 from sdmoe.config_fields import assign, check_tree, setting
 from sdmoe.errors import UserError
 from sdmoe.models.config import Style
-from sdmoe.train.config import PresetName, apply_overrides, parse_setting, preset, set_value, validate
+from sdmoe.train.config import PresetName, RunConfig, apply_overrides, parse_setting, preset, set_value, validate
 
 # The paper's own split (spec, "What the paper's own text says").
 _PAPER = {"method": "sd-moe", "sdmoe.form": "full", "sdmoe.gradient_split": "fixed", "sdmoe.projection_sides": "two",
@@ -84,6 +84,20 @@ def variant_overrides(name: str) -> dict[str, Any]:
     known = ", ".join(list(FIXED_VARIANTS) + ["rank-<r>", "tail-lr-<m>", "shared-lr-<m>", "tracker-<n>",
                                               "reestimate-<k>"])
     raise UserError(f"unknown compare variant {name!r}; choose from {known}")
+
+
+def variant_sdmoe_config(name: str, split_step: int = 0):
+    """The SDMoEConfig a compare variant trains with, split at `split_step` (benchmarks and tests drive
+    the controller directly); None for a baseline."""
+    overrides = variant_overrides(name)
+    if overrides.get("method", "sd-moe") == "baseline":
+        return None
+    run = RunConfig()
+    for key, value in overrides.items():
+        if key != "method":
+            set_value(run, key, value)
+    run.sdmoe.split_step = split_step
+    return run.sdmoe
 
 
 def fmt_mult(m: float) -> str:
