@@ -147,6 +147,14 @@ def load_run(run_dir: Path, spec=None) -> dict[str, Any]:
     return rec
 
 
+def paired_gains(runs: list[dict], style: str, variant: str, mult: float = 1.0) -> dict[int, float]:
+    """{seed: baseline - variant final loss} over the seeds where both `load_run` records of `style` at
+    rate multiplier `mult` finished."""
+    finals = {v: {r["seed"]: r["final_mean"] for r in runs if r["style"] == style and r["variant"] == v
+                  and r["lr_mult"] == mult and r["status"] == "done"} for v in ("baseline", variant)}
+    return stats.paired_differences(finals["baseline"], finals[variant])
+
+
 def _specialisation(analysis: dict | None) -> dict | None:
     if not analysis:
         return None

@@ -282,10 +282,9 @@ def per_text_config(cfg: CompareConfig, domain: str) -> CompareConfig:
 def _text_row(label: str, runs: list[dict], style: str) -> dict[str, Any]:
     """One text's paired gain (baseline - SD-MoE final loss, by seed, at 1x) from a compare's run records."""
     from sdmoe.experiments import stats
+    from sdmoe.experiments.claims import paired_gains
 
-    finals = {v: {r["seed"]: r["final_mean"] for r in runs if r["style"] == style and r["variant"] == v
-                  and r["lr_mult"] == 1.0 and r["status"] == "done"} for v in ("baseline", "sd-moe")}
-    iv = stats.t_interval(list(stats.paired_differences(finals["baseline"], finals["sd-moe"]).values()))
+    iv = stats.t_interval(list(paired_gains(runs, style, "sd-moe").values()))
     widthless = iv.n >= 2 and iv.lo == iv.hi
     verdict = stats.NOT_MEASURABLE if iv.n < 2 or widthless else stats.verdict(iv.lo, iv.hi)
     base = next((r for r in runs if r["style"] == style and r["variant"] == "baseline" and r["lr_mult"] == 1.0

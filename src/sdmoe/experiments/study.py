@@ -15,15 +15,15 @@ per text). Re-running the command skips finished cells and runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdmoe.errors import UserError
-from sdmoe.experiments.grid import CompareConfig
-from sdmoe.experiments.stats import paired_differences, t_interval
-from sdmoe.files import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from sdmoe.experiments.claims import load_run, paired_gains
+from sdmoe.experiments.grid import CompareConfig, fmt_mult, plan
+from sdmoe.experiments.stats import t_interval
+from sdmoe.files import write_json_atomic, write_text_atomic
 
 FACTORS = ("text", "repetition", "size")
 TEXTS = ("drama", "encyclopedia", "fairy_tales", "mix")
@@ -92,42 +92,21 @@ def cells(factor: str, sizes: tuple[int, ...] = (64, 96, 128)) -> list[Cell]:
 # -- reading the cells ---------------------------------------------------------------------------
 
 
-def _final_loss(run_dir: Path) -> float | None:
-    run = read_json(run_dir / "run.json") or {}
-    if run.get("status") != "done":
-        return None
-    return float(run.get("val_loss", {}).get("mean", math.nan))
-
-
-def _passes(run_dir: Path) -> float | None:
-    start = next((r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "start"), None)
-    return None if start is None else start.get("passes")
-
-
-def cell_result(cell: Cell, out: Path) -> dict[str, Any]:
+def cell_result(cell: Cell, out: Path, seeds: int = 3) -> dict[str, Any]:
     """The paired gains of one finished (or partly finished) cell, from its runs' files."""
-    root = out / cell.factor / cell.name / "runs" / "qwen2_moe"
-    losses = {v: {} for v in cell.variants}
-    passes = []
-    for variant in cell.variants:
-        for seed_dir in sorted((root / variant / "lr1").glob("seed*")):
-            seed = int(seed_dir.name.removeprefix("seed"))
-            if (loss := _final_loss(seed_dir)) is not None:
-                losses[variant][seed] = loss
-            if variant == "baseline" and (p := _passes(seed_dir)) is not None:
-                passes.append(p)
-    gains = {v: t_interval(list(paired_differences(losses["baseline"], losses[v]).values()))
-             for v in cell.variants if v != "baseline"}
-    rerun = _final_loss(root / "baseline-rerun" / "lr1" / "seed0")
-    same_seed = None if rerun is None or 0 not in losses["baseline"] else abs(rerun - losses["baseline"][0])
-    rates = {}
-    for mult in ("0.5", "1", "2"):
-        loss = _final_loss(root / "baseline" / f"lr{mult}" / "seed0")
-        if loss is not None:
-            rates[mult] = loss
+    root = out / cell.factor / cell.name / "runs"
+    runs = [load_run(root / spec.run_id, spec) for spec in plan(cell.compare_config(seeds))]
+    style = runs[0]["style"]
+    gains = {v: t_interval(list(paired_gains(runs, style, v).values())) for v in cell.variants if v != "baseline"}
+    done = [r for r in runs if r["status"] == "done"]
+    base = {r["seed"]: r for r in done if r["variant"] == "baseline" and r["lr_mult"] == 1.0}
+    passes = [r["passes"] for r in base.values() if r["passes"] is not None]
+    rerun = next((r for r in done if r["variant"] == "baseline-rerun"), None)
+    same_seed = None if rerun is None or 0 not in base else abs(rerun["final_mean"] - base[0]["final_mean"])
+    rates = {fmt_mult(r["lr_mult"]): r["final_mean"] for r in done if r["variant"] == "baseline" and r["seed"] == 0}
     return {"factor": cell.factor, "cell": cell.name, "text": cell.text, "label": cell.label, "d": cell.d,
             "steps": cell.steps, "passes": sum(passes) / len(passes) if passes else None,
-            "baseline_loss": t_interval(list(losses["baseline"].values())).mean,
+            "baseline_loss": t_interval([r["final_mean"] for r in base.values()]).mean,
             "gains": {v: g.to_dict() for v, g in gains.items()}, "same_seed_noise": same_seed,
             "baseline_best_rate": min(rates, key=rates.get) + "x" if len(rates) > 1 else None}
 
@@ -143,12 +122,13 @@ def run_study(factors: list[str], out_dir: str | Path, seeds: int = 3, sizes: tu
         if progress:
             print(f"study cell {i + 1}/{len(plan)}: {cell.factor} {cell.name}", flush=True)
         run_compare(cell.compare_config(seeds), out / cell.factor / cell.name, progress=progress, device=device)
-    return write_study(out, factors, sizes)
+    return write_study(out, factors, sizes, seeds)
 
 
-def write_study(out: Path, factors: list[str], sizes: tuple[int, ...] = (64, 96, 128)) -> dict:
-    """study.json, study.md and study.png from the cells' run files (finished cells only)."""
-    results = [cell_result(c, out) for f in factors for c in cells(f, sizes) if (out / c.factor / c.name).is_dir()]
+def write_study(out: Path, factors: list[str], sizes: tuple[int, ...] = (64, 96, 128), seeds: int = 3) -> dict:
+    """study.json, study.md and study.png from the cells' run files (cells not started are left out)."""
+    results = [cell_result(c, out, seeds) for f in factors for c in cells(f, sizes)
+               if (out / c.factor / c.name).is_dir()]
     payload = {"version": 1, "factors": factors, "cells": results}
     write_json_atomic(out / "study.json", payload)
     write_text_atomic(out / "study.md", study_markdown(results))
