@@ -165,12 +165,10 @@ def split_breakdown(side: Side, reps: int) -> dict[str, float]:
 
     work = [{p: g.clone() for p, g in gs.items()} for gs in grads]
 
-    def apply():
+    def apply():  # what the training step runs for the full form: both parts from the same products
         for layer, gs, q0 in zip(ctl.layers, work, qs):
             for p, g in gs.items():
-                q = q0[p][:, : layer.r].unsqueeze(0)
-                core.shared_gradient(g.unsqueeze(1), ctl.form, q)
-                core.split_tails(g.unsqueeze(1), q)
+                core.split_gradient(g, q0[p][:, : layer.r], ctl.form)
 
     def fold():
         for layer, ws in zip(ctl.layers, weights):
@@ -277,15 +275,25 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
         ratios["sd-moe/control"] = paired(times, "control", "sd-moe")
         print(f"the gradient split alone (sd-moe/control, median of paired ratios): {ratios['sd-moe/control']:.3f}; "
               f"control/baseline is what the shared update costs")
+    # The method's own phases against the baseline's, over the baseline's step: steadier than the whole-step
+    # ratio (the forward + backward's noise cancels), blind to any effect on the forward + backward itself
+    extra = ("split", "clip_step", "after_step")
+    for k in names[1:]:
+        ms = sum(med[k][ph] - med["baseline"][ph] for ph in extra)
+        print(f"{k}: the method's phases add {ms:.2f} ms a step, {100 * ms / med['baseline']['total']:.1f}% of the "
+              f"baseline's step")
     if "sd-moe" in sides:
         bd = split_breakdown(sides["sd-moe"], reps=10)
         print("split's own cost per step (all layers, timed alone): " + ", ".join(f"{k} {v:.2f}" for k, v in bd.items()))
-        fl = flop_share(sides["baseline"], sides["sd-moe"])
+    for k in names[1:]:
+        if sides[k].ctl is None or sides[k].ctl.cfg.gradient_split == "none":
+            continue
+        fl = flop_share(sides["baseline"], sides[k])
         # achieved rates: how far each part runs from the machine's matmul speed (overhead-bound or flop-bound)
         model_rate = fl["model"] / (med["baseline"]["fwd_bwd"] * 1e6)
-        split_rate = fl["split"] / (med["sd-moe"]["split"] * 1e6)
-        print(f"matmul work a step: forward + backward {fl['model'] / 1e9:.2f} GFLOP ({model_rate:.0f} GFLOP/s achieved), "
-              f"the split {fl['split'] / 1e6:.1f} MFLOP ({split_rate:.0f} GFLOP/s achieved), "
+        split_rate = fl["split"] / (med[k]["split"] * 1e6)
+        print(f"{k}: matmul work a step: forward + backward {fl['model'] / 1e9:.2f} GFLOP ({model_rate:.0f} GFLOP/s "
+              f"achieved), the split {fl['split'] / 1e6:.1f} MFLOP ({split_rate:.0f} GFLOP/s achieved), "
               f"{100 * fl['split'] / fl['model']:.1f}% of the forward + backward's: the split's overhead if it ran "
               f"at the forward + backward's rate")
     return ratios

@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "baseline,sd-moe,control); names: baseline, sd-moe, control, fixed-weights, "
                                       "fixed-gradients, per-expert, router-residual, normalized-tails, paper (the "
                                       "paper's own two-sided split), paper-one-sided, paper-refresh-1, "
-                                      "paper-no-refresh, paper-rank-d4, paper-after-warmup, rank-<r>, "
-                                      "tail-lr-<m>, shared-lr-<m>, tracker-<n>, reestimate-<k>")
+                                      "paper-no-refresh, paper-rank-d4, paper-after-warmup, tracker-lag (the default split "
+                                      "in the last step's tracked basis: one pass), rank-<r>, tail-lr-<m>, "
+                                      "shared-lr-<m>, tracker-<n>, reestimate-<k>")
     c.add_argument("--ablations", help="comma-separated further variants, trained at the tuned rate")
     c.add_argument("--lr-multipliers", help="comma-separated multiples of the preset's tuned rate for the LR sweep "
                                             "(default: 1,2,4)")

@@ -86,6 +86,37 @@ def test_full_form_shared_gradient_and_tails(kind, split):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_tracker_lag_splits_in_the_last_steps_basis_and_tracks_for_the_next(kind):
+    """tracker_lag=1: this step's tails are cut in the basis held before it; the basis held after it is
+    what one tracking step on this step's whole gradients gives (as tracker_lag=0 would have split in)."""
+    model, ids = make_model(kind), batch()
+    ctl = convert(model, SDMoEConfig(tracker_lag=1, rank=8))
+    twin = convert(copy.deepcopy(model), SDMoEConfig(rank=8))
+    before = [{p: q[:, : layer.r].clone() for p, q in layer.q.items()} for layer in ctl.layers]
+    g_plain = _plain_grads(model, ids)
+    lm_loss(model, ids).backward()
+    ctl.after_backward(0)
+    lm_loss(twin.model, ids).backward()
+    twin.after_backward(0)
+    for layer, other, g, q_old in zip(ctl.layers, twin.layers, g_plain, before):
+        tails = canonical(layer.block, "grad")
+        for p in ("gate", "up", "down"):
+            q = q_old[p]
+            assert torch.allclose(tails[p], g[p] - g[p] @ q @ q.T, atol=1e-6, rtol=1e-4)
+            assert torch.allclose(layer.delta[p].grad, g[p].sum(0) @ q @ q.T, atol=1e-6, rtol=1e-4)
+            assert torch.allclose(layer.q[p], other.q[p], atol=1e-5)  # the next step's basis
+            assert not torch.allclose(layer.q[p][:, : layer.r], q, atol=1e-3)  # ... which moved
+
+
+def test_tracker_lag_needs_the_full_forms_per_step_split():
+    for bad in (dict(gradient_split="fixed"), dict(form="per_expert"), dict(tracker_iters=2)):
+        with pytest.raises(ValueError, match="tracker_lag=1 .*or set tracker_lag=0"):
+            SDMoEConfig(tracker_lag=1, **bad).validate()
+    with pytest.raises(ValueError, match="tracker_lag"):
+        SDMoEConfig(tracker_lag=2).validate()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("form", ["lowrank", "per_expert"])
 def test_lowrank_forms_take_the_gradient_inside_u(kind, form):
     model, ids = make_model(kind), batch()
@@ -166,9 +197,10 @@ def test_shared_optimizer_takes_the_experts_groups_settings_and_a_loaded_state_i
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("save_at", [1, 5])
-def test_resume_is_exact(kind, save_at, tmp_path):
+@pytest.mark.parametrize("lag", [0, 1])
+def test_resume_is_exact(kind, save_at, lag, tmp_path):
     cfg = SDMoEConfig(split_step=3, basis_source="gradients", basis_batches=2, rank=8, router_input="residual",
-                      tracker_oversample=2, exact_every=4, reestimate_every=3, lr_tail_mult=0.5)
+                      tracker_oversample=2, exact_every=4, reestimate_every=3, lr_tail_mult=0.5, tracker_lag=lag)
     ref, total = batch(99), 8
 
     def fresh():

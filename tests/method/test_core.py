@@ -111,3 +111,57 @@ def test_fold_and_project_tails():
     w = g.clone()
     core.project_tails(w, a @ u.T, u)
     assert torch.allclose(w, g, atol=1e-5)
+
+
+def _host_like(g):
+    """The views the training step passes: the gate and up halves of a fused (E, 2F, D) tensor and the
+    transposed view of an (E, D, F) down tensor, all holding g."""
+    fused = torch.cat([g, g], dim=1).clone()
+    down = g.transpose(1, 2).contiguous()
+    return [fused[:, : g.shape[1]], fused[:, g.shape[1]:], down.transpose(1, 2)]
+
+
+def test_one_pass_split_matches_the_two_functions_on_strided_views():
+    """split_gradient = shared_gradient + split_tails for every form, on the host's own views."""
+    g, _ = _planted()
+    q_PDR = torch.stack([exact_top(g, 6), exact_top(g + 0.1, 6), exact_top(g.flip(0), 6)])
+    for form in ("full", "lowrank", "per_expert"):
+        want = _host_like(g)
+        shared_want = core.shared_gradient(want, form, q_PDR)
+        core.split_tails(want, q_PDR)
+        got = _host_like(g)
+        shared_got = core.split_gradient(got, q_PDR, form)
+        assert shared_got.shape == shared_want.shape
+        assert torch.allclose(shared_got, shared_want, atol=1e-4, rtol=1e-5), form
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_one_pass_split_can_make_the_tracking_step():
+    """tracker_lag=1: tails cut in the basis given, and the next basis the one subspace iteration on the
+    whole (unsplit) gradients gives."""
+    g, _ = _planted()
+    start = torch.linalg.qr(torch.randn(3, 48, 8, generator=torch.Generator().manual_seed(3))).Q.contiguous()
+    want_q = core.track_basis(_host_like(g), start.clone(), iters=1, r=8, rayleigh_ritz=False)
+    track = start.clone()
+    got = _host_like(g)
+    core.split_gradient(got, track[..., :6], "full", track_PDX=track)
+    for p, t in enumerate(got):
+        assert torch.allclose(t, g - g @ start[p, :, :6] @ start[p, :, :6].T, atol=1e-5)  # the old basis
+    assert torch.allclose(track, want_q, atol=1e-5)  # the new one, for the next step
+
+
+def test_normalized_one_pass_split_keeps_each_norm():
+    g, _ = _planted()
+    views = _host_like(g)
+    core.split_gradient(views, exact_top(g, 6).expand(3, -1, -1), "full", normalize=True)
+    for v in views:
+        assert torch.allclose(v.norm(dim=(1, 2)), g.norm(dim=(1, 2)), rtol=1e-5)
+
+
+def test_adding_to_experts_in_either_orientation():
+    g, _ = _planted()
+    c = torch.randn(24, 48)
+    for view in _host_like(g):
+        core.add_to_experts(view, c, alpha=0.5)
+        assert torch.allclose(view, g + 0.5 * c, atol=1e-6)

@@ -53,6 +53,8 @@ FIXED_VARIANTS: dict[str, dict[str, Any]] = {
     "paper-after-warmup": {k: v for k, v in _PAPER.items() if k != "sdmoe.split_step"},
     "router-residual": {"method": "sd-moe", "sdmoe.router_input": "residual"},
     "normalized-tails": {"method": "sd-moe", "sdmoe.normalize_tail_updates": True},
+    # the default, split in the basis tracked through the last step (one pass over the gradients)
+    "tracker-lag": {"method": "sd-moe", "sdmoe.tracker_lag": 1},
 }
 _PARAM_VARIANTS = {
     "rank": "sdmoe.rank",

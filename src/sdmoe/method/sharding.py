@@ -12,7 +12,8 @@ split's maths does not follow dim-0 sharding everywhere. What each part needs:
 - the tracker's M Q = sum_i G_i^T (G_i Q) sums over ALL experts: each rank's partial
   sum is all-reduced (one D x X message per projection group) before the QR, which
   then runs on identical input on every rank, so Q stays identical (`reducer`);
-- so does the shared part's gradient sum_i G_i: the same all-reduce, after which the
+- so does the shared part's gradient: the same all-reduce (of sum_i G_i Q, F x R, in the
+  one-pass split; of sum_i G_i for the control and the two-sided split), after which the
   shared deltas (plain tensors outside the model, identical on every rank) take the
   same step everywhere;
 - whatever reads the weights outside a forward (the spectral monitor) runs inside

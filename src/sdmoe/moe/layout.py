@@ -225,18 +225,6 @@ class MoEBlock:
 
         return out, commit
 
-    def gate_up_pair(self, which: str = "grad") -> torch.Tensor | None:
-        """Gate and up as one (E, 2, F, D) view of fused [gate; up] storage (one batched pass over both),
-        or None where the storage does not allow it (transposed, interleaved, module lists)."""
-        if self.layout != "fused" or self._transposed or self._interleaved:
-            return None
-        t = self.experts.gate_up_proj
-        t = t.detach() if which == "data" else t.grad
-        if t is None:
-            return None
-        t = local(t)
-        return t.view(t.shape[0], 2, self.expert_ffn, self.hidden_size)
-
     # -- writing -----------------------------------------------------------
     @torch.no_grad()
     def write(

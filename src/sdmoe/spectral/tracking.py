@@ -21,7 +21,7 @@ a QR run. The first call (exact init: eigh of M) and the Rayleigh-Ritz step
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -32,7 +32,8 @@ from ._util import check_nonneg_int, check_rank, check_tensor, compute_dtype
 from .overlap import subspace_overlap
 from .subspace import common_subspace
 
-__all__ = ["SubspaceTracker", "exact_top", "subspace_error", "subspace_iteration"]
+__all__ = ["SubspaceTracker", "exact_top", "gram_of", "next_basis", "per_projection", "subspace_error",
+           "subspace_iteration"]
 
 # Added as `_SHIFT * Q` to M Q: leaves any real gradient untouched (far below
 # float32 resolution of M Q unless M Q itself is ~1e-23), but keeps Q in place
@@ -40,9 +41,23 @@ __all__ = ["SubspaceTracker", "exact_top", "subspace_error", "subspace_iteration
 _SHIFT = 1e-30
 
 
+def per_projection(g: torch.Tensor | Sequence[torch.Tensor],
+                   q: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """P projections' gradients as a list of (E, F, D) views, and q as (P, D, K).
+
+    g: (E, F, D) with q (D, K); (E, P, F, D) with q (P, D, K); or a sequence of P (E, F, D) views (each
+    may alias different storage: the gate and up halves of a fused tensor, a transposed down) with q
+    (P, D, K). The views are read and written in place; nothing is copied. q may be None."""
+    if isinstance(g, (list, tuple)):
+        return list(g), q
+    if g.ndim == 3:
+        return [g], None if q is None else q.unsqueeze(0)
+    return list(g.unbind(1)), q
+
+
 @torch.no_grad()
 def subspace_iteration(
-    g: torch.Tensor,
+    g: torch.Tensor | Sequence[torch.Tensor],
     q: torch.Tensor,
     iters: int = 1,
     rayleigh_ritz: bool = False,
@@ -50,29 +65,37 @@ def subspace_iteration(
 ) -> torch.Tensor:
     """Warm-started subspace iteration on M_p = sum_i G_ip^T G_ip: the one implementation.
 
-    g: (E, F, D) with q (D, X), or P projections at once: g (E, P, F, D) with q (P, D, X).
-    Strided views of g are read in place. Returns the new orthonormal Q (q's shape and dtype);
-    with `rayleigh_ritz` its columns are ordered by an SVD of the small R factor, so the first
-    r of an oversampled block are the best r. `reduce` sums M Q in place over the processes
-    that hold the other experts (FSDP2) before the QR, so every process gets the same Q.
-    One iteration: 4 E F D X flops per projection, one batched thin QR; no host sync.
+    g: (E, F, D) with q (D, X), or P projections at once (`per_projection`: (E, P, F, D) or a sequence
+    of P (E, F, D) views) with q (P, D, X). Strided views of g are read in place. Returns the new
+    orthonormal Q (q's shape and dtype); with `rayleigh_ritz` its columns are ordered by an SVD of the
+    small R factor, so the first r of an oversampled block are the best r. `reduce` sums M Q in place
+    over the processes that hold the other experts (FSDP2) before the QR, so every process gets the
+    same Q. One iteration: 4 E F D X flops per projection, one batched thin QR; no host sync.
     """
-    grouped = g.ndim == 4
-    g_EPFD, q_PDX = (g, q) if grouped else (g.unsqueeze(1), q.unsqueeze(0))
-    r_fac = None
-    for _ in range(iters):
-        z = torch.stack([_gram_times(g_EPFD[:, p], q_PDX[p]) for p in range(q_PDX.shape[0])])  # P x D x X = M Q
-        if reduce is not None:
-            reduce(z)
-        with one_cpu_thread(z):
-            q_PDX, r_fac = torch.linalg.qr(z.add_(q_PDX, alpha=_SHIFT), mode="reduced")
-    if rayleigh_ritz and r_fac is not None:
-        with one_cpu_thread(r_fac):
-            u_small = torch.linalg.svd(r_fac).U
-        # all-zero gradients leave R = shift * I: the order is undefined there, so Q is kept (decided on device)
-        live = r_fac.abs().amax(dim=(-1, -2), keepdim=True) > 1e3 * _SHIFT
-        q_PDX = torch.where(live, q_PDX @ u_small, q_PDX)
-    return q_PDX if grouped else q_PDX[0]
+    gs, q_PDX = per_projection(g, q)
+    for it in range(iters):
+        z_PDX = torch.stack([_gram_times(g_p, q_p) for g_p, q_p in zip(gs, q_PDX.unbind(0))])  # M Q
+        q_PDX = next_basis(z_PDX, q_PDX, rayleigh_ritz and it == iters - 1, reduce)
+    return q_PDX if q.ndim == 3 else q_PDX[0]
+
+
+@torch.no_grad()
+def next_basis(z_PDX: torch.Tensor, q_PDX: torch.Tensor, rayleigh_ritz: bool = False,
+               reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The orthonormal basis of one subspace-iteration step from Z = M Q (edited in place): reduce over
+    processes, a thin QR (shifted by Q, so a step with zero gradients keeps Q), and with `rayleigh_ritz`
+    the columns ordered by an SVD of the small R factor. (P, D, X) in and out."""
+    if reduce is not None:
+        reduce(z_PDX)
+    with one_cpu_thread(z_PDX):
+        q_new, r_fac = torch.linalg.qr(z_PDX.add_(q_PDX, alpha=_SHIFT), mode="reduced")
+    if not rayleigh_ritz:
+        return q_new
+    with one_cpu_thread(r_fac):
+        u_small = torch.linalg.svd(r_fac).U
+    # all-zero gradients leave R = shift * I: the order is undefined there, so Q is kept (decided on device)
+    live = r_fac.abs().amax(dim=(-1, -2), keepdim=True) > 1e3 * _SHIFT
+    return torch.where(live, q_new @ u_small, q_new)
 
 
 def _gram_times(g_EFD: torch.Tensor, q_DX: torch.Tensor) -> torch.Tensor:
@@ -82,8 +105,13 @@ def _gram_times(g_EFD: torch.Tensor, q_DX: torch.Tensor) -> torch.Tensor:
     broadcasting would copy it once per expert); the batched GEMMs read strided views of G too."""
     qg = q_DX if q_DX.dtype == g_EFD.dtype else q_DX.to(g_EFD.dtype)
     y_EFX = torch.bmm(g_EFD, qg.expand(g_EFD.shape[0], -1, -1))
+    return gram_of(g_EFD, y_EFX, q_DX.dtype)
+
+
+def gram_of(g_EFD: torch.Tensor, y_EFX: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_i G_i^T Y_i -> (D, X) in `dtype`: M Q from the products Y_i = G_i Q already made."""
     z = torch.bmm(g_EFD.transpose(-1, -2), y_EFX).sum(0)
-    return z if z.dtype == q_DX.dtype else z.to(q_DX.dtype)
+    return z if z.dtype == dtype else z.to(dtype)
 
 
 @contextmanager
