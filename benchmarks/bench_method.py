@@ -15,7 +15,9 @@ variants timed (any `sdmoe compare` variant name). After a warm-up the
 timed steps alternate A B A B ... so drift of the machine (other processes,
 clocks) hits both sides alike; medians are reported. Each step is also timed
 by phase (and by process CPU time, steadier than wall time when other
-processes share the cores), and the split's own work is timed alone (tracker, applying the
+processes share the cores); the method's phases minus the baseline's, over the
+baseline's step, give a second ratio in which the forward + backward's noise
+cancels (blind to any effect on the forward + backward itself). The split's own work is timed alone (tracker, applying the
 split, folding the shared update into the experts). Last, torch's FlopCounterMode counts the matmul
 work of one forward + backward and of one split: their ratio, and the rate each
 achieves in the step, say whether the split's cost is its arithmetic (as on the
@@ -71,6 +73,14 @@ def shapes(preset_name: str = "small") -> dict:
     return dict(style=m.style, d=m.hidden_size, layers=m.num_layers, heads=m.num_heads, experts=m.num_experts,
                 top_k=m.top_k, f=m.expert_ffn, shared_f=m.shared_expert_ffn, vocab=p.data.vocab_size,
                 batch=p.data.batch_size, seq=p.data.seq_len)
+
+
+def shapes_for(args, preset_name: str) -> dict:
+    """`shapes` with --batch applied."""
+    s = shapes(preset_name)
+    if args.batch:
+        s["batch"] = args.batch
+    return s
 
 
 def build(s: dict, device: torch.device | str = "cpu"):
@@ -251,6 +261,14 @@ def paired(times: dict[str, list[dict[str, float]]], over: str, side: str) -> fl
     return statistics.median(b["total"] / a["total"] for a, b in zip(times[over], times[side]))
 
 
+def target(preset_name: str, s: dict) -> str:
+    """The step-time target for the default variant at this shape (issue 17: per preset and per tokens a step)."""
+    tokens = s["batch"] * s["seq"]
+    if tokens >= 8192:
+        return "target <= 1.01 at 8,192 tokens a step"
+    return {"small": "target <= 1.03 on the lab model", "demo": "target <= 1.04 on demo"}.get(preset_name, "no target")
+
+
 def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     """Interleaved timing of the baseline and args.variants; prints phases, ratios, the split's own cost
     and its flops; returns each variant's median paired step-time ratio to the baseline."""
@@ -268,7 +286,7 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     for k in names[1:]:
         print(f"step time ratio {k}/baseline: median of medians {med[k]['total'] / med['baseline']['total']:.3f}, "
               f"median of paired ratios {ratios[k]:.3f}"
-              + (" (target <= 1.03; paper ~1.05)" if k == "sd-moe" else "")
+              + (f" ({target(args.preset_name, s)}; paper ~1.05)" if k == "sd-moe" else "")
               + f"; process CPU time ratio {med[k]['cpu'] / med['baseline']['cpu']:.3f}")
     if "control" in sides and "sd-moe" in sides:
         # The control is the same reparameterisation with plain gradients: what is left is the split's own cost.
@@ -280,6 +298,7 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
     extra = ("split", "clip_step", "after_step")
     for k in names[1:]:
         ms = sum(med[k][ph] - med["baseline"][ph] for ph in extra)
+        ratios[f"{k} phases"] = 1 + ms / med["baseline"]["total"]
         print(f"{k}: the method's phases add {ms:.2f} ms a step, {100 * ms / med['baseline']['total']:.1f}% of the "
               f"baseline's step")
     if "sd-moe" in sides:
@@ -313,14 +332,17 @@ def repeat(args, preset_name: str, steps: int) -> None:
         if res.returncode:
             raise SystemExit(f"process {i + 1} of {n} failed:\n{res.stderr}")
         *lines, last = res.stdout.strip().splitlines()
-        ratio_lines = [line for line in lines if line.startswith(("step time ratio", "the gradient split"))]
+        ratio_lines = [line for line in lines if line.startswith(("step time ratio", "the gradient split"))
+                       or "phases add" in line]
         print("\n".join(ratio_lines), flush=True)
         runs.append(json.loads(last))
     print(f"over {n} processes (median, min-max of each process's median paired ratio):")
     for k in runs[0]:
         v = sorted(r[k] for r in runs)
-        print(f"  {k + ('/baseline' if '/' not in k else ''):22s} {statistics.median(v):.3f}  [{v[0]:.3f}, {v[-1]:.3f}]"
-              + ("  (target <= 1.03; paper ~1.05)" if k == "sd-moe" else ""))
+        label = k.replace(" phases", "/baseline, the method's phases alone") if k.endswith(" phases") else \
+            k + ("/baseline" if "/" not in k else "")
+        print(f"  {label:22s} {statistics.median(v):.3f}  [{v[0]:.3f}, {v[-1]:.3f}]"
+              + (f"  ({target(preset_name, shapes_for(args, preset_name))}; paper ~1.05)" if k == "sd-moe" else ""))
 
 
 def main() -> None:
@@ -357,10 +379,8 @@ def main() -> None:
         args.device = str(resolve_device(args.device))
     except UserError as e:
         ap.error(str(e))
-    name = args.preset or ("demo" if args.quick else "small")
-    s = shapes(name)
-    if args.batch:
-        s["batch"] = args.batch
+    name = args.preset_name = args.preset or ("demo" if args.quick else "small")
+    s = shapes_for(args, name)
     steps = args.steps or (20 if args.quick else 30 if name == "small" else 90)  # short steps: more of them
     if args.memory_child is not None:
         memory_child(s, args.memory_child == "1", args.warmup + 3, args.threads)
