@@ -66,6 +66,7 @@ def test_compare_end_to_end(tmp_path, tiny_dataset):
     assert len(timing["processes"]) == 2
     for proc in timing["processes"]:
         assert {len(proc[clock][side]) for clock in ("wall", "cpu") for side in ("baseline", "sd-moe")} == {3}
+        assert proc["device"] == "cpu"  # the runs' own device
     e = summary["claims"][4]
     assert e["n"] == 2 and e["clock"] in ("wall", "cpu") and e["verdict"] != "not measurable"
     assert set(e["sides"]["qwen2_moe"]) == {"baseline", "sd-moe"}

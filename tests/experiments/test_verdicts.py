@@ -194,6 +194,15 @@ def test_step_time_uses_cpu_time_where_wall_time_is_noisier():
     assert c["clock"] == "wall" and "wall time" in c["figure"]
 
 
+def test_step_time_on_a_gpu_is_judged_by_wall_time():
+    # CPU time steadier, but the processes ran on a GPU: the host's CPU time is not the step's work
+    sample = _sample([1.01, 1.015, 1.02], 0.3, cpu_jitter=0.01)
+    for proc in sample["processes"]:
+        proc["device"] = "cuda:0"
+    c = step_time_claim({"qwen2_moe": sample}, E)
+    assert c["clock"] == "wall" and "wall time" in c["figure"]
+
+
 def test_step_time_from_a_timing_file_of_one_process():
     # timing.json from before samples had processes: one process, wall time, the interval over its rounds
     legacy = {"baseline": [0.010, 0.011, 0.0105, 0.0102, 0.0108], "sd-moe": [0.0104, 0.0113, 0.0109, 0.0105, 0.0111]}

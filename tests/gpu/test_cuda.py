@@ -181,3 +181,18 @@ def test_training_on_the_gpu_defaults_to_bf16_and_grouped_mm(tmp_path, tiny_data
         assert result.val_loss["mean"] < 7.0
         built = build_model(cfg.model, 512, device="cuda")
         assert built.config._experts_implementation == "grouped_mm"
+
+
+def test_claim_e_is_timed_on_the_runs_device(tiny_dataset):
+    """The compare's step-time measurement (claim (e)) trains on the runs' own device and precision, and
+    on a GPU judges by wall time only (the host's CPU time is not the step's work)."""
+    from sdmoe.experiments.timing import _one_process, analyze
+
+    configs = {name: _tiny(name, GPU) for name in ("baseline", "sd-moe")}
+    for cfg in configs.values():
+        cfg.loop.precision = "auto"
+    sample = _one_process(configs, tiny_dataset, rounds=2)
+    assert sample["device"] == str(GPU)
+    assert all(len(sample[clock][side]) == 2 for clock in ("wall", "cpu") for side in configs)
+    figures = analyze({"qwen2_moe": {"version": 2, "processes": [sample, sample]}})
+    assert figures["clock"] == ("wall" if GPU.type == "cuda" else figures["clock"])

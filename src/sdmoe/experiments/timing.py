@@ -12,7 +12,8 @@ process's median ratio is one sample, and the interval is over processes.
 Every step is timed on two clocks: wall time and the process's CPU time (all its
 threads). CPU time does not count the time another job holds the cores, so on a
 shared machine it is often the steadier one; `analyze` uses whichever clock's
-own spread is narrower and says which.
+own spread is narrower and says which. The steps run on the runs' own device
+(`loop.device`): on a GPU a step waits for its work, and only wall time counts.
 
     sample = measure({"baseline": cfg_a, "sd-moe": cfg_b}, dataset, processes=4, rounds=6)
     figures = analyze({"qwen2_moe": sample})   # pure arithmetic on the saved sample
@@ -42,15 +43,21 @@ SPREAD_COVERAGE = 95.0  # a side's own spread: the central 95% of its rounds
 
 
 def training_step(cfg, data) -> Callable[[], None]:
-    """One full optimizer step of `cfg` (forward, loss, backward, SD-MoE split, clip, AdamW) per call."""
+    """One full optimizer step of `cfg` (forward, loss, backward, SD-MoE split, clip, AdamW) per call, on the
+    run's own device and precision (`loop.device`, `loop.precision`), as `sdmoe train` would take it; on a
+    GPU each call waits for its work, so a step's time is the step's, not its launch's."""
     import torch
 
+    from sdmoe.device import autocast, resolve_device, synchronize
     from sdmoe.eval.perplexity import causal_lm_loss
     from sdmoe.method import SDMoE
     from sdmoe.models import build_model
     from sdmoe.train.optim import build_optimizer
 
-    model = build_model(cfg.model, len(data.tokenizer), seed=cfg.loop.seed, eos_token_id=data.tokenizer.eos_token_id)
+    device = resolve_device(cfg.loop.device)
+    amp = autocast(cfg.loop.precision, device)
+    model = build_model(cfg.model, len(data.tokenizer), seed=cfg.loop.seed, eos_token_id=data.tokenizer.eos_token_id,
+                        device=device)
     optimizer = build_optimizer(model, cfg.optim)
     controller = None
     if cfg.method == "sd-moe":
@@ -60,11 +67,12 @@ def training_step(cfg, data) -> Callable[[], None]:
     step = [0]
 
     def run() -> None:
-        input_ids, _ = data.train.sample(step[0])
-        out = model(input_ids=input_ids)
-        loss = causal_lm_loss(out.logits, input_ids)
-        if getattr(out, "aux_loss", None) is not None:
-            loss = loss + cfg.model.aux_loss_coef * out.aux_loss
+        input_ids = data.train.sample(step[0])[0].to(device)
+        with amp:
+            out = model(input_ids=input_ids)
+            loss = causal_lm_loss(out.logits, input_ids)
+            if getattr(out, "aux_loss", None) is not None:
+                loss = loss + cfg.model.aux_loss_coef * out.aux_loss
         loss.backward()
         if controller is not None:
             controller.after_backward(step[0])
@@ -75,6 +83,7 @@ def training_step(cfg, data) -> Callable[[], None]:
         if controller is not None:
             controller.after_optimizer_step(step[0])
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
         step[0] += 1
 
     return run
@@ -106,13 +115,15 @@ def _one_process(configs: dict, data, rounds: int) -> dict:
     """What one fresh process measures: the threads and algorithms `train()` would use, then the rounds."""
     import torch
 
+    from sdmoe.device import resolve_device
+
     loop = next(iter(configs.values())).loop
     if loop.threads > 0:
         torch.set_num_threads(loop.threads)
     if loop.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     times = interleaved_step_times(configs, data, rounds)
-    return {**times, "threads": torch.get_num_threads()}
+    return {**times, "threads": torch.get_num_threads(), "device": str(resolve_device(loop.device))}
 
 
 def measure(configs: dict, data, processes: int, rounds: int) -> dict:
@@ -209,6 +220,8 @@ def analyze(samples: dict[str, dict], num: str = "sd-moe", den: str = "baseline"
     clock under `other`. None without samples.
     """
     figures = {c: f for c in CLOCKS if samples and (f := _on_clock(samples, c, num, den)) is not None}
+    if any(p.get("device", "cpu") != "cpu" for sample in samples.values() for p in _processes(sample)):
+        figures.pop("cpu", None)  # on a GPU the host's CPU time is not the step's work: wall time only
     if not figures:
         return None
     # CPU time where wall time is noisier; wall time on a tie (it is what a user waits for).
