@@ -22,7 +22,8 @@ demo: install
 	$(SDMOE) compare --preset demo --out runs/compare-demo
 
 # The lab-model evidence of docs/results.md (issue 18): baseline, default SD-MoE, the paper's own split and
-# the control, 3 paired seeds, the 0.5x-4x rate grid and the paper's ablations; 27 runs, 2-3 hours on 2 cores.
+# the control, 3 paired seeds at the baseline's tuned rate 6e-3, the 0.5x-4x rate grid around it and the paper's
+# ablations; 27 runs, 2-3 hours on 2 cores.
 # Resumable: run it again to continue.
 reproduce: install
 	$(SDMOE) compare --preset lab --out runs/compare-lab

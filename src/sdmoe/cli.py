@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "skips finished runs and resumes interrupted ones.",
                        formatter_class=_Help)
     c.add_argument("--preset", default="demo", help="demo (about 10 min on 2 cores) | lab (the lab model: default against the "
-                                                   "paper's own split, 3 seeds; 2-3 hours on CPU) | paper (the full "
+                                                   "paper's own split, 3 seeds at the baseline's tuned rate 6e-3; 2-3 hours on "
+                                                   "CPU) | paper (the full "
                                                    "grid; hours on CPU) | tiny")
     c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
     c.add_argument("--seeds", type=int, help="seeds per pair (default: the preset's)")

@@ -97,3 +97,14 @@ def test_config_round_trips():
     assert CompareConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UserError, match="unknown compare setting"):
         CompareConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_the_lab_compare_pairs_its_seeds_at_the_baselines_tuned_rate():
+    """The lab preset's paired seeds run at 6e-3 (the baseline's best rate, docs/results.md), its rate grid
+    around it; a --set given later still wins."""
+    cfg = compare_preset("lab")
+    rates = {s.lr_mult: s.run_config(cfg).optim.lr for s in plan(cfg) if s.variant == "baseline"}
+    assert rates[1.0] == pytest.approx(6e-3) and rates[0.5] == pytest.approx(3e-3) and max(rates) == 4.0
+    cfg.overrides = [*cfg.overrides, "optim.lr=0.012"]
+    paired = [s.run_config(cfg).optim.lr for s in plan(cfg) if s.lr_mult == 1.0]
+    assert paired and paired == pytest.approx([1.2e-2] * len(paired))
