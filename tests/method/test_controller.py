@@ -223,6 +223,20 @@ def test_resume_is_exact(kind, save_at, lag, tmp_path):
     assert first + rest == straight
 
 
+@pytest.mark.parametrize("host_kwargs,fused", [({}, True), ({"foreach": False}, False), ({"fused": False}, False),
+                                               ({"foreach": True}, False)])
+def test_the_shared_optimizer_is_fused_unless_the_host_chose(host_kwargs, fused):
+    """The deltas are many small tensors: their optimizer takes its class's fused kernel unless the host's
+    settings name an implementation, which then holds for both."""
+    model = make_model("qwen3_moe")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **host_kwargs)
+    ctl = SDMoE(model, SDMoEConfig(split_step=0, rank=8))
+    _steps(model, ctl, opt, range(2))
+    group = ctl.shared_optimizer.param_groups[0]
+    assert bool(group["fused"]) is fused
+    assert group["foreach"] == host_kwargs.get("foreach")
+
+
 def test_a_state_of_the_parametrization_engine_is_refused_in_one_line():
     model = make_model("qwen3_moe")
     ctl = SDMoE(model, SDMoEConfig(rank=8))
