@@ -58,10 +58,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import sdmoe
 from sdmoe.device import autocast, resolve_device, synchronize
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import variant_sdmoe_config
-from sdmoe.method import SDMoE, SDMoEConfig, core
+from sdmoe.method import SDMoEConfig, core
+from sdmoe.method.split import split_layer
 from sdmoe.models import ModelConfig, build_model
 from sdmoe.train.config import PRESETS, preset
 
@@ -104,6 +106,10 @@ def forward_backward(model: nn.Module, ids: torch.Tensor, precision: str = "fp32
 class Side:
     """One training setup; `step()` returns its phase times (seconds). cfg None: the plain MoE.
 
+    The step is the one every caller runs: `sdmoe.attach` with clip 1.0, then backward, `opt.step()`,
+    `zero_grad`. Its phases are read off timing hooks around the driver's own: "split" (the step's
+    pre-hooks: the gradient split and the clip; the clip alone for the baseline), "step" (the
+    optimizer's own step), "after_step" (the post-hooks: the shared update folded into the experts).
     On CUDA the device is synchronised at each phase boundary, so a phase's time is its own work
     (the training loop itself never waits: this is timing only)."""
 
@@ -115,14 +121,24 @@ class Side:
         g = torch.Generator().manual_seed(0)
         self.batches = [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(self.device)
                         for _ in range(4)]
-        self.ctl = SDMoE(self.model, cfg) if cfg is not None else None
-        if self.ctl is not None:  # the batch feeds variants whose basis comes from gradients or inputs
-            self.ctl.before_forward(0, self.opt, self.batches[0])
+        self.marks: dict[str, float] = {}
+        # torch runs a step's hooks in the order they were registered: these two before the driver's ...
+        self.opt.register_step_pre_hook(lambda *_: self._mark("pre"))
+        self.opt.register_step_post_hook(lambda *_: self._mark("stepped"))
+        # the batch feeds variants whose basis comes from gradients or inputs
+        self.handle = sdmoe.attach(self.model, self.opt, cfg, max_norm=1.0, reference_batch=self.batches[0])
+        self.opt.register_step_pre_hook(lambda *_: self._mark("split"))  # ... and this one after them
+        self.ctl = self.handle.controller
+        if self.ctl is not None:
+            self.handle.split()  # split_step 0: every timed step carries the whole overhead
         self.n = 0
 
     def _now(self) -> float:
         synchronize(self.device)
         return time.perf_counter()
+
+    def _mark(self, name: str) -> None:
+        self.marks[name] = self._now()
 
     def step(self) -> dict[str, float]:
         ids = self.batches[self.n % len(self.batches)]
@@ -130,22 +146,13 @@ class Side:
         t0 = self._now()
         self.last_loss = forward_backward(self.model, ids, self.precision)
         t1 = self._now()
-        if self.ctl is not None:
-            self.ctl.after_backward(self.n)
-        t2 = self._now()
-        if self.ctl is not None:
-            self.ctl.clip_grad_norm_(1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
-        t3 = self._now()
-        if self.ctl is not None:
-            self.ctl.after_optimizer_step(self.n)
         self.opt.zero_grad(set_to_none=True)
         t4 = self._now()
+        m = self.marks
         self.n += 1
-        return {"fwd_bwd": t1 - t0, "split": t2 - t1, "clip_step": t3 - t2, "after_step": t4 - t3,
-                "cpu": time.process_time() - c0, "total": t4 - t0}
+        return {"fwd_bwd": t1 - t0, "split": m["split"] - m["pre"], "step": m["stepped"] - m["split"],
+                "after_step": t4 - m["stepped"], "cpu": time.process_time() - c0, "total": t4 - t0}
 
 
 def split_breakdown(side: Side, reps: int) -> dict[str, float]:
@@ -199,7 +206,8 @@ def flop_share(base: Side, sd: Side) -> dict[str, float]:
         forward_backward(base.model, ids)
     forward_backward(sd.model, ids)
     with FlopCounterMode(display=False) as split_count:
-        sd.ctl.after_backward(sd.n)
+        for layer in sd.ctl.layers:
+            split_layer(layer, sd.ctl.cfg)
     for side in (base, sd):
         side.opt.zero_grad(set_to_none=True)
     return {"model": float(model_count.get_total_flops()), "split": float(split_count.get_total_flops())}
@@ -295,7 +303,7 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
               f"control/baseline is what the shared update costs")
     # The method's own phases against the baseline's, over the baseline's step: steadier than the whole-step
     # ratio (the forward + backward's noise cancels), blind to any effect on the forward + backward itself
-    extra = ("split", "clip_step", "after_step")
+    extra = ("split", "step", "after_step")
     for k in names[1:]:
         ms = sum(med[k][ph] - med["baseline"][ph] for ph in extra)
         ratios[f"{k} phases"] = 1 + ms / med["baseline"]["total"]
@@ -310,7 +318,8 @@ def time_sides(args, s: dict, steps: int) -> dict[str, float]:
         fl = flop_share(sides["baseline"], sides[k])
         # achieved rates: how far each part runs from the machine's matmul speed (overhead-bound or flop-bound)
         model_rate = fl["model"] / (med["baseline"]["fwd_bwd"] * 1e6)
-        split_rate = fl["split"] / (med[k]["split"] * 1e6)
+        # the "split" phase holds the clip too: the baseline's (the clip alone) taken off
+        split_rate = fl["split"] / (max(med[k]["split"] - med["baseline"]["split"], 1e-6) * 1e6)
         print(f"{k}: matmul work a step: forward + backward {fl['model'] / 1e9:.2f} GFLOP ({model_rate:.0f} GFLOP/s "
               f"achieved), the split {fl['split'] / 1e6:.1f} MFLOP ({split_rate:.0f} GFLOP/s achieved), "
               f"{100 * fl['split'] / fl['model']:.1f}% of the forward + backward's: the split's overhead if it ran "

@@ -12,10 +12,11 @@ import pytest
 from sdmoe.errors import UserError
 from sdmoe.files import (
     atomic_dir,
-    load_json,
     printable,
     read_bounded,
-    read_jsonl,
+    read_json_or_none,
+    read_json_strict,
+    read_jsonl_lenient,
     tmp_dir_name,
     write_bytes_atomic,
     write_failure,
@@ -90,18 +91,21 @@ def test_write_failure_knows_the_libraries_ways_of_saying_the_disk_is_full():
 def test_read_jsonl_skips_cut_off_and_undecodable_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n{"c": 3}\n{"d": ')
-    assert read_jsonl(path) == [{"a": 1}, {"c": 3}]
+    assert read_jsonl_lenient(path) == [{"a": 1}, {"c": 3}]
+    assert read_jsonl_lenient(tmp_path / "nope.jsonl") == []
 
 
-def test_load_json_tells_missing_from_corrupt(tmp_path):
-    assert load_json(tmp_path / "nope.json", fix="x") is None
+def test_read_json_strict_tells_missing_from_corrupt(tmp_path):
+    assert read_json_strict(tmp_path / "nope.json", fix="x") is None
     (tmp_path / "ok.json").write_text(json.dumps({"a": 1}))
-    assert load_json(tmp_path / "ok.json", fix="x") == {"a": 1}
+    assert read_json_strict(tmp_path / "ok.json", fix="x") == {"a": 1}
     for name, data, why in [("cut.json", b'{"a": ', "invalid JSON"), ("empty.json", b"", "empty"),
                             ("latin.json", b'{"a": "\xe9"}', "not UTF-8")]:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(UserError, match=rf"{name} is truncated or corrupt \({why}.*\); restore it"):
-            load_json(tmp_path / name, fix="restore it")
+            read_json_strict(tmp_path / name, fix="restore it")
+        assert read_json_or_none(tmp_path / name) is None  # the lenient reader: as if it were missing
+    assert read_json_or_none(tmp_path / "nope.json") is None and read_json_or_none(tmp_path / "ok.json") == {"a": 1}
 
 
 def test_read_bounded_stops_one_byte_past_the_limit(tmp_path):

@@ -1,7 +1,7 @@
 """sdmoe: Spectral-Decoupled Mixture-of-Experts on Hugging Face transformers.
 
     import sdmoe
-    controller = sdmoe.SDMoE(model, sdmoe.SDMoEConfig(split_step=100))  # drive it from your loop
+    handle = sdmoe.attach(model, optimizer, sdmoe.SDMoEConfig(split_step=100), max_norm=1.0)  # hooks: a plain loop
     sdmoe.convert(model, sdmoe.SDMoEConfig(form="per_expert"))          # exact conversion now
     sdmoe.export(model)                                                  # ready to save: a plain checkpoint
 """
@@ -12,6 +12,8 @@ from sdmoe.lazy import lazy_exports
 
 # Resolved on first use, so `sdmoe --help` does not pay for importing torch.
 _LAZY = {
+    "attach": "sdmoe.method",
+    "Attached": "sdmoe.method",
     "SDMoE": "sdmoe.method",
     "SDMoEConfig": "sdmoe.method",
     "convert": "sdmoe.method",

@@ -211,7 +211,13 @@ def probe_writable(root: str | Path, relpaths: Iterable[str], flag: str = "--out
 # -- reading ------------------------------------------------------------------------
 
 
-def read_json(path: str | Path) -> Any | None:
+# What each JSON reader does with a damaged file is in its name: `read_json_or_none` returns None,
+# as for a missing one (a record its reader can do without); `read_json_strict` raises a one-line
+# UserError (state a job resumes from: read as absent, it would be overwritten); `read_jsonl_lenient`
+# skips the damaged lines (an append-only log a crash may have cut off).
+
+
+def read_json_or_none(path: str | Path) -> Any | None:
     """The file's value, or None when it is missing or unreadable."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -219,7 +225,7 @@ def read_json(path: str | Path) -> Any | None:
         return None
 
 
-def load_json(path: str | Path, fix: str) -> Any | None:
+def read_json_strict(path: str | Path, fix: str) -> Any | None:
     """The file's value; None when it does not exist; a one-line UserError ending in `fix` when
     it exists but cannot be read or parsed (truncated, corrupt, not UTF-8)."""
     path = Path(path)
@@ -238,7 +244,7 @@ def load_json(path: str | Path, fix: str) -> Any | None:
     raise UserError(f"{shown(path)} is truncated or corrupt ({why}); {fix}")
 
 
-def read_jsonl(path: str | Path) -> list[Any]:
+def read_jsonl_lenient(path: str | Path) -> list[Any]:
     """All records of a JSON-lines file; a line cut off by a crash, or holding bytes that are
     not UTF-8 (a disk error, a foreign write), is skipped like a cut-off line."""
     records = []

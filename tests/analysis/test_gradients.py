@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sdmoe.analysis.capture import canonical_grads, capture
+from sdmoe.analysis.capture import capture
 from sdmoe.analysis.gradients import data_spectrum, gradient_findings, gradient_overlap
 from sdmoe.moe import find_moe_blocks
 
@@ -54,12 +54,15 @@ def test_canonical_grads_match_autograd(make_model, batches):
     """The gate slice of the fused gradient is the gradient of the gate weights."""
     model = make_model()
     block = find_moe_blocks(model)[0]
+    assert block.canonical("grad") == {}  # no backward yet: no gradient to read
     loss = model(input_ids=batches[0]).logits.pow(2).mean()
     loss.backward()
-    g = canonical_grads(block)
+    g = block.canonical("grad", local_shards=False)
     f = block.expert_ffn
     assert torch.equal(g["gate"], block.experts.gate_up_proj.grad[:, :f])
     assert torch.equal(g["down"], block.experts.down_proj.grad.transpose(1, 2))
+    w = block.canonical("data")
+    assert set(w) == {"gate", "up", "down"} and torch.equal(w["up"], block.experts.gate_up_proj[:, f:])
 
 
 def test_capture_records_routing_and_domains(make_model, batches):

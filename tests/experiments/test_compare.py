@@ -173,3 +173,18 @@ def test_the_per_text_sentence_says_where_sd_moe_helped(tmp_path):
     assert sentence.startswith("SD-MoE made no difference beyond the seed-to-seed noise on all domains (the mix)")
     rows, sentence = per_text_rows(tmp_path, cfg, {"runs": runs([0.01])})
     assert rows[0]["verdict"] == "not measurable" and "too few finished pairs" in sentence
+
+
+def test_run_state_reads_train_s_run_record(tmp_path):
+    from sdmoe.experiments.compare import run_state
+
+    run = tmp_path / "run"
+    assert run_state(run) == "new"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"method": "baseline"}, "status": "done"}))
+    assert run_state(run) == "done"
+    (run / "run.json").write_text("[1, 2]")  # JSON, but no run record: never read as "new" (its directory is cleared)
+    with pytest.raises(UserError, match=r"run.json holds no run config; delete .*run to train that run again"):
+        run_state(run)
+    (run / "compare_run.json").write_text(json.dumps({"status": "diverged"}))
+    assert run_state(run) == "diverged"

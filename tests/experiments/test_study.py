@@ -11,7 +11,15 @@ from sdmoe.cli import main
 from sdmoe.data.dataset import passes_over_data, select_domains, truncate_tokens
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import plan
-from sdmoe.experiments.study import BASE_STEPS, TOKENS_PER_STEP, cell_result, cells, demo_parameters, write_study
+from sdmoe.experiments.study import (
+    BASE_STEPS,
+    TOKENS_PER_STEP,
+    cell_result,
+    cells,
+    demo_parameters,
+    study_markdown,
+    write_study,
+)
 from sdmoe.train.config import preset
 
 
@@ -119,6 +127,18 @@ def test_the_study_pairs_runs_by_seed(tmp_path):
     assert [c["cell"] for c in payload["cells"]] == ["drama"]  # cells not started are left out
     md = (tmp_path / "study.md").read_text()
     assert "| drama | drama | 1.50 | 400 | 4.100 | +0.117 [" in md and (tmp_path / "study.png").is_file()
+
+
+def test_the_study_table_says_why_a_gain_has_no_interval():
+    def row(**gains):
+        return {"factor": "text", "label": "drama", "text": "drama", "passes": None, "steps": 400, "baseline_loss": 4.0,
+                "gains": gains, "baseline_best_rate": None, "same_seed_noise": None}
+
+    flat = {"mean": 0.5, "lo": None, "hi": None, "n": 2, "std": 0.0}
+    one = {"mean": 0.1, "lo": None, "hi": None, "n": 1, "std": None}
+    md = study_markdown([row(**{"sd-moe": flat, "control": one})])
+    assert "| +0.500 in all 2 seeds (no spread, no interval) | +0.100 (1 seed) |" in md and "nan" not in md
+    assert "| drama | drama | - | 400 | 4.000 | - |" in study_markdown([row(**{"sd-moe": {"n": 0}})])
 
 
 @pytest.mark.parametrize("argv, fragment", [

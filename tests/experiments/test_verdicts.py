@@ -7,7 +7,18 @@ import re
 import pytest
 
 from sdmoe.experiments import stats
-from sdmoe.experiments.claims import CLAIMS, judge, step_time_claim, summarize, summary_text
+from sdmoe.experiments.claims import (
+    CLAIMS,
+    CLAIMS_BY_KEY,
+    Paired,
+    gain_figure,
+    interval_figure,
+    judge,
+    step_time_claim,
+    summarize,
+    summary_text,
+    text_gain_row,
+)
 from sdmoe.experiments.grid import CompareConfig, plan
 from sdmoe.report.compare import per_pair_matrix, write_report
 
@@ -69,6 +80,48 @@ def test_judge_rules():
     assert judge({"a": 0.1, "b": 0.12, "c": 0.09}, 0.0, +1, "-")[1:] == (stats.REPRODUCED, "")
     assert judge({"a": -0.1, "b": -0.12, "c": -0.09}, 0.0, +1, "-")[1] == stats.NOT_REPRODUCED
     assert judge({"a": -0.1, "b": 0.12, "c": 0.0}, 0.0, +1, "-")[1] == stats.INCONCLUSIVE
+
+
+def test_each_claim_is_a_function_of_the_paired_runs(tmp_path):
+    cfg = _cfg(lr_multipliers=[1.0, 4.0], lr_sweep_styles=1, lr_sweep_seeds=2)
+    s = fake_compare(tmp_path, cfg, tails=[0.05, 0.06, 0.055], mi=lambda sp: 0.1 * sp.seed)
+    assert [c["claim"] for c in s["claims"]] == [c.key for c in CLAIMS] == list("abcdefg")
+    paired = Paired.read(tmp_path, cfg)
+    # a claim's row needs nothing but the paired runs: the summary's table is the claims, one by one
+    assert [claim.row(paired) for claim in CLAIMS] == s["claims"]
+    assert paired.final("qwen2_moe", "baseline", 1) == pytest.approx(_final(next(
+        sp for sp in plan(cfg) if sp.variant == "baseline" and sp.seed == 1 and sp.lr_mult == 1.0)))
+    assert paired.run("qwen2_moe", "sd-moe", 0, 4.0)["lr_mult"] == 4.0
+    assert paired.run("qwen2_moe", "sd-moe", 2, 4.0) is None  # the sweep ran two seeds
+    assert set(paired.paired("baseline", "sd-moe")) == {f"qwen2_moe/seed{i}" for i in range(3)}
+
+
+def test_figures_say_why_there_is_no_interval():
+    assert interval_figure({"n": 0}) == "no data" and gain_figure({}) == "-"
+    one = {"mean": 0.06, "lo": math.nan, "hi": math.nan, "n": 1, "std": math.nan}
+    assert interval_figure(one, unit=" nats") == "0.060 nats (n=1, no interval)"
+    assert gain_figure(one) == "+0.060 (one pair, no interval)" and gain_figure(one, one="1 seed") == "+0.060 (1 seed)"
+    flat = {"mean": 0.5, "lo": math.nan, "hi": math.nan, "n": 3, "std": 0.0}
+    assert gain_figure(flat) == "+0.500 in all 3 pairs (no spread, no interval)"  # never "[+nan, +nan]"
+    iv = {"mean": 0.05, "lo": 0.025, "hi": 0.075, "n": 3, "std": 0.01}
+    assert interval_figure(iv, unit="x") == "0.050x [0.025, 0.075] (n=3)"
+    assert gain_figure(iv) == "+0.050 [+0.025, +0.075]"
+
+
+def test_the_gain_per_text_is_judged_like_the_claims():
+    def runs(gains):
+        return [{"style": "qwen2_moe", "variant": variant, "lr_mult": 1.0, "status": "done", "seed": seed,
+                 "final_mean": loss, "passes": 0.3, "train_tokens": 1000}
+                for seed, g in enumerate(gains)
+                for variant, loss in (("baseline", 4.0 + seed), ("sd-moe", 4.0 + seed - g))]
+
+    row = text_gain_row("mix", runs([0.10, 0.12, 0.11]), "qwen2_moe")
+    assert (row["verdict"], row["n"], row["passes"]) == (stats.REPRODUCED, 3, 0.3)
+    assert row["figure"].startswith("+0.110 [") and row["badge"] == "pass"
+    # three seeds that agree to the last bit give no interval, as in the claims table: not measurable
+    row = text_gain_row("mix", runs([0.5, 0.5, 0.5]), "qwen2_moe")
+    assert row["verdict"] == stats.NOT_MEASURABLE and "nan" not in row["figure"]
+    assert text_gain_row("mix", [], "qwen2_moe")["figure"] == "-"
 
 
 def test_a_tested_compare_gives_verdicts_and_a_headline(tmp_path):
@@ -162,7 +215,7 @@ def _sample(ratios, jitter, **kw):
             "processes": [_process(r, 12.0, jitter, **kw) for r in ratios]}
 
 
-E = CLAIMS[4]
+E = CLAIMS_BY_KEY["e"]
 
 
 def test_step_time_reproduced_when_the_machine_is_quiet():

@@ -194,8 +194,8 @@ def test_refuses_what_it_cannot_do():
     from olmo_core.optim import SkipStepAdamW
 
     model = TinyOLMo(MoEType.dropless)
-    cb = _callback(model, SDMoEConfig(split_step=0, rank=4))
+    cb = SDMoECallback(cfg=SDMoEConfig(split_step=0, rank=4))
+    cb.trainer = _Trainer(model)
     cb.trainer.train_module.optim = SkipStepAdamW(model.parameters(), lr=LR)
-    cb.trainer.global_step = 1
     with pytest.raises(UserError, match="AdamWConfig"):
-        cb.pre_step({})
+        cb.pre_train()  # before anything is attached

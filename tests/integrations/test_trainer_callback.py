@@ -31,16 +31,23 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 class Probe(TrainerCallback):
-    """Listed after SDMoECallback: sees the gradients it split and clipped, and the lrs it scheduled."""
+    """Listed after SDMoECallback: sees the gradients it split and clipped, and the lrs it scheduled.
+
+    An optimizer step pre-hook registered after the driver's (torch runs them in that order)."""
 
     def __init__(self, cb):
         self.cb, self.norms, self.lrs = cb, {}, {}
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        self.state, self.model = state, model
+        self.cb.handle.optimizer.register_step_pre_hook(self._after_split_and_clip)
+
+    def _after_split_and_clip(self, optimizer, *_):
+        step = self.state.global_step
         shared = self.cb.controller.parameters()  # the shared parts' gradients are clipped with the model's
-        grads = [p.grad for p in [*model.parameters(), *shared] if p.grad is not None]
-        self.norms[state.global_step] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-        self.lrs[state.global_step] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        grads = [p.grad for p in [*self.model.parameters(), *shared] if p.grad is not None]
+        self.norms[step] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        self.lrs[step] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
 
     def on_optimizer_step(self, args, state, control, **kw):
         if (opt := self.cb.controller.shared_optimizer) is not None:  # the rate the shared step just used

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sdmoe.method import SDMoE, SDMoEConfig, convert
-from sdmoe.method.basis import canonical
 from sdmoe.moe import find_moe_blocks
 
 from .method_helpers import batch, lm_loss, make_model
@@ -55,7 +54,7 @@ def _plain_grads(model, ids):
     """G_i = dL/dW_i of the same model (it is a plain model), canonical E x F x D per layer."""
     plain = copy.deepcopy(model)
     lm_loss(plain, ids).backward()
-    return [{p: g.clone() for p, g in canonical(b, "grad").items()} for b in find_moe_blocks(plain)]
+    return [{p: g.clone() for p, g in b.canonical("grad").items()} for b in find_moe_blocks(plain)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -68,7 +67,7 @@ def test_full_form_shared_gradient_and_tails(kind, split):
     lm_loss(model, ids).backward()
     ctl.after_backward(0)
     for li, (layer, g) in enumerate(zip(ctl.layers, g_plain)):
-        tails = canonical(layer.block, "grad")
+        tails = layer.block.canonical("grad")
         for p in ("gate", "up", "down"):
             gsum = g[p].sum(0)
             if split == "none":
@@ -99,7 +98,7 @@ def test_tracker_lag_splits_in_the_last_steps_basis_and_tracks_for_the_next(kind
     lm_loss(twin.model, ids).backward()
     twin.after_backward(0)
     for layer, other, g, q_old in zip(ctl.layers, twin.layers, g_plain, before):
-        tails = canonical(layer.block, "grad")
+        tails = layer.block.canonical("grad")
         for p in ("gate", "up", "down"):
             q = q_old[p]
             assert torch.allclose(tails[p], g[p] - g[p] @ q @ q.T, atol=1e-6, rtol=1e-4)
@@ -289,10 +288,10 @@ def test_an_undecomposed_half_keeps_plain_gradients():
     ctl.after_backward(0)
     for layer, g in zip(ctl.layers, g_plain):
         assert set(layer.delta) == {"up", "down"}
-        assert torch.allclose(canonical(layer.block, "grad")["gate"], g["gate"], atol=1e-6, rtol=1e-4)
-    gate_before = [canonical(b, "data")["gate"].clone() for b in ctl.blocks]
+        assert torch.allclose(layer.block.canonical("grad")["gate"], g["gate"], atol=1e-6, rtol=1e-4)
+    gate_before = [b.canonical("data")["gate"].clone() for b in ctl.blocks]
     opt.step()
     ctl.after_optimizer_step(0)
     for b, before in zip(ctl.blocks, gate_before):
-        after = canonical(b, "data")["gate"]
+        after = b.canonical("data")["gate"]
         assert not torch.equal(after, before)  # trained as a plain weight

@@ -7,7 +7,6 @@ import torch
 
 from sdmoe.errors import UserError
 from sdmoe.method import SDMoE, SDMoEConfig, convert
-from sdmoe.method.basis import canonical
 from sdmoe.spectral import common_subspace
 
 from .method_helpers import batch, lm_loss, make_model
@@ -26,10 +25,10 @@ def test_the_two_parts_sum_to_the_gradient_and_the_unique_one_is_orthogonal_to_b
     model, ids = make_model(kind), batch()
     ctl = convert(model, _paper())
     lm_loss(model, ids).backward()
-    whole = [{p: g.clone() for p, g in canonical(b, "grad").items()} for b in ctl.blocks]
+    whole = [{p: g.clone() for p, g in b.canonical("grad").items()} for b in ctl.blocks]
     ctl.after_backward(0)
     for layer, g in zip(ctl.layers, whole):
-        tails = canonical(layer.block, "grad")
+        tails = layer.block.canonical("grad")
         for p in ("gate", "up", "down"):
             u_d, u_f = layer.basis[p], layer.basis_f[p]
             assert u_f.shape == (16, 4) and u_d.shape == (32, 4)

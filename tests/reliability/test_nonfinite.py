@@ -9,7 +9,7 @@ import re
 import pytest
 
 from sdmoe.cli import main
-from sdmoe.train import loop as loop_module
+from sdmoe.train import step as step_module
 from sdmoe.train.metrics import read_metrics
 from tests.reliability.test_bad_input import error_line
 
@@ -19,14 +19,14 @@ TRAIN = ["train", "--preset", "tiny", "--quiet", "--steps", "20", "--set", "loop
 
 def nan_at(monkeypatch, bad_steps):
     """The training loss of the given 0-based steps (counted over this process's loop) is NaN."""
-    real, calls = loop_module.causal_lm_loss, {"n": 0}
+    real, calls = step_module.causal_lm_loss, {"n": 0}
 
     def flaky(logits, ids):
         loss = real(logits, ids)
         calls["n"] += 1
         return loss * float("nan") if calls["n"] - 1 in bad_steps else loss
 
-    monkeypatch.setattr(loop_module, "causal_lm_loss", flaky)
+    monkeypatch.setattr(step_module, "causal_lm_loss", flaky)
 
 
 def _nonfinite_events(out):

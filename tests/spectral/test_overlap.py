@@ -6,6 +6,7 @@ import torch
 from sdmoe.errors import UserError
 from sdmoe.spectral import (
     expert_subspaces,
+    mean_expert_overlap,
     mean_off_diagonal,
     overlap_matrix,
     random_overlap_baseline,
@@ -58,6 +59,21 @@ def test_independent_random_subspaces_overlap_k_over_d():
     # and a planted shared subspace is far above it
     wp, _ = planted_stack(e, f, d, k, 1e-2, gen)
     assert mean_off_diagonal(overlap_matrix(expert_subspaces(wp, k))) > 0.99
+
+
+def test_mean_expert_overlap_is_the_mean_off_diagonal_of_the_experts_overlaps():
+    gen = make_gen(5)
+    w = torch.randn(5, 12, 16, generator=gen)
+    assert mean_expert_overlap(w, 3) == mean_off_diagonal(overlap_matrix(expert_subspaces(w, 3)))
+    # identical experts share their subspace; a planted shared one stays far above k/d
+    assert mean_expert_overlap(w[:1].repeat(4, 1, 1), 3) == pytest.approx(1.0, abs=1e-5)
+    wp, _ = planted_stack(6, 32, 48, 4, 1e-2, gen)
+    assert mean_expert_overlap(wp, 4, "randomized", iters=4) > 0.99 > 4 / 48
+    # bf16 storage is computed in float32, like expert_subspaces
+    assert mean_expert_overlap(w.to(torch.bfloat16), 3) == mean_off_diagonal(
+        overlap_matrix(expert_subspaces(w.to(torch.bfloat16), 3)))
+    with pytest.raises(UserError, match="at least 2"):
+        mean_expert_overlap(w[:1], 3)
 
 
 def test_overlap_matrix_matches_pairwise():

@@ -10,6 +10,7 @@ import torch
 
 from sdmoe.errors import UserError
 from sdmoe.train import loop as loop_module
+from sdmoe.train import step as step_module
 from sdmoe.train.config import apply_overrides, preset
 from sdmoe.train.loop import NonFiniteError, train
 from sdmoe.train.metrics import read_metrics
@@ -83,14 +84,14 @@ def test_output_path_that_is_a_file(tmp_path, tiny_config, tiny_dataset):
 
 def _nan_at(step_to_fail, monkeypatch):
     calls = {"n": 0}
-    real = loop_module.causal_lm_loss
+    real = step_module.causal_lm_loss
 
     def flaky(logits, ids):
         loss = real(logits, ids)
         calls["n"] += 1
         return loss * float("nan") if calls["n"] == step_to_fail + 1 else loss
 
-    monkeypatch.setattr(loop_module, "causal_lm_loss", flaky)
+    monkeypatch.setattr(step_module, "causal_lm_loss", flaky)
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, tiny_dataset, monkeypatch):

@@ -40,13 +40,6 @@ def model_top_k(model: nn.Module, default: int = 2) -> int:
     return default
 
 
-def canonical_grads(block: MoEBlock) -> dict[str, torch.Tensor] | None:
-    """Gradients of the experts in canonical shapes, hidden space last: {gate, up, down} -> E x F x D
-    (the storage adapter's views; DTensors under FSDP2). None when any expert has no `.grad` yet."""
-    views, _ = block.views("grad", local_shards=False)
-    return {p: g.detach() for p, g in views.items()} if len(views) == 3 else None
-
-
 @dataclass
 class LayerCapture:
     """What one pass recorded for one MoE layer."""
@@ -148,8 +141,8 @@ def capture(
             raise UserError("no batches of text to analyse; pass at least one batch (n_batches >= 1)")
         if with_grads:
             for cap in caps.values():
-                grads = canonical_grads(cap.block)
-                cap.grads = {k: v.float().clone() for k, v in grads.items()} if grads is not None else None
+                grads = cap.block.canonical("grad", local_shards=False)  # DTensors under FSDP2
+                cap.grads = {k: v.float().clone() for k, v in grads.items()} if grads else None
     finally:
         for h in hooks:
             h.remove()

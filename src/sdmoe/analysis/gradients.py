@@ -21,6 +21,7 @@ from torch import nn
 
 from sdmoe.analysis.capture import LayerCapture, capture
 from sdmoe.analysis.parameters import RANDOMIZED_ITERS, check_rank, choose_method
+from sdmoe.moe.projections import PROJECTIONS
 from sdmoe.spectral import (
     data_subspace,
     expert_subspaces,
@@ -29,8 +30,6 @@ from sdmoe.spectral import (
     overlap_matrix,
     random_overlap_baseline,
 )
-
-PROJECTIONS = ("gate", "up", "down")
 
 
 @dataclass

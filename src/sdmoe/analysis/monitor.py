@@ -20,13 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sdmoe.analysis.capture import canonical_grads
 from sdmoe.analysis.parameters import choose_method
 from sdmoe.moe import find_moe_blocks
 from sdmoe.moe.sharding import unsharded, whole
-from sdmoe.spectral import expert_subspaces, mean_off_diagonal, overlap_matrix
-
-PROJECTIONS = ("gate", "up", "down")
+from sdmoe.spectral import mean_expert_overlap
 
 
 def _mean_overlap(w_EFD: torch.Tensor, k: int) -> float | None:
@@ -36,9 +33,7 @@ def _mean_overlap(w_EFD: torch.Tensor, k: int) -> float | None:
         return None
     d = w.shape[-1]
     k = max(1, min(k, d - 1))
-    method = choose_method(d)
-    u = expert_subspaces(w, k, method, iters=2) if method == "randomized" else expert_subspaces(w, k, method)
-    return mean_off_diagonal(overlap_matrix(u))
+    return mean_expert_overlap(w, k, choose_method(d))
 
 
 @torch.no_grad()
@@ -50,14 +45,13 @@ def spectral_snapshot(model: nn.Module, k: int = 8, layers: list[int] | None = N
     for block in find_moe_blocks(model, layers):
         d = block.hidden_size
         # FSDP2: gradients gathered whole, weights read inside an unshard of their layer
-        g = canonical_grads(block) if grads else None
-        if g is not None:
-            for p, w in g.items():
-                v = _mean_overlap(whole(w), k)
-                if v is None:
-                    continue
-                out[f"grad_overlap/L{block.layer}/{p}"] = v
-                grad_vals.append(v)
+        g = block.canonical("grad", local_shards=False) if grads else {}
+        for p, w in g.items():
+            v = _mean_overlap(whole(w), k)
+            if v is None:
+                continue
+            out[f"grad_overlap/L{block.layer}/{p}"] = v
+            grad_vals.append(v)
         with unsharded(model, block.name):
             for p, w in block.projections().items():
                 v = _mean_overlap(w, k)

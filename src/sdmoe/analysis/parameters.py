@@ -21,6 +21,7 @@ import torch
 
 from sdmoe.errors import UserError
 from sdmoe.moe.checkpoint import LayerWeights
+from sdmoe.moe.projections import PROJECTIONS
 from sdmoe.spectral import (
     common_subspace,
     expert_subspaces,
@@ -29,7 +30,6 @@ from sdmoe.spectral import (
     random_overlap_baseline,
 )
 
-PROJECTIONS = ("gate", "up", "down")
 # Above this hidden size per-expert subspaces use randomized subspace
 # iteration (E x D x (k+10) state) instead of E dense D x D eigendecompositions.
 EXACT_MAX_D = 1024

@@ -3,8 +3,10 @@
 `summarize(out, cfg)` reads out/runs/**/{run.json, metrics.jsonl, compare_run.json,
 analysis.json} and returns one JSON-able dict: per-run records (curves, step
 times, overlap series), the claims table, LR sweep, ablations, per-domain
-losses, parameter counts. The report renders that dict; nothing here imports
-torch or a model.
+losses, parameter counts. Each claim of `CLAIMS` is a `Claim`: its statement, how
+it is measured, its threshold, and the function from the paired runs (`Paired`)
+to its row of the claims table. The report renders that dict; nothing here
+imports torch or a model.
 """
 
 from __future__ import annotations
@@ -13,17 +15,23 @@ import csv
 import io
 import math
 import statistics
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdmoe.experiments import stats, timing
+from sdmoe.experiments.compare import ANALYSIS_FILE, COMPARE_RUN_FILE, TIMING_FILE
 from sdmoe.experiments.grid import CompareConfig, fmt_mult, plan
-from sdmoe.files import read_json, read_jsonl
+from sdmoe.files import read_json_or_none, read_jsonl_lenient
+from sdmoe.train.run_record import read_run_record
 
 PAPER_OVERLAP = 0.1  # the paper's inter-expert similarity of SD-MoE tails
 PAPER_STEPS_RATIO = 0.7
 STEP_TIME_LIMIT = 1.05
+# The rate multiplier of the preset's own (tuned) learning rate: every claim but (f) pairs runs at it,
+# and the LR sweep's other rates are relative to it.
+TUNED = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,35 +41,12 @@ class Claim:
     measure: str  # how this compare measures it
     threshold: float
     direction: int  # +1: measured value must exceed threshold; -1: fall below it
-    short: str = ""  # the per-pair value's name: a column of the report's per-pair matrix
+    short: str  # the per-pair value's name: a column of the report's per-pair matrix
+    judged_by: Callable[[Claim, Paired], dict] = field(repr=False, compare=False)  # -> its claims-table row
 
-
-CLAIMS = (
-    Claim("a", "SD-MoE lowers validation loss vs the plain MoE",
-          "paired difference baseline - SD-MoE of final mean validation loss (nats), per style x seed at the tuned rate",
-          0.0, +1, "loss, baseline - SD-MoE (nats)"),
-    Claim("b", "SD-MoE reaches the baseline's final loss in ~0.7x the steps",
-          "steps at which SD-MoE's eval curve (linear between evaluations, warm-up counted) reaches the paired "
-          "baseline's final loss, / the baseline's steps; not reached counts as 1.0 (a lower bound)",
-          1.0, -1, "steps to the baseline's loss / its steps"),
-    Claim("c", "SD-MoE tails' inter-expert spectral similarity < 0.1, below the baseline's",
-          "mean off-diagonal top-k subspace overlap of the tails at the last monitor record, and paired "
-          "baseline expert overlap - SD-MoE tails overlap", PAPER_OVERLAP, -1, "tails' overlap"),
-    Claim("d", "experts specialise more (domain information, fewer de facto shared experts)",
-          "paired difference SD-MoE - baseline of the normalised mutual information I(expert; domain), "
-          "mean over layers, on the validation text", 0.0, +1, "I(expert; domain), SD-MoE - baseline"),
-    Claim("e", "minimal extra compute (step time <= ~1.05x)",
-          "SD-MoE / baseline step time, the two training steps interleaved A B A B in several fresh processes "
-          "(split at step 0); one process's median ratio over its rounds is one sample; on process CPU time "
-          "when wall time spreads more; inconclusive while either side's own spread is wider than the ratio's "
-          "distance to the threshold", STEP_TIME_LIMIT, -1, "step time, SD-MoE / baseline"),
-    Claim("f", "stable at 4x the tuned learning rate",
-          "no divergence at 4x, and the loss lost going 1x -> 4x smaller than the baseline's (paired, nats)",
-          0.0, +1, "loss lost 1x -> 4x, baseline - SD-MoE (nats)"),
-    Claim("g", "the gain is the spectral split's, not the reparameterisation's",
-          "paired difference control (W_s + T_i, plain gradients) - SD-MoE of final mean validation loss", 0.0, +1,
-          "loss, control - SD-MoE (nats)"),
-)
+    def row(self, paired: Paired) -> dict:
+        """This claim's row of the claims table, measured on the paired runs."""
+        return self.judged_by(self, paired)
 
 
 # -- reading runs -------------------------------------------------------------------
@@ -93,10 +78,10 @@ def _tails_overlap(rec: dict) -> float | None:
 
 def load_run(run_dir: Path, spec=None) -> dict[str, Any]:
     """One run's figures from its files (missing files give empty fields, never an error)."""
-    run = read_json(run_dir / "run.json") or {}
-    mine = read_json(run_dir / "compare_run.json") or {}
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    analysis = read_json(run_dir / "analysis.json")
+    run = read_run_record(run_dir)
+    mine = read_json_or_none(run_dir / COMPARE_RUN_FILE) or {}
+    metrics = read_jsonl_lenient(run_dir / "metrics.jsonl")
+    analysis = read_json_or_none(run_dir / ANALYSIS_FILE)
     cfg = run.get("config", {})
     status = "missing"
     if run:
@@ -147,7 +132,7 @@ def load_run(run_dir: Path, spec=None) -> dict[str, Any]:
     return rec
 
 
-def paired_gains(runs: list[dict], style: str, variant: str, mult: float = 1.0) -> dict[int, float]:
+def paired_gains(runs: list[dict], style: str, variant: str, mult: float = TUNED) -> dict[int, float]:
     """{seed: baseline - variant final loss} over the seeds where both `load_run` records of `style` at
     rate multiplier `mult` finished."""
     finals = {v: {r["seed"]: r["final_mean"] for r in runs if r["style"] == style and r["variant"] == v
@@ -195,7 +180,7 @@ def steps_ratio(sd: dict, base: dict) -> tuple[float | None, float | None]:
     return cross / n, wall
 
 
-# -- the summary ------------------------------------------------------------------------
+# -- judging and formatting: the claims table, the gain per text and the study's tables -------------
 
 
 def _ci(values) -> dict:
@@ -220,7 +205,7 @@ def judge(values: dict, threshold: float, direction: int, missing: str,
         pair = next(k for k, v in values.items() if v is not None and math.isfinite(v))
         return iv, stats.NOT_MEASURABLE, f"one pair ({pair}) gives no interval; {one_pair_fix}"
     if not iv["std"]:
-        return iv, stats.NOT_MEASURABLE, (f"all {n} pairs gave exactly {_fmt(iv['mean'], '.4g')}: no spread to "
+        return iv, stats.NOT_MEASURABLE, (f"all {n} pairs gave exactly {fmt_value(iv['mean'], '.4g')}: no spread to "
                                           "form an interval from")
     return iv, stats.verdict(iv["lo"], iv["hi"], threshold, direction), ""
 
@@ -239,18 +224,40 @@ def _claim_row(claim: Claim, interval: dict, verdict: str, figure: str, note: st
             "badge": stats.BADGE[verdict], "reason": reason, "note": note, **extra}
 
 
-def _fmt(x, spec=".3f") -> str:
+def fmt_value(x, spec=".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def _figure(iv: dict, spec=".3f", unit: str = "", what: str = "pairs") -> str:
+def interval_figure(iv: dict, spec: str = ".3f", unit: str = "", what: str = "pairs", *, empty: str = "no data",
+                    one: str = "n=1, no interval", count: bool = True) -> str:
+    """An interval (`stats.Interval.to_dict()`) as the tables print it: "mean [lo, hi] (n=N)".
+
+    Without an interval, why: no values (`empty`), one value (`one`), or values that all
+    agree (no spread). `count`: whether n follows the interval."""
     if iv.get("n", 0) == 0:
-        return "no data"
+        return empty
     if iv["n"] < 2:
-        return f"{_fmt(iv['mean'], spec)}{unit} (n=1, no interval)"
+        return f"{fmt_value(iv['mean'], spec)}{unit} ({one})"
     if not iv["std"]:
-        return f"{_fmt(iv['mean'], spec)}{unit} in all {iv['n']} {what} (no spread, no interval)"
-    return f"{_fmt(iv['mean'], spec)}{unit} [{_fmt(iv['lo'], spec)}, {_fmt(iv['hi'], spec)}] (n={iv['n']})"
+        return f"{fmt_value(iv['mean'], spec)}{unit} in all {iv['n']} {what} (no spread, no interval)"
+    figure = f"{fmt_value(iv['mean'], spec)}{unit} [{fmt_value(iv['lo'], spec)}, {fmt_value(iv['hi'], spec)}]"
+    return figure + (f" (n={iv['n']})" if count else "")
+
+
+def gain_figure(iv: dict, one: str = "one pair, no interval", what: str = "pairs") -> str:
+    """A signed gain as the per-text and study tables print it: "+0.050 [+0.025, +0.075]"; "-" for none."""
+    return interval_figure(iv, "+.3f", what=what, empty="-", one=one, count=False)
+
+
+def text_gain_row(label: str, runs: list[dict], style: str) -> dict[str, Any]:
+    """One text's paired gain (baseline - SD-MoE final loss, by seed, at the tuned rate) from a compare's
+    run records, judged like claim (a): reproduced when the whole 95% interval lies above 0."""
+    iv, verdict, _why = judge(paired_gains(runs, style, "sd-moe"), 0.0, +1, "no finished pair")
+    base = next((r for r in runs if r["style"] == style and r["variant"] == "baseline" and r["lr_mult"] == TUNED
+                 and r.get("passes") is not None), {})
+    return {"text": label, "train_tokens": base.get("train_tokens"), "passes": base.get("passes"), "n": iv["n"],
+            "mean": iv["mean"], "lo": iv["lo"], "hi": iv["hi"], "figure": gain_figure(iv), "verdict": verdict,
+            "badge": stats.BADGE[verdict]}
 
 
 def _domains(runs: dict) -> list[str] | None:
@@ -279,180 +286,219 @@ def step_time_claim(samples: dict[str, dict], claim: Claim) -> dict:
     noise, distance = fig["noise"], abs(iv["mean"] - claim.threshold)
     noisy = not stats.beyond_noise(v, iv["mean"], claim.threshold, noise)
     if noisy:
-        reason = (f"the machine's noise, +-{_fmt(noise)}x, is wider than the ratio's distance to {claim.threshold:g}, "
-                  f"{_fmt(distance)}x: a second run may land on the other side")
+        reason = (f"the machine's noise, +-{fmt_value(noise)}x, is wider than the ratio's distance to "
+                  f"{claim.threshold:g}, "
+                  f"{fmt_value(distance)}x: a second run may land on the other side")
         v = stats.INCONCLUSIVE
-    ms = lambda x: _fmt(1e3 * x, ".2f")  # noqa: E731
+    ms = lambda x: fmt_value(1e3 * x, ".2f")  # noqa: E731
     spread = "; ".join(
         (f"{style}: " if len(fig["sides"]) > 1 else "")
         + ", ".join(f"{side} {ms(s['median'])} ms [{ms(s['lo'])}, {ms(s['hi'])}]" for side, s in sides.items())
         for style, sides in fig["sides"].items())
     units = "processes" if by == "process" else "rounds"
-    figure = _figure(iv, unit="x", what=units)
+    figure = interval_figure(iv, unit="x", what=units)
     if iv["n"] > 1 and iv["std"]:
         figure = figure.replace(f"(n={iv['n']})", f"(n={iv['n']} {units}, {fig['clock_name']})")
     figure += f"; each side's own step time, median [central {timing.SPREAD_COVERAGE:g}% of rounds]: {spread}"
-    other = "; ".join(f"{timing.CLOCK_NAMES[c]}'s +-{100 * o['noise_rel']:.1f}% (ratio {_fmt(o['ratio'])}x)"
+    other = "; ".join(f"{timing.CLOCK_NAMES[c]}'s +-{100 * o['noise_rel']:.1f}% (ratio {fmt_value(o['ratio'])}x)"
                       for c, o in fig["other"].items())
     over = "processes" if by == "process" else "rounds of one process (the spread between processes is not in it)"
     note = (f"on {fig['clock_name']}: each side's own spread (central {timing.SPREAD_COVERAGE:g}% of its rounds) "
             f"+-{100 * fig['noise_rel']:.1f}%" + (f", narrower than {other}" if other else "")
             + f"; interval over {iv['n']} {over}"
-            + f"; machine noise +-{_fmt(noise)}x against the distance to {claim.threshold:g}, {_fmt(distance)}x")
+            + f"; machine noise +-{fmt_value(noise)}x against the distance to {claim.threshold:g}, "
+              f"{fmt_value(distance)}x")
     return _claim_row(claim, iv, v, figure, note, reason, per_pair=per_pair, clock=fig["clock"], noise=noise,
                       noise_limited=noisy, sides=fig["sides"], other_clocks=fig["other"])
 
 
-def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
-    specs = plan(cfg)
-    runs = {s.run_id: load_run(out / "runs" / s.run_id, s) for s in specs}
-    by = {(r["style"], r["variant"], fmt_mult(r["lr_mult"]), r["seed"]): r for r in runs.values()}
+# -- the paired runs every claim reads ----------------------------------------------------
 
-    def final(style, variant, mult, seed):
-        r = by.get((style, variant, fmt_mult(mult), seed))
+
+def _pair_name(style: str, seed: int) -> str:
+    """A pair's name in the per-pair values: runs of one style and seed share weights and data order."""
+    return f"{style}/seed{seed}"
+
+
+@dataclass
+class Paired:
+    """A compare's runs as the claims read them: by (style, variant, rate multiplier, seed), with the
+    compare's settings and its timing samples (timing.json, {style: sample})."""
+
+    cfg: CompareConfig
+    runs: dict[str, dict]  # run_id -> `load_run` record, in the plan's order
+    timing: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by = {(r["style"], r["variant"], fmt_mult(r["lr_mult"]), r["seed"]): r for r in self.runs.values()}
+        self.seeds = range(self.cfg.seeds)
+        self.main_keys = [(st, s) for st in self.cfg.styles for s in self.seeds]
+
+    @classmethod
+    def read(cls, out: Path, cfg: CompareConfig) -> Paired:
+        runs = {s.run_id: load_run(out / "runs" / s.run_id, s) for s in plan(cfg)}
+        return cls(cfg, runs, read_json_or_none(out / TIMING_FILE) or {})
+
+    def run(self, style: str, variant: str, seed: int, mult: float = TUNED) -> dict | None:
+        return self.by.get((style, variant, fmt_mult(mult), seed))
+
+    def final(self, style: str, variant: str, seed: int, mult: float = TUNED) -> float | None:
+        """The run's final mean validation loss (inf if it diverged); None before it ended."""
+        r = self.run(style, variant, seed, mult)
         return r["final_mean"] if r and r["status"] in ("done", "diverged") else None
 
-    seeds = range(cfg.seeds)
-    main_keys = [(st, s) for st in cfg.styles for s in seeds]
-
-    def paired(a_variant, b_variant, mult=1.0, keys=None):
-        """{(style, seed): final(a) - final(b)} for the pairs both finished."""
-        out_ = {}
-        for st, s in keys or main_keys:
-            a, b = final(st, a_variant, mult, s), final(st, b_variant, mult, s)
+    def paired(self, a_variant: str, b_variant: str, mult: float = TUNED) -> dict[str, float]:
+        """{pair: final(a) - final(b)} over the main grid's pairs that both finished."""
+        out = {}
+        for st, s in self.main_keys:
+            a, b = self.final(st, a_variant, s, mult), self.final(st, b_variant, s, mult)
             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
-                out_[f"{st}/seed{s}"] = a - b
-        return out_
+                out[_pair_name(st, s)] = a - b
+        return out
 
-    claims = []
-    has = set(cfg.variants) | set(cfg.lr_sweep_variants) | set(cfg.ablations)
-    no_pair = "no finished baseline / SD-MoE pair at the tuned rate yet"
+    def pairs(self, variant: str = "sd-moe") -> Iterator[tuple[str, dict | None, dict | None]]:
+        """(pair, variant's run, baseline's run) at the tuned rate over the main grid; a run not planned is None."""
+        for st, s in self.main_keys:
+            yield _pair_name(st, s), self.run(st, variant, s), self.run(st, "baseline", s)
 
-    # (a) loss
-    ca = CLAIMS[0]
-    diffs = paired("baseline", "sd-moe")
-    iv, v, reason = judge(diffs, ca.threshold, ca.direction, no_pair)
-    base_spread = {st: stats.std([final(st, "baseline", 1.0, s) for s in seeds]) for st in cfg.styles}
-    rerun, first = final(cfg.styles[0], "baseline-rerun", 1.0, 0), final(cfg.styles[0], "baseline", 1.0, 0)
+
+# -- the claims, one function each: (claim, paired runs) -> its row -----------------------
+
+NO_PAIR = "no finished baseline / SD-MoE pair at the tuned rate yet"
+
+
+def _loss_claim(claim: Claim, p: Paired) -> dict:
+    """(a) the paired loss difference, with the noise it is read against: the baseline's seed-to-seed
+    spread, the same-seed rerun, and whether the LR sweep found a better baseline rate."""
+    cfg = p.cfg
+    diffs = p.paired("baseline", "sd-moe")
+    iv, v, reason = judge(diffs, claim.threshold, claim.direction, NO_PAIR)
+    base_spread = {st: stats.std([p.final(st, "baseline", s) for s in p.seeds]) for st in cfg.styles}
+    rerun, first = p.final(cfg.styles[0], "baseline-rerun", 0), p.final(cfg.styles[0], "baseline", 0)
     same_seed = abs(rerun - first) if rerun is not None and first is not None else None
     per_style = {st: _ci(v_ for k, v_ in diffs.items() if k.startswith(st + "/")) for st in cfg.styles}
     # A gain over an untuned baseline is no gain: say so when the LR sweep found a better baseline rate.
     untuned = []
     for st in cfg.styles[: cfg.lr_sweep_styles]:
-        rates = {m: final(st, "baseline", m, 0) for m in cfg.lr_multipliers}
+        rates = {m: p.final(st, "baseline", 0, m) for m in cfg.lr_multipliers}
         rates = {m: x for m, x in rates.items() if x is not None and math.isfinite(x)}
-        if rates and min(rates, key=rates.get) != 1.0:
+        if rates and min(rates, key=rates.get) != TUNED:
             best = min(rates, key=rates.get)
-            sd_best = final(st, "sd-moe", best, 0)
-            untuned.append(f"{st}: the baseline's best rate in the sweep is {fmt_mult(best)}x, not 1x "
-                           f"(baseline {rates[best]:.3f}, SD-MoE {_fmt(sd_best)} there, seed 0): the pairs' "
+            sd_best = p.final(st, "sd-moe", 0, best)
+            untuned.append(f"{st}: the baseline's best rate in the sweep is {fmt_mult(best)}x, not {fmt_mult(TUNED)}x "
+                           f"(baseline {rates[best]:.3f}, SD-MoE {fmt_value(sd_best)} there, seed 0): the pairs' "
                            "baseline is not tuned; rerun with --set optim.lr=<that rate>")
-    claims.append(_claim_row(ca, iv, v, _figure(iv, unit=" nats"),
-                             "; ".join(["WARNING " + u for u in untuned]
-                                       + ["baseline seed-to-seed std: "
-                                          + ", ".join(f"{st} {_fmt(x)}" for st, x in base_spread.items())])
-                             + ("; same-seed rerun of the baseline: " + (f"{same_seed:.4f} nats apart" if same_seed
-                                is not None else "not run")), reason,
-                             per_pair=diffs, per_style=per_style, baseline_std=base_spread, same_seed_noise=same_seed))
+    spread = ", ".join(f"{st} {fmt_value(x)}" for st, x in base_spread.items())
+    note = ("; ".join(["WARNING " + u for u in untuned] + ["baseline seed-to-seed std: " + spread])
+            + "; same-seed rerun of the baseline: " + (f"{same_seed:.4f} nats apart" if same_seed is not None
+                                                        else "not run"))
+    return _claim_row(claim, iv, v, interval_figure(iv, unit=" nats"), note, reason, per_pair=diffs,
+                      per_style=per_style, baseline_std=base_spread, same_seed_noise=same_seed)
 
-    # (b) steps / wall-clock to target
-    cb = CLAIMS[1]
+
+def _steps_claim(claim: Claim, p: Paired) -> dict:
+    """(b) steps (and wall-clock) for SD-MoE to reach the paired baseline's final loss."""
     ratios, walls, unreached = {}, {}, 0
-    for st, s in main_keys:
-        sd, base = by.get((st, "sd-moe", "1", s)), by.get((st, "baseline", "1", s))
+    for pair, sd, base in p.pairs():
         if not sd or not base or base["status"] != "done" or sd["status"] not in ("done", "diverged"):
             continue
         r, w = steps_ratio(sd, base)
         if r is None:
             unreached += 1
             r = 1.0
-        ratios[f"{st}/seed{s}"] = r
+        ratios[pair] = r
         if w is not None:
-            walls[f"{st}/seed{s}"] = w
-    iv, v, reason = judge(ratios, cb.threshold, cb.direction, no_pair)
+            walls[pair] = w
+    iv, v, reason = judge(ratios, claim.threshold, claim.direction, NO_PAIR)
     wiv = _ci(walls.values())
-    note = f"paper: ~{PAPER_STEPS_RATIO}x; wall-clock to target: {_figure(wiv)}"
+    note = f"paper: ~{PAPER_STEPS_RATIO}x; wall-clock to target: {interval_figure(wiv)}"
     if unreached:
         note += f"; {unreached} of {len(ratios)} never reached the baseline's final loss (counted as 1.0)"
     if len(ratios) > 1 and unreached == len(ratios):
         # Every ratio is a lower bound at 1.0: no spread, yet the answer is plain.
         v, reason = stats.NOT_REPRODUCED, ""
-    claims.append(_claim_row(cb, iv, v, _figure(iv, unit="x"), note, reason, per_pair=ratios, wall_ratio=wiv,
-                             wall_per_pair=walls, unreached=unreached))
+    return _claim_row(claim, iv, v, interval_figure(iv, unit="x"), note, reason, per_pair=ratios, wall_ratio=wiv,
+                      wall_per_pair=walls, unreached=unreached)
 
-    # (c) tails' overlap
-    cc = CLAIMS[2]
+
+def _overlap_claim(claim: Claim, p: Paired) -> dict:
+    """(c) the tails' overlap at the last monitor record: below the threshold, and below the baseline
+    experts' own overlap (paired)."""
     tails, gaps, base_ov, k_over_d = {}, {}, {}, None
-    for st, s in main_keys:
-        sd, base = by.get((st, "sd-moe", "1", s)), by.get((st, "baseline", "1", s))
+    for pair, sd, base in p.pairs():
         if sd and sd["monitor"]["tails_overlap"]:
             t = sd["monitor"]["tails_overlap"][-1]
             if t is not None:
-                tails[f"{st}/seed{s}"] = t
+                tails[pair] = t
             k_over_d = sd["monitor"]["baseline"] or k_over_d
         if base and base["monitor"]["param_overlap"] and base["monitor"]["param_overlap"][-1] is not None:
-            base_ov[f"{st}/seed{s}"] = base["monitor"]["param_overlap"][-1]
+            base_ov[pair] = base["monitor"]["param_overlap"][-1]
             k_over_d = base["monitor"]["baseline"] or k_over_d
-            if f"{st}/seed{s}" in tails:
-                gaps[f"{st}/seed{s}"] = base_ov[f"{st}/seed{s}"] - tails[f"{st}/seed{s}"]
+            if pair in tails:
+                gaps[pair] = base_ov[pair] - tails[pair]
     missing = ("no tails' overlap in the monitor records (loop.monitor_every is 0, or later than the runs' "
                "last step)")
-    iv, v_abs, r_abs = judge(tails, cc.threshold, cc.direction, missing)
+    iv, v_abs, r_abs = judge(tails, claim.threshold, claim.direction, missing)
     giv, v_gap, r_gap = judge(gaps, 0.0, +1, missing if not tails else "no baseline experts' overlap to pair with")
     biv = _ci(base_ov.values())
-    if k_over_d is not None and k_over_d >= cc.threshold and v_abs != stats.REPRODUCED:
+    if k_over_d is not None and k_over_d >= claim.threshold and v_abs != stats.REPRODUCED:
         # Random subspaces already overlap this much: missing the threshold says nothing about the method.
         v_abs = stats.NOT_MEASURABLE
-        r_abs = _reasons(r_abs, f"random subspaces already overlap k/d = {_fmt(k_over_d)} >= {cc.threshold:g} at "
-                                "this d, so the absolute threshold cannot be tested; raise d or lower "
+        r_abs = _reasons(r_abs, f"random subspaces already overlap k/d = {fmt_value(k_over_d)} >= {claim.threshold:g} "
+                                "at this d, so the absolute threshold cannot be tested; raise d or lower "
                                 "loop.monitor_rank")
     v = stats.combine([v_abs, v_gap])
-    note = f"random baseline k/d = {_fmt(k_over_d)}; baseline experts' overlap {_figure(biv)}; gap {_figure(giv)}"
-    claims.append(_claim_row(cc, iv, v, _figure(iv), note, _reasons(r_abs, r_gap) if v == stats.NOT_MEASURABLE
-                             else "", per_pair=tails, more_columns={"gap, baseline experts - tails": gaps},
-                             baseline_overlap=biv, gap=giv, random_baseline=k_over_d))
+    note = (f"random baseline k/d = {fmt_value(k_over_d)}; baseline experts' overlap {interval_figure(biv)}; "
+            f"gap {interval_figure(giv)}")
+    return _claim_row(claim, iv, v, interval_figure(iv), note, _reasons(r_abs, r_gap) if v == stats.NOT_MEASURABLE
+                      else "", per_pair=tails, more_columns={"gap, baseline experts - tails": gaps},
+                      baseline_overlap=biv, gap=giv, random_baseline=k_over_d)
 
-    # (d) specialisation
-    cd = CLAIMS[3]
+
+def _specialisation_claim(claim: Claim, p: Paired) -> dict:
+    """(d) I(expert; domain) of the post-hoc analysis, paired; and the de facto shared experts."""
     mi, shared = {}, {}
-    for st, s in main_keys:
-        sd, base = by.get((st, "sd-moe", "1", s)), by.get((st, "baseline", "1", s))
+    for pair, sd, base in p.pairs():
         if sd and base and sd["specialisation"] and base["specialisation"]:
-            mi[f"{st}/seed{s}"] = sd["specialisation"]["domain_mi_normalized"] - base["specialisation"]["domain_mi_normalized"]
-            shared[f"{st}/seed{s}"] = base["specialisation"]["shared_experts"] - sd["specialisation"]["shared_experts"]
-    iv, v, reason = judge(mi, cd.threshold, cd.direction, "no post-hoc analysis (the compare ran with analyze off)"
-                          if not cfg.analyze else "no analysed baseline / SD-MoE pair yet")
-    domains = _domains(runs)
+            mi[pair] = sd["specialisation"]["domain_mi_normalized"] - base["specialisation"]["domain_mi_normalized"]
+            shared[pair] = base["specialisation"]["shared_experts"] - sd["specialisation"]["shared_experts"]
+    iv, v, reason = judge(mi, claim.threshold, claim.direction, "no post-hoc analysis (the compare ran with analyze "
+                          "off)" if not p.cfg.analyze else "no analysed baseline / SD-MoE pair yet")
+    domains = _domains(p.runs)
     if domains is not None and len(domains) < 2:
         # I(expert; domain) of a single domain is 0 for every model: nothing to compare.
         v, reason = stats.NOT_MEASURABLE, (
             f"one domain in the text ({', '.join(domains) or '-'}): I(expert; domain) is 0 for any router; give "
             "two or more domains (--text with one subdirectory per domain, or two files)")
-    claims.append(_claim_row(cd, iv, v, _figure(iv),
-                             f"fewer de facto shared experts (baseline - SD-MoE, all layers): {_figure(_ci(shared.values()), '.2f')}"
-                             if mi else "", reason, per_pair=mi, shared_experts_diff=_ci(shared.values()),
-                             domains=domains))
+    note = (f"fewer de facto shared experts (baseline - SD-MoE, all layers): "
+            f"{interval_figure(_ci(shared.values()), '.2f')}" if mi else "")
+    return _claim_row(claim, iv, v, interval_figure(iv), note, reason, per_pair=mi,
+                      shared_experts_diff=_ci(shared.values()), domains=domains)
 
-    # (e) step time: interleaved steps in fresh processes (timing.json)
-    claims.append(step_time_claim(read_json(out / "timing.json") or {}, CLAIMS[4]))
 
-    # (f) 4x learning rate
-    cf = CLAIMS[5]
+def _step_time_claim(claim: Claim, p: Paired) -> dict:
+    """(e) from the interleaved timing samples (timing.json), not from the runs' own step times."""
+    return step_time_claim(p.timing, claim)
+
+
+def _top_rate_claim(claim: Claim, p: Paired) -> dict:
+    """(f) at the sweep's top rate: SD-MoE does not diverge, and loses less than the baseline going there."""
+    cfg = p.cfg
     top = max(float(m) for m in cfg.lr_multipliers)
-    sweep_keys = [(st, s) for st in cfg.styles[: cfg.lr_sweep_styles] for s in list(seeds)[: cfg.lr_sweep_seeds]]
+    sweep_keys = [(st, s) for st in cfg.styles[: cfg.lr_sweep_styles] for s in list(p.seeds)[: cfg.lr_sweep_seeds]]
     diverged = {"sd-moe": 0, "baseline": 0}
     runs_at_top = {"sd-moe": 0, "baseline": 0}
     tolerance = {}
     for st, s in sweep_keys:
         for variant in ("sd-moe", "baseline"):
-            r = by.get((st, variant, fmt_mult(top), s))
+            r = p.run(st, variant, s, top)
             if r and r["status"] in ("done", "diverged"):
                 runs_at_top[variant] += 1
                 diverged[variant] += r["status"] == "diverged"
-        sd_lo, sd_hi = final(st, "sd-moe", 1.0, s), final(st, "sd-moe", top, s)
-        b_lo, b_hi = final(st, "baseline", 1.0, s), final(st, "baseline", top, s)
+        sd_lo, sd_hi = p.final(st, "sd-moe", s), p.final(st, "sd-moe", s, top)
+        b_lo, b_hi = p.final(st, "baseline", s), p.final(st, "baseline", s, top)
         if None not in (sd_lo, sd_hi, b_lo, b_hi) and all(math.isfinite(x) for x in (sd_lo, sd_hi, b_lo, b_hi)):
-            tolerance[f"{st}/seed{s}"] = (b_hi - b_lo) - (sd_hi - sd_lo)
+            tolerance[_pair_name(st, s)] = (b_hi - b_lo) - (sd_hi - sd_lo)
     iv, v_tol, r_tol = judge(tolerance, 0.0, +1, "no pair finished at both 1x and the top rate on both sides "
                              "(a diverged run has no loss)", "the top rate ran one seed; raise the compare "
                              "setting lr_sweep_seeds to 2 or more")
@@ -470,22 +516,61 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         note = (f"at {fmt_mult(top)}x: SD-MoE diverged in {diverged['sd-moe']} of {runs_at_top['sd-moe']} runs, "
                 f"baseline in {diverged['baseline']} of {runs_at_top['baseline']}; figure: baseline's loss increase "
                 f"minus SD-MoE's (nats)")
-    claims.append(_claim_row(cf, iv, v, _figure(iv, unit=" nats"), note, reason, per_pair=tolerance,
-                             diverged=diverged, top_lr_mult=top))
+    return _claim_row(claim, iv, v, interval_figure(iv, unit=" nats"), note, reason, per_pair=tolerance,
+                      diverged=diverged, top_lr_mult=top)
 
-    # (g) vs the control
-    cg = CLAIMS[6]
-    if "control" in has:
-        diffs = paired("control", "sd-moe")
-        iv, v, reason = judge(diffs, cg.threshold, cg.direction, "no finished control / SD-MoE pair yet")
-        note = "control - baseline: " + _figure(_ci(paired("control", "baseline").values()))
+
+def _control_claim(claim: Claim, p: Paired) -> dict:
+    """(g) SD-MoE against the control: the same reparameterisation with plain gradients."""
+    cfg = p.cfg
+    if "control" in set(cfg.variants) | set(cfg.lr_sweep_variants) | set(cfg.ablations):
+        diffs = p.paired("control", "sd-moe")
+        iv, v, reason = judge(diffs, claim.threshold, claim.direction, "no finished control / SD-MoE pair yet")
+        note = "control - baseline: " + interval_figure(_ci(p.paired("control", "baseline").values()))
     else:
         diffs, iv, v, note = {}, _ci([]), stats.NOT_MEASURABLE, ""
         reason = "the compare ran no control variant; add control to --variants"
-    claims.append(_claim_row(cg, iv, v, _figure(iv, unit=" nats"), note, reason, per_pair=diffs))
+    return _claim_row(claim, iv, v, interval_figure(iv, unit=" nats"), note, reason, per_pair=diffs)
 
+
+
+CLAIMS = (
+    Claim("a", "SD-MoE lowers validation loss vs the plain MoE",
+          "paired difference baseline - SD-MoE of final mean validation loss (nats), per style x seed at the tuned rate",
+          0.0, +1, "loss, baseline - SD-MoE (nats)", _loss_claim),
+    Claim("b", "SD-MoE reaches the baseline's final loss in ~0.7x the steps",
+          "steps at which SD-MoE's eval curve (linear between evaluations, warm-up counted) reaches the paired "
+          "baseline's final loss, / the baseline's steps; not reached counts as 1.0 (a lower bound)",
+          1.0, -1, "steps to the baseline's loss / its steps", _steps_claim),
+    Claim("c", "SD-MoE tails' inter-expert spectral similarity < 0.1, below the baseline's",
+          "mean off-diagonal top-k subspace overlap of the tails at the last monitor record, and paired "
+          "baseline expert overlap - SD-MoE tails overlap", PAPER_OVERLAP, -1, "tails' overlap", _overlap_claim),
+    Claim("d", "experts specialise more (domain information, fewer de facto shared experts)",
+          "paired difference SD-MoE - baseline of the normalised mutual information I(expert; domain), "
+          "mean over layers, on the validation text", 0.0, +1, "I(expert; domain), SD-MoE - baseline",
+          _specialisation_claim),
+    Claim("e", "minimal extra compute (step time <= ~1.05x)",
+          "SD-MoE / baseline step time, the two training steps interleaved A B A B in several fresh processes "
+          "(split at step 0); one process's median ratio over its rounds is one sample; on process CPU time "
+          "when wall time spreads more; inconclusive while either side's own spread is wider than the ratio's "
+          "distance to the threshold", STEP_TIME_LIMIT, -1, "step time, SD-MoE / baseline", _step_time_claim),
+    Claim("f", "stable at 4x the tuned learning rate",
+          "no divergence at 4x, and the loss lost going 1x -> 4x smaller than the baseline's (paired, nats)",
+          0.0, +1, "loss lost 1x -> 4x, baseline - SD-MoE (nats)", _top_rate_claim),
+    Claim("g", "the gain is the spectral split's, not the reparameterisation's",
+          "paired difference control (W_s + T_i, plain gradients) - SD-MoE of final mean validation loss", 0.0, +1,
+          "loss, control - SD-MoE (nats)", _control_claim),
+)
+CLAIMS_BY_KEY = {c.key: c for c in CLAIMS}
+
+
+def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
+    """The compare in `out` as one JSON-able dict: the headline, every claim's row, the tables, every run."""
+    p = Paired.read(out, cfg)
+    runs = p.runs
+    claims = [claim.row(p) for claim in CLAIMS]
     n_done = sum(r["status"] == "done" for r in runs.values())
-    lr = next((r["lr"] for r in runs.values() if r["variant"] == "baseline" and r["lr_mult"] == 1.0 and r["lr"]),
+    lr = next((r["lr"] for r in runs.values() if r["variant"] == "baseline" and r["lr_mult"] == TUNED and r["lr"]),
               None)
     return {
         "headline": headline(claims, cfg, lr, n_done, len(runs)),
@@ -494,11 +579,11 @@ def summarize(out: Path, cfg: CompareConfig) -> dict[str, Any]:
         "n_done": n_done,
         "n_diverged": sum(r["status"] == "diverged" for r in runs.values()),
         "claims": claims,
-        "variants": _variant_table(cfg, by, seeds),
-        "domains": _domain_table(cfg, by, seeds),
-        "lr_sweep": _lr_table(cfg, by, seeds),
-        "ablations": _ablation_table(cfg, by, seeds),
-        "parameters": _param_table(cfg, by),
+        "variants": _variant_table(p),
+        "domains": _domain_table(p),
+        "lr_sweep": _lr_table(p),
+        "ablations": _ablation_table(p),
+        "parameters": _param_table(p),
         "runs": list(runs.values()),
     }
 
@@ -525,34 +610,34 @@ def headline(claims: list[dict], cfg: CompareConfig, lr: float | None, n_done: i
     return f"SD-MoE vs the plain MoE ({', '.join(setting)}): {', '.join(parts)}{loss}{done}."
 
 
-def _variant_table(cfg, by, seeds) -> list[dict]:
+def _variant_table(p: Paired) -> list[dict]:
     rows = []
-    for st in cfg.styles:
-        for variant in cfg.variants:
-            finals = [by[k]["final_mean"] for s in seeds if (k := (st, variant, "1", s)) in by
-                      and by[k]["status"] in ("done", "diverged")]
+    for st in p.cfg.styles:
+        for variant in p.cfg.variants:
+            finals = [r["final_mean"] for s in p.seeds if (r := p.run(st, variant, s))
+                      and r["status"] in ("done", "diverged")]
             iv = _ci(finals)
-            walls = [by[k]["wall_s"] for s in seeds if (k := (st, variant, "1", s)) in by and by[k]["wall_s"]]
+            walls = [r["wall_s"] for s in p.seeds if (r := p.run(st, variant, s)) and r["wall_s"]]
             rows.append({"style": st, "variant": variant, "n": iv["n"], "val_loss": iv["mean"], "lo": iv["lo"],
                          "hi": iv["hi"], "std": iv["std"], "wall_s": _mean(walls)})
     return rows
 
 
-def _domain_table(cfg, by, seeds) -> list[dict]:
+def _domain_table(p: Paired) -> list[dict]:
     """Per style, domain and variant: mean loss, perplexity and its CI over seeds; paired diff vs baseline."""
     rows = []
-    for st in cfg.styles:
+    for st in p.cfg.styles:
         domains = []
-        for s in seeds:
-            r = by.get((st, "baseline", "1", s))
+        for s in p.seeds:
+            r = p.run(st, "baseline", s)
             if r and r["final"]:
                 domains = [d for d in r["final"] if d != "mean"]
                 break
         for d in domains:
-            for variant in cfg.variants:
+            for variant in p.cfg.variants:
                 vals, diffs = [], []
-                for s in seeds:
-                    r, b = by.get((st, variant, "1", s)), by.get((st, "baseline", "1", s))
+                for s in p.seeds:
+                    r, b = p.run(st, variant, s), p.run(st, "baseline", s)
                     if r and r["status"] == "done" and r["final"] and d in r["final"]:
                         vals.append(r["final"][d])
                         if variant != "baseline" and b and b["status"] == "done" and b["final"]:
@@ -567,13 +652,14 @@ def _domain_table(cfg, by, seeds) -> list[dict]:
     return rows
 
 
-def _lr_table(cfg, by, seeds) -> list[dict]:
+def _lr_table(p: Paired) -> list[dict]:
+    cfg = p.cfg
     rows = []
     for st in cfg.styles[: cfg.lr_sweep_styles]:
-        sweep_seeds = list(seeds)[: cfg.lr_sweep_seeds]
+        sweep_seeds = list(p.seeds)[: cfg.lr_sweep_seeds]
         for variant in cfg.lr_sweep_variants:
             for m in sorted(float(x) for x in cfg.lr_multipliers):
-                rs = [by.get((st, variant, fmt_mult(m), s)) for s in sweep_seeds]
+                rs = [p.run(st, variant, s, m) for s in sweep_seeds]
                 rs = [r for r in rs if r and r["status"] in ("done", "diverged")]
                 finite = [r["final_mean"] for r in rs if math.isfinite(r["final_mean"])]
                 rows.append({"style": st, "variant": variant, "lr_mult": m, "lr": rs[0]["lr"] if rs else None,
@@ -588,26 +674,26 @@ def _lr_table(cfg, by, seeds) -> list[dict]:
     return rows
 
 
-def _ablation_table(cfg, by, seeds) -> list[dict]:
+def _ablation_table(p: Paired) -> list[dict]:
+    cfg = p.cfg
     names = [v for v in cfg.variants if v != "baseline"] + [f"rank-{r}" for r in cfg.rank_sweep] + list(cfg.ablations)
     rows = []
     for variant in dict.fromkeys(names):
         vs_base, vs_sd, tails, times, n = [], [], [], [], 0
-        for st in cfg.styles:
-            for s in seeds:
-                r, b, sd = (by.get((st, v, "1", s)) for v in (variant, "baseline", "sd-moe"))
-                if not r or r["status"] not in ("done", "diverged"):
-                    continue
-                n += 1
-                if b and b["status"] == "done" and math.isfinite(r["final_mean"]):
-                    vs_base.append(b["final_mean"] - r["final_mean"])
-                    if r["status"] == "done" and b["status"] == "done":
-                        t = median_step_time(r, r["split_step"]) / median_step_time(b, r["split_step"])
-                        times.append(t)
-                if sd and sd is not r and sd["status"] == "done" and math.isfinite(r["final_mean"]):
-                    vs_sd.append(sd["final_mean"] - r["final_mean"])
-                if r["monitor"]["tails_overlap"] and r["monitor"]["tails_overlap"][-1] is not None:
-                    tails.append(r["monitor"]["tails_overlap"][-1])
+        for st, s in p.main_keys:
+            r, b, sd = (p.run(st, v, s) for v in (variant, "baseline", "sd-moe"))
+            if not r or r["status"] not in ("done", "diverged"):
+                continue
+            n += 1
+            if b and b["status"] == "done" and math.isfinite(r["final_mean"]):
+                vs_base.append(b["final_mean"] - r["final_mean"])
+                if r["status"] == "done" and b["status"] == "done":
+                    t = median_step_time(r, r["split_step"]) / median_step_time(b, r["split_step"])
+                    times.append(t)
+            if sd and sd is not r and sd["status"] == "done" and math.isfinite(r["final_mean"]):
+                vs_sd.append(sd["final_mean"] - r["final_mean"])
+            if r["monitor"]["tails_overlap"] and r["monitor"]["tails_overlap"][-1] is not None:
+                tails.append(r["monitor"]["tails_overlap"][-1])
         if n == 0:
             continue
         a, c = _ci(vs_base), _ci(vs_sd)
@@ -618,9 +704,9 @@ def _ablation_table(cfg, by, seeds) -> list[dict]:
     return rows
 
 
-def _param_table(cfg, by) -> list[dict]:
+def _param_table(p: Paired) -> list[dict]:
     rows, seen = [], set()
-    for (st, variant, mult, _s), r in sorted(by.items(), key=lambda kv: str(kv[0])):
+    for (st, variant, _mult, _s), r in sorted(p.by.items(), key=lambda kv: str(kv[0])):
         if (st, variant) in seen or r["trainable_parameters"] is None:
             continue
         seen.add((st, variant))
@@ -667,7 +753,7 @@ def summary_text(summary: dict) -> str:
                  + (f", {summary['n_diverged']} diverged" if summary["n_diverged"] else ""))
     done = [r for r in summary["runs"] if r["status"] == "done" and r.get("unigram_entropy")]
     for variant in ("baseline", "sd-moe"):
-        finals = [r["final_mean"] for r in done if r["variant"] == variant and r["lr_mult"] == 1.0]
+        finals = [r["final_mean"] for r in done if r["variant"] == variant and r["lr_mult"] == TUNED]
         if finals:
             lines.append(f"  {variant}: mean validation loss {statistics.mean(finals):.3f} nats/token over "
                          f"{len(finals)} runs; unigram entropy of the corpus {done[0]['unigram_entropy']:.3f} nats/token")

@@ -23,10 +23,19 @@ from typing import Any
 from sdmoe.config_fields import changed_settings
 from sdmoe.errors import UserError
 from sdmoe.experiments.grid import CompareConfig, RunSpec, plan
-from sdmoe.files import DirLock, json_safe, load_json, probe_writable, read_json, tmp_file_name, write_json_atomic
+from sdmoe.files import (
+    DirLock,
+    json_safe,
+    probe_writable,
+    read_json_or_none,
+    read_json_strict,
+    tmp_file_name,
+    write_json_atomic,
+)
+from sdmoe.train.run_record import read_run_record
 
 COMPARE_FILE = "compare.json"
-RUN_FILE = "compare_run.json"
+COMPARE_RUN_FILE = "compare_run.json"  # beside train's own run.json (`sdmoe.train.run_record`)
 ANALYSIS_FILE = "analysis.json"
 
 
@@ -67,7 +76,7 @@ def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
 def _saved_config(out: Path) -> dict | None:
     """The config in out/compare.json; None when there is none; a UserError when it is corrupt."""
     fix = "restore it, or start the compare again in another --out"
-    saved = load_json(out / COMPARE_FILE, fix=fix)
+    saved = read_json_strict(out / COMPARE_FILE, fix=fix)
     if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
         raise UserError(f"{out / COMPARE_FILE} holds no compare config; {fix}")
     return saved["config"] if saved is not None else None
@@ -90,19 +99,17 @@ def _probes(cfg: CompareConfig, specs: list[RunSpec]) -> list[str]:
         return top
     spec = max(specs, key=lambda s: len(s.run_id.encode("utf-8", "surrogateescape")))
     run = f"runs/{spec.run_id}"
-    return top + [f"{run}/{tmp_file_name(n)}" for n in (RUN_FILE, ANALYSIS_FILE)] + \
+    return top + [f"{run}/{tmp_file_name(n)}" for n in (COMPARE_RUN_FILE, ANALYSIS_FILE)] + \
         [f"{run}/{p}" for p in run_dir_probes(spec.run_config(cfg).loop.steps)]
 
 
 def run_state(run_dir: Path) -> str:
     """"done" | "diverged" | "partial" (resumable) | "new"."""
-    mine = read_json(run_dir / RUN_FILE) or {}
+    mine = read_json_or_none(run_dir / COMPARE_RUN_FILE) or {}
     if mine.get("status") == "diverged":
         return "diverged"
     # Strict: a corrupt run.json would otherwise read as "new", and a new run's directory is cleared.
-    run = load_json(run_dir / "run.json", fix=f"delete {run_dir} to train that run again")
-    if not isinstance(run, (dict, type(None))):
-        raise UserError(f"{run_dir / 'run.json'} holds no run record; delete {run_dir} to train that run again")
+    run = read_run_record(run_dir, strict=True, fix=f"delete {run_dir} to train that run again")
     if run is not None and run.get("status") == "done":
         return "done"
     if run is not None:
@@ -177,7 +184,7 @@ def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets
     state = run_state(run_dir)
     rc = spec.run_config(cfg)
     rc.loop.device = device  # where it runs is not part of the grid: a compare may move between machines
-    mine = read_json(run_dir / RUN_FILE) or {}
+    mine = read_json_or_none(run_dir / COMPARE_RUN_FILE) or {}
     record = {"run_id": spec.run_id, "action": "skipped" if state in ("done", "diverged") else state,
               "wall_s": mine.get("wall_s", 0.0)}
     ds = None
@@ -198,7 +205,7 @@ def _train_one(spec: RunSpec, cfg: CompareConfig, out: Path, datasets: _Datasets
             "wall_s": wall, "resumes": mine.get("resumes", -1) + 1,
             "trainable_parameters_after_split": trainable_after_split(rc, ds.vocab_size),
         }
-        write_json_atomic(run_dir / RUN_FILE, mine)
+        write_json_atomic(run_dir / COMPARE_RUN_FILE, mine)
         record.update(action="trained" if state == "new" else "resumed", wall_s=wall)
         if status == "diverged":
             record["action"] = "diverged"
@@ -279,49 +286,32 @@ def per_text_config(cfg: CompareConfig, domain: str) -> CompareConfig:
                          analyze=False, rerun_baseline=False, timing_processes=0)
 
 
-def _text_row(label: str, runs: list[dict], style: str) -> dict[str, Any]:
-    """One text's paired gain (baseline - SD-MoE final loss, by seed, at 1x) from a compare's run records."""
-    from sdmoe.experiments import stats
-    from sdmoe.experiments.claims import paired_gains
-
-    iv = stats.t_interval(list(paired_gains(runs, style, "sd-moe").values()))
-    widthless = iv.n >= 2 and iv.lo == iv.hi
-    verdict = stats.NOT_MEASURABLE if iv.n < 2 or widthless else stats.verdict(iv.lo, iv.hi)
-    base = next((r for r in runs if r["style"] == style and r["variant"] == "baseline" and r["lr_mult"] == 1.0
-                 and r.get("passes") is not None), {})
-    figure = "-" if iv.n == 0 else (f"{iv.mean:+.3f}" + (f" [{iv.lo:+.3f}, {iv.hi:+.3f}]" if iv.n >= 2 else
-                                                        " (one pair, no interval)"))
-    return {"text": label, "train_tokens": base.get("train_tokens"), "passes": base.get("passes"), "n": iv.n,
-            "mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "figure": figure, "verdict": verdict,
-            "badge": stats.BADGE[verdict]}
-
-
 def per_text_rows(out: Path, cfg: CompareConfig, summary: dict) -> tuple[list[dict], str]:
     """The gain per text (the whole text from this compare, each domain from its sub-compare) and one
     sentence that says where SD-MoE lowered the loss."""
-    from sdmoe.experiments.claims import load_run
+    from sdmoe.experiments import stats
+    from sdmoe.experiments.claims import load_run, text_gain_row
 
     style = cfg.styles[0]
-    rows = [_text_row("all domains (the mix)", summary["runs"], style)]
+    rows = [text_gain_row("all domains (the mix)", summary["runs"], style)]
     texts = out / TEXTS_DIR
     for sub_dir in sorted(p for p in texts.iterdir() if p.is_dir()) if texts.is_dir() else []:
         sub_cfg = load_compare_config(sub_dir) if (sub_dir / "compare.json").is_file() else None
         if sub_cfg is None:
             continue
         runs = [load_run(sub_dir / "runs" / spec.run_id, spec) for spec in plan(sub_cfg)]
-        rows.append(_text_row(sub_dir.name, runs, style))
-    said = {v: [r["text"] for r in rows if r["verdict"] == v] for v in ("reproduced", "not reproduced",
-                                                                          "inconclusive", "not measurable")}
+        rows.append(text_gain_row(sub_dir.name, runs, style))
+    said = {v: [r["text"] for r in rows if r["verdict"] == v] for v in stats.VERDICTS}
     parts = []
-    if said["reproduced"]:
+    if said[stats.REPRODUCED]:
         parts.append("lowered the validation loss on " + ", ".join(
-            f"{r['text']} ({r['figure']} nats)" for r in rows if r["verdict"] == "reproduced"))
-    if said["not reproduced"]:
-        parts.append("raised the validation loss on " + ", ".join(said["not reproduced"]))
-    if said["inconclusive"]:
-        parts.append("made no difference beyond the seed-to-seed noise on " + ", ".join(said["inconclusive"]))
-    if said["not measurable"]:
-        parts.append("has too few finished pairs to say on " + ", ".join(said["not measurable"]))
+            f"{r['text']} ({r['figure']} nats)" for r in rows if r["verdict"] == stats.REPRODUCED))
+    if said[stats.NOT_REPRODUCED]:
+        parts.append("raised the validation loss on " + ", ".join(said[stats.NOT_REPRODUCED]))
+    if said[stats.INCONCLUSIVE]:
+        parts.append("made no difference beyond the seed-to-seed noise on " + ", ".join(said[stats.INCONCLUSIVE]))
+    if said[stats.NOT_MEASURABLE]:
+        parts.append("has too few finished pairs to say on " + ", ".join(said[stats.NOT_MEASURABLE]))
     return rows, f"SD-MoE {'; '.join(parts)} ({style}, {cfg.seeds} paired seeds, train preset {cfg.preset})."
 
 
@@ -335,7 +325,7 @@ def _measure_step_times(cfg: CompareConfig, specs: list[RunSpec], out: Path, dat
 
     if cfg.timing_processes == 0:
         return
-    saved = read_json(out / TIMING_FILE) or {}
+    saved = read_json_or_none(out / TIMING_FILE) or {}
     for style in cfg.styles:
         pair = {s.variant: s for s in specs if s.style == style and s.lr_mult == 1.0 and s.seed == 0
                 and s.variant in ("baseline", "sd-moe")}

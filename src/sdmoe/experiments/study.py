@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmoe.errors import UserError
-from sdmoe.experiments.claims import load_run, paired_gains
+from sdmoe.experiments.claims import TUNED, gain_figure, load_run, paired_gains
 from sdmoe.experiments.grid import CompareConfig, fmt_mult, plan
 from sdmoe.experiments.stats import t_interval
 from sdmoe.files import write_json_atomic, write_text_atomic
@@ -99,7 +99,7 @@ def cell_result(cell: Cell, out: Path, seeds: int = 3) -> dict[str, Any]:
     style = runs[0]["style"]
     gains = {v: t_interval(list(paired_gains(runs, style, v).values())) for v in cell.variants if v != "baseline"}
     done = [r for r in runs if r["status"] == "done"]
-    base = {r["seed"]: r for r in done if r["variant"] == "baseline" and r["lr_mult"] == 1.0}
+    base = {r["seed"]: r for r in done if r["variant"] == "baseline" and r["lr_mult"] == TUNED}
     passes = [r["passes"] for r in base.values() if r["passes"] is not None]
     rerun = next((r for r in done if r["variant"] == "baseline-rerun"), None)
     same_seed = None if rerun is None or 0 not in base else abs(rerun["final_mean"] - base[0]["final_mean"])
@@ -137,14 +137,6 @@ def write_study(out: Path, factors: list[str], sizes: tuple[int, ...] = (64, 96,
     return payload
 
 
-def _gain_text(g: dict) -> str:
-    if not g or g["n"] == 0:
-        return "-"
-    if g["n"] < 2:
-        return f"{g['mean']:+.3f} (1 seed)"
-    return f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
-
-
 def study_markdown(results: list[dict]) -> str:
     lines = ["# When does SD-MoE help?", "",
              "Gain = the plain MoE's final validation loss - the variant's (nats/token), paired by seed, mean "
@@ -162,7 +154,8 @@ def study_markdown(results: list[dict]) -> str:
             passes = f"{r['passes']:.2f}" if r["passes"] is not None else "-"
             noise = f"{r['same_seed_noise']:.4f}" if r["same_seed_noise"] is not None else "-"
             lines.append(f"| {r['label']} | {r['text']} | {passes} | {r['steps']} | {r['baseline_loss']:.3f} | "
-                         + " | ".join(_gain_text(r["gains"].get(v, {})) for v in variants)
+                         + " | ".join(gain_figure(r["gains"].get(v, {}), one="1 seed", what="seeds")
+                                      for v in variants)
                          + f" | {r['baseline_best_rate'] or '-'} | {noise} |")
         lines.append("")
     return "\n".join(lines)

@@ -43,45 +43,29 @@ SPREAD_COVERAGE = 95.0  # a side's own spread: the central 95% of its rounds
 
 
 def training_step(cfg, data) -> Callable[[], None]:
-    """One full optimizer step of `cfg` (forward, loss, backward, SD-MoE split, clip, AdamW) per call, on the
-    run's own device and precision (`loop.device`, `loop.precision`), as `sdmoe train` would take it; on a
-    GPU each call waits for its work, so a step's time is the step's, not its launch's."""
-    import torch
+    """One full optimizer step of `cfg` per call: `sdmoe train`'s own `TrainStep` (forward, loss and balance
+    loss, backward, and in the optimizer step's hooks the SD-MoE split, the clip, the shared update and the
+    bias update), on the run's own device and precision (`loop.device`, `loop.precision`). SD-MoE splits at
+    the first call, so every timed step carries its whole overhead; on a GPU each call waits for its work, so
+    a step's time is the step's, not its launch's."""
+    import dataclasses
 
-    from sdmoe.device import autocast, resolve_device, synchronize
-    from sdmoe.eval.perplexity import causal_lm_loss
-    from sdmoe.method import SDMoE
+    from sdmoe.device import resolve_device, synchronize
     from sdmoe.models import build_model
     from sdmoe.train.optim import build_optimizer
+    from sdmoe.train.step import TrainStep
 
     device = resolve_device(cfg.loop.device)
-    amp = autocast(cfg.loop.precision, device)
+    cfg = dataclasses.replace(cfg, sdmoe=dataclasses.replace(cfg.sdmoe, split_step=0))
     model = build_model(cfg.model, len(data.tokenizer), seed=cfg.loop.seed, eos_token_id=data.tokenizer.eos_token_id,
                         device=device)
     optimizer = build_optimizer(model, cfg.optim)
-    controller = None
-    if cfg.method == "sd-moe":
-        controller = SDMoE(model, cfg.sdmoe)
-        controller.split()
-        controller.bind_optimizer(optimizer)
+    train_step = TrainStep(cfg, model, optimizer, device)
+    model.train()
     step = [0]
 
     def run() -> None:
-        input_ids = data.train.sample(step[0])[0].to(device)
-        with amp:
-            out = model(input_ids=input_ids)
-            loss = causal_lm_loss(out.logits, input_ids)
-            if getattr(out, "aux_loss", None) is not None:
-                loss = loss + cfg.model.aux_loss_coef * out.aux_loss
-        loss.backward()
-        if controller is not None:
-            controller.after_backward(step[0])
-            controller.clip_grad_norm_(cfg.optim.grad_clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        if controller is not None:
-            controller.after_optimizer_step(step[0])
+        train_step(data.train.sample(step[0])[0].to(device))
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         step[0] += 1

@@ -5,24 +5,25 @@
     trainer_config = trainer_config.with_callback("sdmoe", SDMoECallback(cfg=SDMoEConfig(split_step=100)))
 
 The model stays OLMo-core's own Transformer (its MoE blocks' `experts.mlp.w1/w2/w3` are the experts'
-weights); the callback calls the controller's three events from OLMo-core's callback events:
+weights); SD-MoE runs in `sdmoe.attach`'s hooks on `train_module.optim` and the model, which the
+callback sets up from OLMo-core's callback events:
 
-    pre_train        build the controller on `train_module.model`; take the clipping over;
-                     a resume's SD-MoE state (loaded before pre_train) is applied here
-    pre_step         `before_forward`: at split_step, split and bind `train_module.optim`
-    [forward, backward: train_module.train_batch]
-    pre_optim_step   `after_backward` (the gradient split), then the clip, then the monitor when due
-    [train_module.optim_step: LR schedule, optimizer step]
-    post_train_batch `after_optimizer_step`: the shared update folded into the experts. The callback's
-                     priority (10) runs it before the checkpointer's post_train_batch (priority 1),
-                     so a checkpoint holds the folded weights.
+    pre_train        `sdmoe.attach` on `train_module.model` and `train_module.optim`; the clipping taken
+                     over; a resume's SD-MoE state (loaded before pre_train) is applied here
+    pre_step         the driver's step count follows the trainer's
+    [forward: at split_step the driver splits and binds the optimizer; backward]
+    pre_optim_step   the spectral monitor when due
+    [train_module.optim_step: LR schedule; optimizer.step(), whose hooks split the gradients, clip,
+     and fold the shared update into the experts]
+    post_train_batch the clipped norm recorded as "optim/total grad norm"; the checkpointer's
+                     post_train_batch (priority 1) runs after this callback's (10) and so after the fold
 
 Steps: OLMo-core's `global_step` counts from 1 and is incremented before `pre_step`; the controller's
 steps count from 0 (`global_step - 1`), so split_step=100 splits before OLMo-core's step 101.
 
 Clipping follows the split, as in `sdmoe train`: at pre_train the callback stores the train module's
-`max_grad_norm`, sets it to None (restored at post_train) and clips the model's and the shared parts'
-gradients itself, recording "optim/total grad norm" as OLMo-core would.
+`max_grad_norm`, sets it to None (restored at post_train) and gives it to the driver, which clips the
+model's and the shared parts' gradients after the split; the norm is recorded as OLMo-core would.
 
 Checkpoints: OLMo-core saves each callback's `state_dict()` with the trainer state (train/rank*.pt)
 and loads the model and optimizer before the callbacks' state, so the callback binds the loaded
@@ -43,6 +44,7 @@ import torch
 from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.errors import UserError
 from sdmoe.method import SDMoE, SDMoEConfig
+from sdmoe.method.driver import Attached, attach
 
 try:  # the extra: pip install "sdmoe[olmo-core]"
     from olmo_core.optim.skip_step_optimizer import SkipStepOptimizer
@@ -74,10 +76,14 @@ class SDMoECallback(Callback):
         if self.cfg.lr_tail_mult != 1.0:
             raise UserError(f"lr_tail_mult={self.cfg.lr_tail_mult} with OLMo-core: set lr_tail_mult=1 (a separate "
                             "tails' rate adds a param group OLMo-core's optimizer checkpoints do not know)")
-        self.controller: SDMoE | None = None
+        self.handle: Attached | None = None
         self.split_record: dict | None = None
         self._pending_state: dict | None = None
         self._max_grad_norm: float | None = None
+
+    @property
+    def controller(self) -> SDMoE | None:
+        return None if self.handle is None else self.handle.controller
 
     # -- set-up -----------------------------------------------------------------------------
     @property
@@ -93,14 +99,15 @@ class SDMoECallback(Callback):
 
     def pre_train(self):
         tm = self._train_module
-        if self.controller is None:
-            self.controller = SDMoE(tm.model, self.cfg)
-        if self._pending_state is not None:
-            sd, self._pending_state = self._pending_state, None
-            split = sd.get("split_done")
-            self.controller.load_state_dict(sd, self._optim() if split else None, optimizer_loaded=True)
         if self.clip_after_split and getattr(tm, "max_grad_norm", None):
             self._max_grad_norm, tm.max_grad_norm = float(tm.max_grad_norm), None
+        if self.handle is None:
+            # the controller's steps count from 0: OLMo-core's global_step counts the steps already taken
+            self.handle = attach(tm.model, self._optim(), self.cfg, max_norm=self._max_grad_norm, step=self.step)
+            self.handle.on("split", self._on_split)
+        if self._pending_state is not None:
+            sd, self._pending_state = self._pending_state, None
+            self.handle.load_state_dict(sd, optimizer_loaded=True)  # the optimizer's state is loaded already
 
     def post_train(self):
         if self._max_grad_norm is not None:
@@ -108,32 +115,21 @@ class SDMoECallback(Callback):
 
     # -- the step ------------------------------------------------------------------------------
     def pre_step(self, batch: dict[str, Any]):
-        ctl = self.controller
-        if ctl is None or ctl.split_done:
-            return
-        step = self.step - 1
-        record = ctl.before_forward(step, self._optim() if step >= self.cfg.split_step else None)
-        if record is not None:
-            self.split_record = record
-            self.trainer.record_metric("split_at", float(step), namespace="sdmoe")
+        if self.handle is not None:
+            self.handle.step = self.step - 1  # global_step is incremented before pre_step
+
+    def _on_split(self, step: int, record: dict) -> None:
+        self.split_record = record
+        self.trainer.record_metric("split_at", float(step), namespace="sdmoe")
 
     def pre_optim_step(self):
-        ctl = self.controller
-        if ctl is None:
-            return
-        step = self.step - 1
-        ctl.after_backward(step)
-        if self._max_grad_norm is not None:
-            norm = ctl.clip_grad_norm_(self._max_grad_norm)
-            self.trainer.record_metric("total grad norm", norm, reduce_type=None, namespace="optim")
-        if self.monitor_every and self.step % self.monitor_every == 0:
-            for k, v in spectral_snapshot(ctl.model, self.monitor_rank).items():
+        if self.handle is not None and self.monitor_every and self.step % self.monitor_every == 0:
+            for k, v in spectral_snapshot(self.handle.model, self.monitor_rank).items():
                 self.trainer.record_metric(k, v, namespace="sdmoe")
 
     def post_train_batch(self):
-        ctl = self.controller
-        if ctl is not None and ctl.split_done:
-            ctl.after_optimizer_step(self.step - 1)
+        if self.handle is not None and self._max_grad_norm is not None and self.handle.grad_norm is not None:
+            self.trainer.record_metric("total grad norm", self.handle.grad_norm, reduce_type=None, namespace="optim")
 
     # -- checkpoints: OLMo-core saves this with the trainer state ----------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -11,14 +11,14 @@ In a torchtitan config file (a function returning the Trainer's config):
 
 or, in a script that builds the Trainer itself: `attach(trainer, SDMoEConfig(...))` after building it.
 
-The hooks sit where torchtitan puts its own MoE bias update (an optimizer step pre-hook on the
-OptimizersContainer), one before and one after the step:
+The hooks are `sdmoe.attach`'s, on torchtitan's OptimizersContainer, where torchtitan puts its own
+MoE bias update (an optimizer step pre-hook), and on the model part:
 
-    forward pre-hook (model)       `before_forward`: at split_step, split and bind the optimizer
+    forward pre-hook (model)       at split_step, split and bind the optimizer
     [forward, backward; torchtitan's clip_grad_norm_, disarmed: see below]
-    optimizer step pre-hook        `after_backward` (the gradient split), then the clip
+    optimizer step pre-hook        the gradient split, then the clip
     [the optimizers' step]
-    optimizer step post-hook       `after_optimizer_step`: the shared update folded into the experts
+    optimizer step post-hook       the shared update folded into the experts
     [the LR schedulers' step]
 
 Clipping follows the split, as in `sdmoe train`: `attach` takes `training.max_norm` over (torchtitan
@@ -46,8 +46,7 @@ import torch
 from torch import nn
 
 from sdmoe.errors import UserError
-from sdmoe.method import SDMoE, SDMoEConfig
-from sdmoe.method.hooks import SDMoEHook
+from sdmoe.method import SDMoEConfig, driver
 
 try:  # the extra: pip install "sdmoe[torchtitan]"
     import tyro
@@ -62,20 +61,8 @@ __all__ = ["SDMoETorchtitan", "SDMoETrainer", "attach"]
 STATE_KEY = "sdmoe"
 
 
-class _BeforeForward(SDMoEHook):
-    """Forward pre-hook on the model: `before_forward` of the coming optimizer step (idempotent, so
-    gradient accumulation's several forwards per step are fine). An SDMoEHook: `export` removes it."""
-
-    def __init__(self, owner: SDMoETorchtitan):
-        self.owner = owner
-
-    def __call__(self, module, args):
-        if module.training:
-            self.owner.before_forward()
-
-
 class SDMoETorchtitan(Stateful):
-    """An SDMoE controller on a torchtitan model part, driven by hooks on its OptimizersContainer.
+    """SD-MoE on a torchtitan model part, driven by `sdmoe.attach`'s hooks on its OptimizersContainer.
 
     model: the (single) model part; optimizers: torchtitan's OptimizersContainer (or any
     torch.optim.Optimizer that steps the experts); max_norm: the clip after the split (0 = none).
@@ -88,43 +75,25 @@ class SDMoETorchtitan(Stateful):
                             "rate adds a param group torchtitan's LR schedulers and checkpoints do not know)")
         self.model, self.optimizers, self.cfg = model, optimizers, cfg
         self.max_norm = float(max_norm or 0.0)
-        self.controller = SDMoE(model, cfg)
-        self.step = 0
-        self.last_norm: torch.Tensor | None = None  # the clipped vector's norm (model + shared parts)
-        self._handles = [model.register_forward_pre_hook(_BeforeForward(self)),
-                         optimizers.register_step_pre_hook(lambda *_: self.after_backward()),
-                         optimizers.register_step_post_hook(lambda *_: self.after_optimizer_step())]
+        self.handle = driver.attach(model, optimizers, cfg, max_norm=self.max_norm or None)
+        self.controller = self.handle.controller
 
-    # -- the events ------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.handle.step
+
+    @property
+    def last_norm(self) -> torch.Tensor | None:
+        """The clipped vector's norm (model + shared parts) of the last step."""
+        return self.handle.grad_norm
+
     def host_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer that steps the experts (one of the container's `optimizers`)."""
-        inner = getattr(self.optimizers, "optimizers", None) or [self.optimizers]
-        experts = {id(p) for b in self.controller.blocks for p in b.host_parameters()}
-        for opt in inner:
-            if any(id(p) in experts for g in opt.param_groups for p in g["params"]):
-                return opt
-        raise UserError("no optimizer of the container holds the experts' weights; build the optimizers from "
-                        "the model part SD-MoE was attached to")
-
-    def before_forward(self) -> None:
-        ctl = self.controller
-        if not ctl.split_done:
-            ctl.before_forward(self.step, self.host_optimizer() if self.step >= self.cfg.split_step else None)
-
-    def after_backward(self) -> None:
-        self.controller.after_backward(self.step)
-        if self.max_norm > 0:
-            self.last_norm = self.controller.clip_grad_norm_(self.max_norm)
-
-    def after_optimizer_step(self) -> None:
-        self.controller.after_optimizer_step(self.step)
-        self.step += 1
+        return self.handle.host_optimizer()
 
     def remove(self) -> None:
         """Remove the hooks (the controller stays; `sdmoe.method.export(model)` ends it)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.handle.detach()
 
     # -- Stateful, for torchtitan's checkpointer -----------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -139,11 +108,8 @@ class SDMoETorchtitan(Stateful):
         if self.controller.split_done:
             raise UserError("SD-MoE state loaded after the split; load the checkpoint before the first training "
                             "forward (torchtitan's Trainer.train() does)")
-        self.step = int(sd["step"])
         # the optimizers' own state is loaded by the same checkpoint: keep the experts' moments
-        split = sd["controller"].get("split_done")
-        self.controller.load_state_dict(sd["controller"], self.host_optimizer() if split else None,
-                                        optimizer_loaded=True)
+        self.handle.load_state_dict({**sd["controller"], "step": int(sd["step"])}, optimizer_loaded=True)
 
 
 def attach(trainer: Trainer, cfg: SDMoEConfig) -> SDMoETorchtitan:

@@ -4,29 +4,29 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SDMoECallback(SDMoEConfig(split_step=100))])
     trainer.train(); SDMoECallback.export(trainer.model)   # or sdmoe.method.export(model)
 
-The model stays the Trainer's plain model throughout; the callback calls the controller's
-three events (transformers 5.x events):
+The model stays the Trainer's plain model throughout; SD-MoE runs in hooks on the
+Trainer's (unwrapped) optimizer and model, `sdmoe.attach`, as in every other caller.
+The callback only sets them up and reports (transformers 5.x events):
 
     on_init_end           split_step == 0: split now, before accelerate wraps the model
-    on_train_begin        a model split already: bind the Trainer's optimizer
-    on_step_begin         `before_forward`: at split_step, split and bind the real optimizer
-                          (accelerate's AcceleratedOptimizer unwrapped); with lr_tail_mult != 1 the
-                          LR scheduler is told about the experts' new group (base_lrs / lr_lambdas)
-    [forward, backward, the Trainer's own clipping -- see below]
-    on_pre_optimizer_step `after_backward` (the gradient split, or collection before the split);
-                          then clipping, then the spectral monitor when due
-    on_optimizer_step     `after_optimizer_step`: the shared update folded into the experts,
-                          tail re-projection, basis re-estimation
+    on_train_begin        `sdmoe.attach` on the Trainer's optimizer (accelerate's
+                          AcceleratedOptimizer unwrapped), the clipping taken over
+    on_step_begin         the driver's step count follows `state.global_step`
+    [forward: at split_step the driver splits and binds the optimizer; with lr_tail_mult != 1
+     the LR scheduler is told about the experts' new group (base_lrs / lr_lambdas)]
+    [backward, optimizer.step(): the driver's hooks split the gradients, clip, fold the shared
+     update into the experts, re-project tails, re-estimate bases]
+    on_pre_optimizer_step the spectral monitor when due
     on_log                the monitor's and the split's numbers join the Trainer's log record
 
-Clipping order. The Trainer clips BEFORE `on_pre_optimizer_step`, but SD-MoE splits the
+Clipping order. The Trainer clips BEFORE the optimizer's step, but SD-MoE splits the
 gradient and then clips (as `sdmoe train` does). So at `on_train_begin` the callback takes
 the clipping over: it stores `args.max_grad_norm`, sets it to 0 for the run (restored at
-`on_train_end`) and clips the model's and the shared parts' gradients itself right after the split. The Trainer's
-logged `grad_norm` is then the norm before the split and before clipping. With `fp16=True`
-(a GradScaler: gradients are still scaled at that point) the callback leaves clipping to the
-Trainer; the split then follows the clip, which is correct up to the clip coefficient (the
-split is linear and never increases the norm, so the clipped norm bound still holds).
+`on_train_end`) and gives it to the driver, which clips the model's and the shared parts' gradients
+right after the split. The Trainer's logged `grad_norm` is then the norm before the split and before
+clipping. With `fp16=True` (a GradScaler: gradients are still scaled at that point) the callback leaves
+clipping to the Trainer; the split then follows the clip, which is correct up to the clip coefficient
+(the split is linear and never increases the norm, so the clipped norm bound still holds).
 
 Limits. Multi-process runs (DDP / FSDP through accelerate) need `split_step=0` (only the
 single-process path is tested with a later split). Trainer checkpoints hold plain weights,
@@ -48,7 +48,9 @@ from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.errors import UserError
 from sdmoe.method import SDMoE, SDMoEConfig
 from sdmoe.method import export as _export
+from sdmoe.method.driver import Attached, attach
 from sdmoe.method.hooks import SDMoEHook
+from sdmoe.method.shared_optimizer import SOURCE_KEY, TAILS_GROUP
 
 # Per-group lists a torch scheduler keeps (lr-valued ones are scaled by the new group's lr_mult).
 _SCHED_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs")
@@ -106,11 +108,13 @@ class SDMoECallback(TrainerCallback):
         self.reference_batch = reference_batch
         self.clip_after_split = clip_after_split
         self.controller: SDMoE | None = None
+        self.handle: Attached | None = None
         self.split_record: dict | None = None
         self.split_at: int | None = None
         self._model: nn.Module | None = None
         self._recorder: _RecordBatch | None = None
         self._recorder_handle = None
+        self._recorder_done = False
         self._max_grad_norm: float | None = None  # the clipping we took over (None: the Trainer clips)
         self._pending: dict[str, float] = {}
 
@@ -135,18 +139,23 @@ class SDMoECallback(TrainerCallback):
         ctl = self._bind(model)
         if self.cfg.split_step == 0 and not ctl.split_done:
             # Before the optimizer exists and before accelerate wraps the model: nothing to rebind.
-            self._record_split(ctl.split(self.reference_batch), 0)
+            self._record_split(0, ctl.split(self.reference_batch))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         ctl = self._bind(model)
         if args.world_size > 1 and not ctl.split_done:
             raise UserError(f"SDMoECallback with {args.world_size} processes needs SDMoEConfig(split_step=0): a later "
                             "split replaces parameters under the DDP/FSDP wrapper; or train with `sdmoe train`")
-        if ctl.split_done and optimizer is not None:
-            self._bind_optimizer(_unwrap(optimizer, "optimizer"), _unwrap(lr_scheduler, "scheduler"))
         if self.clip_after_split and args.max_grad_norm and args.max_grad_norm > 0 and not args.fp16:
             self._max_grad_norm = float(args.max_grad_norm)
-            args.max_grad_norm = 0.0  # the Trainer skips its clip; on_pre_optimizer_step clips after the split
+            args.max_grad_norm = 0.0  # the Trainer skips its clip; the driver clips after the split
+        if optimizer is not None and self.handle is None:
+            opt, scheduler = _unwrap(optimizer, "optimizer"), _unwrap(lr_scheduler, "scheduler")
+            self.handle = attach(self._model, opt, ctl, max_norm=self._max_grad_norm,
+                                 reference_batch=self._reference, step=state.global_step)
+            self.handle.on("split", lambda step, record: self._on_split(step, record, opt, scheduler))
+            self.handle.on("reestimate", lambda step, record: self._on_reestimate(step, record))
+            _follow_scheduler(scheduler, opt)  # a model split at on_init_end is bound now
         needs_batch = self.reference_batch is None and (not ctl.split_done or self.cfg.reestimate_every)
         if needs_batch and self._recorder_handle is None:
             self._recorder = _RecordBatch()
@@ -155,50 +164,29 @@ class SDMoECallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self._max_grad_norm is not None:
             args.max_grad_norm, self._max_grad_norm = self._max_grad_norm, None
-        if self._recorder_handle is not None:
-            self._recorder_handle.remove()
-            self._recorder_handle = self._recorder = None
+        if self.handle is not None:
+            self.handle.detach()
+            self.handle = None
+        self._drop_recorder()
 
     # -- the step ------------------------------------------------------------------------
-    def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        ctl = self.controller
-        if ctl is None or ctl.split_done:
-            return
-        record = ctl.before_forward(state.global_step, None, self._reference())
-        if record is None:
-            return
-        if optimizer is not None:
-            self._bind_optimizer(_unwrap(optimizer, "optimizer"), _unwrap(lr_scheduler, "scheduler"))
-        self._record_split(record, state.global_step)
-        if not self.cfg.reestimate_every and self.reference_batch is None and self._recorder_handle is not None:
-            self._recorder_handle.remove()
-            self._recorder_handle = self._recorder = None
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            # the Trainer's count: a GradScaler's skipped step moves it without an optimizer step
+            self.handle.step = state.global_step
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         ctl = self.controller
-        if ctl is None:
+        if ctl is None or not self.monitor_every or (state.global_step + 1) % self.monitor_every:
             return
-        step = state.global_step
-        ctl.after_backward(step)
-        if self._max_grad_norm is not None:
-            ctl.clip_grad_norm_(self._max_grad_norm)
-        if self.monitor_every and (step + 1) % self.monitor_every == 0:
-            snap = spectral_snapshot(self._model, self.monitor_rank)
-            self._pending.update({f"sdmoe/{k}": v for k, v in snap.items()})
-            if ctl.split_done:
-                self._pending.update(_flatten_monitor(ctl.monitor(self.monitor_rank)))
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        ctl = self.controller
-        if ctl is None or not ctl.split_done:
-            return
-        record = ctl.after_optimizer_step(state.global_step, self._reference())
-        if record:
-            self._pending["sdmoe/reestimated_at"] = float(state.global_step)
-            if "logits_rel_change" in record:
-                self._pending["sdmoe/reestimate_logits_rel_change"] = float(record["logits_rel_change"])
+        snap = spectral_snapshot(self._model, self.monitor_rank)
+        self._pending.update({f"sdmoe/{k}": v for k, v in snap.items()})
+        if ctl.split_done:
+            self._pending.update(_flatten_monitor(ctl.monitor(self.monitor_rank)))
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._recorder_done:
+            self._drop_recorder()
         if self._pending:
             control.should_log = True
         return control
@@ -211,25 +199,41 @@ class SDMoECallback(TrainerCallback):
             state.log_history[-1].update(self._pending)  # the Trainer recorded a copy before on_log
         self._pending = {}
 
-    # -- helpers ---------------------------------------------------------------------
-    def _record_split(self, record: dict, step: int) -> None:
+    # -- the driver's events ---------------------------------------------------------------
+    def _on_split(self, step: int, record: dict, opt: torch.optim.Optimizer, scheduler) -> None:
+        _follow_scheduler(scheduler, opt)
+        self._record_split(step, record)
+        # no more reference batches needed; dropped at the step's end, not inside the forward that split
+        self._recorder_done = not self.cfg.reestimate_every and self.reference_batch is None
+
+    def _on_reestimate(self, step: int, record: dict) -> None:
+        self._pending["sdmoe/reestimated_at"] = float(step)
+        if "logits_rel_change" in record:
+            self._pending["sdmoe/reestimate_logits_rel_change"] = float(record["logits_rel_change"])
+
+    def _record_split(self, step: int, record: dict) -> None:
         self.split_record, self.split_at = record, step
         self._pending["sdmoe/split_at"] = float(step)
         if "logits_rel_change" in record:
             self._pending["sdmoe/split_logits_rel_change"] = float(record["logits_rel_change"])
 
-    def _bind_optimizer(self, opt: torch.optim.Optimizer, scheduler) -> None:
-        """Bind the real optimizer; a group the binding adds (lr_tail_mult != 1) follows the scheduler."""
-        sizes = [len(g["params"]) for g in opt.param_groups]
-        self.controller.bind_optimizer(opt)
-        if len(opt.param_groups) > len(sizes):  # the experts left group src for their own
-            src = next(i for i, n in enumerate(sizes) if len(opt.param_groups[i]["params"]) != n)
-            _extend_scheduler(scheduler, opt, src, len(sizes))
+    def _drop_recorder(self) -> None:
+        if self._recorder_handle is not None:
+            self._recorder_handle.remove()
+            self._recorder_handle = self._recorder = None
+        self._recorder_done = False
 
     @staticmethod
     def export(model: nn.Module) -> nn.Module:
         """Write W_i back into the host's own weights and remove every SD-MoE trace (in place)."""
         return _export(_unwrap_model(model))
+
+
+def _follow_scheduler(scheduler, opt: torch.optim.Optimizer) -> None:
+    """The experts' own group (lr_tail_mult != 1), added by the binding, follows the scheduler."""
+    groups = opt.param_groups
+    if groups and groups[-1].get("name") == TAILS_GROUP:
+        _extend_scheduler(scheduler, opt, groups[-1][SOURCE_KEY], len(groups) - 1)
 
 
 def _extend_scheduler(scheduler, opt: torch.optim.Optimizer, src: int, n_before: int) -> None:

@@ -9,6 +9,8 @@ from sdmoe.lazy import lazy_exports
 _LAZY = {
     "SDMoEConfig": "sdmoe.method.config",
     "SDMoE": "sdmoe.method.controller",
+    "attach": "sdmoe.method.driver",
+    "Attached": "sdmoe.method.driver",
     "convert": "sdmoe.method.convert",
     "export": "sdmoe.method.export",
 }

@@ -33,12 +33,6 @@ class _InputMoment(SDMoEHook):
             self.moment.update(args[0].detach())
 
 
-def canonical(block: MoEBlock, which: str = "data") -> dict[str, torch.Tensor]:
-    """The block's expert weights (or their grads) as E x F x D, hidden last; {} if any grad is missing."""
-    views, _ = block.views(which)
-    return views if len(views) == 3 else {}
-
-
 def gram(x_EFD: torch.Tensor) -> torch.Tensor:
     """sum_i X_i^T X_i (D x D, float32)."""
     x = x_EFD.float()
@@ -72,10 +66,13 @@ class Collector:
         if not self.need_grads:
             return
         for li, b in enumerate(self.blocks):
-            for p, g in canonical(b, "grad").items():
-                key = (li, p)
-                self.grads[key] = self.grads.get(key, 0) + gram(g)
+            for p, g in b.canonical("grad").items():
+                self.add_gram(li, p, g)
         self.grad_batches += 1
+
+    def add_gram(self, li: int, p: str, g_EFD: torch.Tensor) -> None:
+        """Add sum_i G_i^T G_i of layer li's projection p to its sum (the batch is counted by the caller)."""
+        self.grads[(li, p)] = self.grads.get((li, p), 0) + gram(g_EFD)
 
     def has_inputs(self) -> bool:
         return all(m.count > 0 for m in self.inputs)
@@ -137,7 +134,7 @@ def choose_bases(block: MoEBlock, li: int, projs, width: int, r: int, cfg, colle
     basis_method='randomized', a randomized range finder (Gaussian projection, power iterations, QR)."""
     source = cfg.basis_source
     if source in ("weights", "shared"):
-        w = canonical(block, "data") if source == "weights" else {p: s.unsqueeze(0) for p, s in shared.items()}
+        w = block.canonical("data") if source == "weights" else {p: s.unsqueeze(0) for p, s in shared.items()}
         two = cfg.projection_sides == "two"
         return {p: (_top(w[p], width, cfg), _top(w[p].transpose(1, 2), r, cfg) if two else None) for p in projs}
     if source == "gradients":

@@ -13,6 +13,7 @@ from typing import Literal, get_args
 
 from sdmoe.config_fields import check_tree, setting
 from sdmoe.errors import UserError
+from sdmoe.moe.projections import PROJECTIONS
 
 Form = Literal["full", "lowrank", "per_expert"]
 GradientSplit = Literal["per_step", "fixed", "none"]
@@ -20,13 +21,12 @@ BasisSource = Literal["weights", "gradients", "activations", "shared"]
 ProjectionSides = Literal["one", "two"]
 BasisMethod = Literal["exact", "randomized"]
 RouterInput = Literal["full", "residual"]
-Projection = Literal["gate", "up", "down"]
+Projection = Literal["gate", "up", "down"]  # a type needs the literals: the same as PROJECTIONS (tests/moe)
 
 FORMS = get_args(Form)
 GRADIENT_SPLITS = get_args(GradientSplit)
 BASIS_SOURCES = get_args(BasisSource)
 ROUTER_INPUTS = get_args(RouterInput)
-PROJECTIONS = get_args(Projection)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class SDMoEConfig:
     lr_tail_mult: float = setting(1.0, ge=0, note="0 = freeze the tails")
     normalize_tail_updates: bool = False  # rescale each projected tail gradient to its unprojected norm
     router_input: RouterInput = "full"  # "residual": the router sees x minus its top-r data directions
-    projections: tuple[Projection, ...] = setting(("gate", "up", "down"), min_len=1, unique=True)
+    projections: tuple[Projection, ...] = setting(PROJECTIONS, min_len=1, unique=True)
     # batches (steps before the split) accumulated for gradient/activation bases
     basis_batches: int = setting(4, ge=1)
 

@@ -2,17 +2,18 @@
 
 The host model stays a plain transformers model at every step: its expert weights
 W_i are its own parameters, trained by its own optimizer. What SD-MoE adds lives
-here, outside the model:
+outside the model, in parts with one job each:
 
-- per layer and projection: the basis U (D x R), the tracked basis Q (per_step), the
-  shared part (S, A or A_i; `core.shared_at_split`), kept so the tails T_i = W_i - C_i
-  can be measured and re-projected;
-- a zero "shared delta" per shared part, trained by a second optimizer of the host
-  optimizer's kind: its moments are exactly the shared part's, and its step is added
-  to every expert after the host optimizer's step (`core.fold_shared`).
+    layer.LayerState            a layer's bases, tracked bases, shared parts and deltas
+    split.split_layer           the gradient split of one layer (after the backward)
+    shared_optimizer            the shared parts' optimizer, its rate, its fold into the experts
+    schedule                    when: the split, collection windows, refreshes, re-estimations
+    basis.choose_bases          where U comes from (weights, gradients, activations, the shared weight)
+    probe.ChangeProbe           how much a split or re-estimation changed the function
 
-Three events drive it, from any training loop (`sdmoe train`, the Trainer callback,
-DDP, FSDP2):
+`SDMoE` is the facade over them. Most callers never touch it: `sdmoe.attach(model, optimizer,
+cfg)` (`driver.py`) drives it from hooks on the optimizer and the model. The three events below
+are the low-level API, for loops that want to call them by hand:
 
     ctl = SDMoE(model, cfg)
     for step in range(steps):
@@ -24,14 +25,6 @@ DDP, FSDP2):
         ctl.after_optimizer_step(step)     # shared update folded in; re-projection; re-estimation
         optimizer.zero_grad()
 
-Why this is the same method as W_i = C + T_i with C and T_i as parameters: AdamW is
-elementwise and its weight decay is linear, so the tails' update is AdamW on the tails'
-gradients applied to W_i, and the shared part's update is AdamW on the shared gradient
-applied to a parameter that starts every step at zero. The one difference, the weight
-decay of C at the shared learning rate instead of the tails', is added back in
-`after_optimizer_step` (zero when the two rates are equal). Like the tails of a fresh
-parameter, the experts' optimizer state is reset at the split.
-
 Resume: save `state_dict()` (tensors: torch.save-able with weights_only=True); on a
 fresh model, `load_state_dict(sd, optimizer)` rebuilds the split, binds the optimizer
 and restores the shared optimizer's state; then load the host optimizer's state.
@@ -40,7 +33,6 @@ and restores the shared optimizer's state; then load the host optimizer's state.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping
 
 import torch
@@ -48,69 +40,21 @@ from torch import nn
 
 from sdmoe.errors import UserError
 from sdmoe.moe import MoEBlock, find_moe_blocks
-from sdmoe.moe.forward import logits
 from sdmoe.moe.sharding import local, unsharded, whole
-from sdmoe.spectral import data_subspace, expert_subspaces, mean_off_diagonal, overlap_matrix
+from sdmoe.spectral import data_subspace, mean_expert_overlap
 
-from . import core, sharding
-from .basis import Collector, choose_bases, gram
+from . import core, schedule
+from .basis import Collector, choose_bases
 from .config import SDMoEConfig
 from .export import export
 from .hooks import SPLIT_BY
+from .layer import LayerState
+from .probe import ChangeProbe, forward_logits, input_ids
 from .router import ResidualRouterInput, fold
+from .shared_optimizer import SharedOptimizer
+from .split import split_layer
 
 STATE_VERSION = 2  # 1: the parametrization engine of sdmoe 0.1 (not readable here)
-
-
-class _Layer:
-    """One MoE block's SD-MoE state (all tensors outside the model)."""
-
-    def __init__(self, block: MoEBlock, cfg: SDMoEConfig, form: str, rank: int, width: int):
-        self.block, self.r, self.form = block, rank, form
-        self.projs = tuple(p for p in ("gate", "up", "down") if p in cfg.projections)
-        e, f, d = block.num_experts, block.expert_ffn, block.hidden_size
-        ref = next(block.experts.parameters())
-        dt, dev = ref.dtype, ref.device
-        self.basis = {p: torch.zeros(d, rank, dtype=torch.float32, device=dev) for p in self.projs}
-        # the ffn side's basis of a two-sided split (P_F = basis_f basis_f^T)
-        self.basis_f = ({p: torch.zeros(f, rank, dtype=torch.float32, device=dev) for p in self.projs}
-                        if cfg.projection_sides == "two" else {})
-        # the tracked bases of all projections in one (P, D, X) buffer: the tracker's batched QR writes it
-        # in place; `q` gives each projection's (D, X) view of it
-        self.q_PDX = (torch.zeros(len(self.projs), d, width, dtype=torch.float32, device=dev)
-                      if cfg.gradient_split == "per_step" else None)
-        shape = {"full": (f, d), "lowrank": (f, rank), "per_expert": (e, f, rank)}[form]
-        self.shared = {p: torch.zeros(shape, dtype=dt, device=dev) for p in self.projs}
-        self.delta = {p: nn.Parameter(torch.zeros(shape, dtype=dt, device=dev)) for p in self.projs}
-        self.router_basis = (torch.zeros(d, rank, dtype=torch.float32, device=dev)
-                             if cfg.router_input == "residual" else None)
-
-    @property
-    def q(self) -> dict[str, torch.Tensor]:
-        """Each projection's tracked basis (D x X), a view of `q_PDX` ({} unless the split is per_step)."""
-        return {} if self.q_PDX is None else dict(zip(self.projs, self.q_PDX.unbind(0)))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The state to save, by name (the q_* are views of one buffer: load them with copy_)."""
-        out = {}
-        for name in ("basis", "basis_f", "q", "shared"):
-            out.update({f"{name}_{p}": t for p, t in getattr(self, name).items()})
-        if self.router_basis is not None:
-            out["router_basis"] = self.router_basis
-        return out
-
-    def owned(self) -> list[torch.Tensor]:
-        """Every tensor this layer allocated (what `SDMoE.to` moves), deltas included."""
-        out = [*self.basis.values(), *self.basis_f.values(), *self.shared.values(), *self.delta.values()]
-        return out + [t for t in (self.q_PDX, self.router_basis) if t is not None]
-
-    def contribution(self, p: str) -> torch.Tensor:
-        return core.shared_contribution(self.shared[p], self.basis[p], self.form)
-
-    def stacked(self, name: str, projs: tuple[str, ...]) -> torch.Tensor | None:
-        """basis or basis_f of `projs` as one (P, n, R) tensor (None where the layer has none)."""
-        bases = getattr(self, name)
-        return torch.stack([bases[p] for p in projs]) if bases else None
 
 
 class SDMoE:
@@ -133,11 +77,8 @@ class SDMoE:
                             f"F={f}; lower sdmoe.rank below {f}")
         self.refreshed_at: list[int] = []  # steps after which the bases were refreshed (refresh_every)
         self.split_done = False
-        self.layers: list[_Layer] = []
-        self.shared_optimizer: torch.optim.Optimizer | None = None
-        # the host optimizer and the index of the group that trains the experts (an index, not the dict:
-        # Optimizer.load_state_dict replaces the group dicts, and FSDP2 sharding replaces the parameters)
-        self._host: tuple[torch.optim.Optimizer, int] | None = None
+        self.layers: list[LayerState] = []
+        self.shared: SharedOptimizer | None = None
         self._drift: dict[str, torch.Tensor] = {}
         self._router_hooks: list = []
         need_grads = cfg.basis_source == "gradients"
@@ -146,6 +87,11 @@ class SDMoE:
         self._reproject = cfg.gradient_split == "fixed" or (self.form == "per_expert" and cfg.gradient_split != "none")
         self._sync_hooks(0)
 
+    @property
+    def shared_optimizer(self) -> torch.optim.Optimizer | None:
+        """The torch optimizer over the shared deltas (None until an optimizer is bound)."""
+        return None if self.shared is None else self.shared.optimizer
+
     # -- event 1: before the forward ------------------------------------------------------------
     def before_forward(self, step: int, optimizer: torch.optim.Optimizer | None = None,
                        reference_batch=None) -> dict | None:
@@ -153,7 +99,7 @@ class SDMoE:
         open or close the collection windows the basis source needs."""
         if self.split_done:
             return None
-        if step < self.cfg.split_step:
+        if not schedule.split_due(self.cfg, step):
             self._sync_hooks(step)
             return None
         record = self.split(reference_batch)
@@ -165,129 +111,36 @@ class SDMoE:
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
         """Before the split: accumulate what the basis source needs. After it: split every expert's
-        gradient into its tail (in place) and hand the shared part's gradient to its delta. No host syncs.
-
-        On FSDP2-sharded experts: tails on the local experts, the tracker's M Q and the shared
-        gradient summed over the ranks (`sharding.reducer`)."""
+        gradient into its tail (in place) and hand the shared part's gradient to its delta (`split_layer`).
+        No host syncs."""
+        collect = self._in_window(step) and self.collector.need_grads
         if not self.split_done:
-            if self._in_window(step):
+            if collect:
                 self.collector.add_grads()
             self._sync_hooks(step + 1)
             return
-        cfg = self.cfg
-        collect = self._in_window(step) and self.collector.need_grads
-        exact = cfg.gradient_split == "per_step" and cfg.exact_every and step % cfg.exact_every == 0
+        exact = schedule.exact_due(self.cfg, step)
         for li, layer in enumerate(self.layers):
-            views, commit = layer.block.views("grad", layer.projs)
-            if collect:
-                for p, g in views.items():
-                    self.collector.grads[(li, p)] = self.collector.grads.get((li, p), 0) + gram(g)
-            projs = tuple(p for p in layer.projs if p in views)
-            if projs:
-                reduce = sharding.reducer(layer.block.host_parameters(layer.projs)[0].grad)
-                shared = self._split(li, layer, projs, [views[p] for p in projs], exact, reduce)
-                for k, p in enumerate(projs):
-                    layer.delta[p].grad = shared[:, k] if self.form == "per_expert" else shared[k]
-            commit()
+            observe = (lambda p, g, li=li: self.collector.add_gram(li, p, g)) if collect else None
+            split_layer(layer, self.cfg, exact, self._drift, str(li), observe)
         if collect:
             self.collector.grad_batches += 1
-
-    def _split(self, li: int, layer: _Layer, projs: tuple[str, ...], gs: list[torch.Tensor], exact: bool,
-               reduce) -> torch.Tensor:
-        """Split one layer's gradients `gs` (canonical views of `projs`, edited in place into the tails);
-        returns the shared parts' gradients, (P, ...) or per_expert (E, P, ...)."""
-        cfg = self.cfg
-        if cfg.gradient_split == "none":  # the control: the plain sum
-            return core.shared_gradient(gs, self.form, None, reduce)
-        if cfg.gradient_split == "fixed":
-            u, u_f = layer.stacked("basis", projs), layer.stacked("basis_f", projs)
-            if u_f is None:
-                return core.split_gradient(gs, u, self.form, cfg.normalize_tail_updates, reduce)
-            shared = core.shared_gradient(gs, self.form, u, reduce, u_f)
-            core.split_tails(gs, u, cfg.normalize_tail_updates, u_f)
-            return shared
-        # per_step: the tracked basis, one buffer for the layer's projections (a copy if some lack gradients)
-        whole = len(projs) == len(layer.projs)
-        index = [layer.projs.index(p) for p in projs]
-        q_PDX = layer.q_PDX if whole else layer.q_PDX[index]
-        rr = cfg.tracker_oversample > 0
-        if cfg.tracker_lag:
-            # this step splits in the basis tracked through the last one; the split's own products make
-            # this step's tracking step (`core.split_gradient`), written into q_PDX for the next
-            exact_PDX = self._exact(li, projs, gs, q_PDX, reduce) if exact else None
-            shared = core.split_gradient(gs, q_PDX[..., : layer.r], self.form, cfg.normalize_tail_updates, reduce,
-                                         track_PDX=q_PDX, rayleigh_ritz=rr)
-            if exact_PDX is not None:
-                q_PDX.copy_(exact_PDX)
-        else:
-            q = core.track_basis(gs, q_PDX, cfg.tracker_iters, layer.r, rr, reduce)
-            if exact:
-                q_PDX.copy_(self._exact(li, projs, gs, q_PDX, reduce))  # this step splits in the exact basis
-            if self.form == "full":
-                shared = core.split_gradient(gs, q, self.form, cfg.normalize_tail_updates, reduce)
-            else:  # per_expert keeps its shared gradient in U, the tails are cut in the tracked Q
-                shared = core.shared_gradient(gs, self.form, layer.stacked("basis", projs), reduce)
-                core.split_tails(gs, q, cfg.normalize_tail_updates)
-        if not whole:
-            layer.q_PDX[index] = q_PDX
-        return shared
-
-    def _exact(self, li: int, projs: tuple[str, ...], gs: list[torch.Tensor], q_PDX: torch.Tensor,
-               reduce) -> torch.Tensor:
-        """The exact top-X of this step's gradients (read before the split), recording the drift of the
-        tracked basis in q_PDX, the one this step's split would otherwise use, from it (`exact_every`)."""
-        r = self.layers[li].r
-        out = torch.empty_like(q_PDX)
-        for k, (p, g) in enumerate(zip(projs, gs)):
-            m = gram(g)
-            if reduce is not None:
-                reduce(m)
-            out[k] = data_subspace(m, q_PDX.shape[-1])[0].to(q_PDX.dtype)
-            self._drift[f"{li}.{p}"] = core.drift(q_PDX[k, :, :r], out[k, :, :r])
-        return out
 
     # -- event 3: after the optimizer step ------------------------------------------------------------
     @torch.no_grad()
     def after_optimizer_step(self, step: int, reference_batch=None) -> dict | None:
         """The shared part's optimizer step, folded into every expert; tails re-projected (fixed split,
-        per-expert form); U re-estimated every `reestimate_every` steps (returns its record)."""
+        per-expert form); U refreshed or re-estimated when due (returns the re-estimation's record)."""
         if not self.split_done:
             return None
-        if self.shared_optimizer is None:
+        if self.shared is None:
             raise UserError("SDMoE.after_optimizer_step before an optimizer was bound; pass the optimizer to "
                             "before_forward() or call bind_optimizer(optimizer) after the split")
-        opt, index = self._host
-        group = opt.param_groups[index]
-        lr_t = float(group["lr"])
-        lr_s = lr_t / (group.get("lr_mult", 1.0) or 1.0) * self.cfg.lr_shared_mult  # base rate x shared mult
-        wd = float(group.get("weight_decay", 0.0))
-        self.shared_optimizer.param_groups[0]["lr"] = lr_s
-        self.shared_optimizer.step()
-        steps = [layer.delta[p].detach() for layer in self.layers for p in layer.projs]
-        for layer in self.layers:
-            views, commit = layer.block.views("data", layer.projs)
-            for p, w in views.items():
-                if wd and lr_t != lr_s:  # W_i decayed at the tails' rate; C decays at the shared part's
-                    core.add_to_experts(w, layer.contribution(p), alpha=(lr_t - lr_s) * wd)
-                core.fold_shared(w, layer.delta[p].detach(), layer.basis[p], self.form)
-                if self._reproject:  # the tails re-projected against the updated C
-                    layer.shared[p].mul_(1.0 - lr_s * wd).add_(layer.delta[p].detach())
-                    core.project_tails(w, layer.contribution(p), layer.basis[p], layer.basis_f.get(p))
-            commit()
-        if not self._reproject:  # every shared part's update in two calls
-            shared = [layer.shared[p] for layer in self.layers for p in layer.projs]
-            if wd:
-                torch._foreach_mul_(shared, 1.0 - lr_s * wd)
-            torch._foreach_add_(shared, steps)
-        torch._foreach_zero_(steps)
-        self.shared_optimizer.zero_grad(set_to_none=True)
-        if (r := self.cfg.refresh_every) and step >= self.cfg.split_step and (step - self.cfg.split_step + 1) % r == 0:
+        self.shared.step(self._reproject)
+        if schedule.refresh_due(self.cfg, step):
             self.refresh()
             self.refreshed_at.append(step)
-        record = None
-        k = self.cfg.reestimate_every
-        if k and step >= self.cfg.split_step and (step - self.cfg.split_step + 1) % k == 0:
-            record = self.reestimate(reference_batch)
+        record = self.reestimate(reference_batch) if schedule.reestimate_due(self.cfg, step) else None
         self._sync_hooks(step + 1)
         return record
 
@@ -299,12 +152,12 @@ class SDMoE:
             raise UserError("this model is already split by this SDMoE; create a new SDMoE to split it again")
         if reference_batch is not None:
             self._collect_from(reference_batch)
-        io = _BlockIO(self.model, self.blocks, reference_batch) if reference_batch is not None else None
+        probe = ChangeProbe(self.model, self.blocks, reference_batch) if reference_batch is not None else None
         for li, (block, r) in enumerate(zip(self.blocks, self.ranks)):
             width = self._width(block, r)
-            layer = _Layer(block, self.cfg, self.form, r, width)
+            layer = LayerState(block, self.cfg, r, width)
             self.layers.append(layer)
-            self._fill(li, layer, self._bases(li, layer, width))
+            self._fill(layer, self._bases(li, layer, width))
             if layer.router_basis is not None:
                 if not self.collector.has_inputs():
                     raise UserError("router_input='residual' needs the layer inputs: set split_step >= 1 so warm-up "
@@ -319,12 +172,12 @@ class SDMoE:
                "projection_sides": self.cfg.projection_sides,
                "layers": [{"layer": b.layer, "rank": r, "basis_source": self.cfg.basis_source}
                           for b, r in zip(self.blocks, self.ranks)]}
-        if io is not None:
-            io.record(out)
+        if probe is not None:
+            probe.record(out)
         return out
 
     @torch.no_grad()
-    def _fill(self, li: int, layer: _Layer, bases: dict[str, torch.Tensor]) -> None:
+    def _fill(self, layer: LayerState, bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         """U, Q and the shared parts from the current weights; tails projected out of U where the rule
         says (lowrank and per-expert forms, the fixed split): that drops each expert's own part inside
         U (the function changes, and the split record measures by how much), except per_expert (exact)."""
@@ -332,7 +185,7 @@ class SDMoE:
         project = self.form != "full" or self.cfg.gradient_split == "fixed"
         for p in layer.projs:
             u, _ = bases[p]
-            self._set_bases(layer, p, bases[p])
+            layer.set_bases(p, bases[p])
             if p in layer.q:
                 layer.q[p].copy_(u[:, : layer.q[p].shape[1]])
             layer.shared[p].copy_(core.shared_at_split(views[p], layer.basis[p], self.form))
@@ -340,7 +193,7 @@ class SDMoE:
                 core.project_tails(views[p], layer.contribution(p), layer.basis[p], layer.basis_f.get(p))
         commit()
 
-    def _bases(self, li: int, layer: _Layer, width: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    def _bases(self, li: int, layer: LayerState, width: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """The bases the split (or a re-estimation) takes; from the shared weight it is about to set, the
         experts' mean, when basis_source='shared'."""
         shared = None
@@ -348,13 +201,6 @@ class SDMoE:
             views, _ = layer.block.views("data", layer.projs)
             shared = {p: core.shared_at_split(views[p], None, "full") for p in layer.projs}
         return choose_bases(layer.block, li, layer.projs, width, layer.r, self.cfg, self.collector, shared)
-
-    @staticmethod
-    def _set_bases(layer: _Layer, p: str, bases: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-        u, u_f = bases
-        layer.basis[p].copy_(u[:, : layer.r])
-        if u_f is not None:
-            layer.basis_f[p].copy_(u_f[:, : layer.r])
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -364,27 +210,27 @@ class SDMoE:
             shared = layer.shared if self.cfg.basis_source == "shared" else None
             bases = choose_bases(layer.block, li, layer.projs, layer.r, layer.r, self.cfg, self.collector, shared)
             for p in layer.projs:
-                self._set_bases(layer, p, bases[p])
+                layer.set_bases(p, bases[p])
 
     @torch.no_grad()
     def reestimate(self, reference_batch=None) -> dict:
         """Choose U again (basis_source) and split every layer again by the split's rule; logs the change."""
         if reference_batch is not None:
             self._collect_from(reference_batch)
-        io = _BlockIO(self.model, self.blocks, reference_batch) if reference_batch is not None else None
+        probe = ChangeProbe(self.model, self.blocks, reference_batch) if reference_batch is not None else None
         records = []
         for li, layer in enumerate(self.layers):
             width = self._width(layer.block, layer.r) if layer.q else layer.r
             bases = self._bases(li, layer, width)
             overlap = {p: float((layer.basis[p].T @ bases[p][0][:, : layer.r]).square().sum() / layer.r)
                        for p in layer.projs}
-            self._fill(li, layer, bases)
+            self._fill(layer, bases)
             records.append({"layer": layer.block.layer, "rank": layer.r, "basis_source": self.cfg.basis_source,
                             "basis_overlap": overlap})
         self.collector.reset()
         out = {"layers": records}
-        if io is not None:
-            io.record(out)
+        if probe is not None:
+            probe.record(out)
         return out
 
     def _width(self, block: MoEBlock, r: int) -> int:
@@ -431,44 +277,14 @@ class SDMoE:
         return sum(t.numel() for t in self.parameters())
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, reset_state: bool = True) -> None:
-        """Attach the host optimizer (once, after the split): reset the experts' optimizer state (fresh
-        moments for the tails), move them into their own group when lr_tail_mult != 1, and build the
-        shared optimizer (the host's class and settings, no weight decay: it is applied to C here).
-
-        reset_state=False keeps the experts' moments: a resume whose host loads the optimizer's state
-        before SD-MoE's (OLMo-core, torchtitan) binds an optimizer that already holds the tails' moments."""
+        """Attach the host optimizer (once, after the split): see `SharedOptimizer` (the experts' state reset
+        unless reset_state=False, their own group when lr_tail_mult != 1, the shared optimizer built)."""
         if not self.split_done:
             raise UserError("bind_optimizer() before the split; call split() first (or before_forward at split_step)")
-        hosts = {id(p): p for layer in self.layers for p in layer.block.host_parameters(layer.projs)}
-        index = next((i for i, g in enumerate(optimizer.param_groups) if any(id(p) in hosts for p in g["params"])), None)
-        if index is None:
-            raise UserError("the optimizer holds none of the experts' weights; build it from model.parameters()")
-        if self._host is not None and self._host[0] is optimizer:
+        if self.shared is not None and self.shared.host is optimizer:
             return  # already bound
-        group = optimizer.param_groups[index]
-        for p in hosts.values() if reset_state else ():
-            optimizer.state.pop(p, None)
-        mult = self.cfg.lr_tail_mult
-        if mult != 1.0 and group.get("name") != "sdmoe.tails":
-            # Groups left empty stay (group indices and schedulers keep working); the new group follows
-            # the base rate (the group's lr over its lr_mult) times the tails' multiplier.
-            base_lr = group["lr"] / (group.get("lr_mult", 1.0) or 1.0)
-            for g in optimizer.param_groups:
-                g["params"] = [p for p in g["params"] if id(p) not in hosts]
-            optimizer.add_param_group({"params": list(hosts.values()), "lr": base_lr * mult, "lr_mult": mult,
-                                       "weight_decay": group.get("weight_decay", 0.0), "name": "sdmoe.tails"})
-            index = len(optimizer.param_groups) - 1
-        self._host = (optimizer, index)
-        accepted = inspect.signature(type(optimizer)).parameters  # defaults may hold more (AdamW's decoupled flag)
-        # the experts' group's settings over the defaults: optimizers built from group dicts (torchtitan's)
-        # keep their betas and eps in the groups, the constructor's defaults being torch's
-        settings = {**optimizer.defaults, **optimizer.param_groups[index]}
-        settings = {k: v for k, v in settings.items() if k in accepted and k != "params"}
-        if _fused_fits(settings, accepted, self.parameters()):
-            # the deltas are a few dozen small tensors: one fused kernel steps them all (lab model: 0.1
-            # instead of 0.7 ms a step); its rounding differs from the per-tensor loop's by about an ulp
-            settings = {**settings, "fused": True, "foreach": None}
-        self.shared_optimizer = type(optimizer)(self.parameters(), **{**settings, "weight_decay": 0.0})
+        self.shared = SharedOptimizer(optimizer, self.layers, self.cfg.lr_tail_mult, self.cfg.lr_shared_mult,
+                                      reset_state)
 
     @torch.no_grad()
     def to(self, device: torch.device | str) -> "SDMoE":
@@ -479,13 +295,8 @@ class SDMoE:
         for layer in self.layers:
             for t in layer.owned():
                 t.data = t.data.to(device)
-        if self.shared_optimizer is not None:
-            fused = any(g.get("fused") or g.get("capturable") for g in self.shared_optimizer.param_groups)
-            for state in self.shared_optimizer.state.values():
-                for key, value in state.items():
-                    # the per-tensor AdamW keeps its step count on the CPU, the fused one beside the parameters
-                    if torch.is_tensor(value) and (key != "step" or fused):
-                        state[key] = value.to(device)
+        if self.shared is not None:
+            self.shared.to(device)
         self.collector.to(device)
         return self
 
@@ -501,13 +312,10 @@ class SDMoE:
 
     def _monitor_layer(self, li: int, block: MoEBlock, k: int) -> dict:
         views, _ = block.views("data")
-        rec = {"layer": block.layer, "experts_overlap": {
-            p: mean_off_diagonal(overlap_matrix(expert_subspaces(w.float(), k))) for p, w in views.items()}}
+        rec = {"layer": block.layer, "experts_overlap": {p: mean_expert_overlap(w.float(), k) for p, w in views.items()}}
         if self.split_done:
             layer = self.layers[li]
-            rec["tails_overlap"] = {
-                p: mean_off_diagonal(overlap_matrix(expert_subspaces((views[p] - layer.contribution(p)).float(), k)))
-                for p in layer.projs}
+            rec["tails_overlap"] = {p: mean_expert_overlap((views[p] - layer.contribution(p)).float(), k) for p in layer.projs}
             drift = {key.split(".")[1]: float(v) for key, v in self._drift.items() if int(key.split(".")[0]) == li}
             if drift:
                 rec["tracker_drift"] = drift
@@ -548,7 +356,7 @@ class SDMoE:
             return
         self.collector.stop()
         for block, r, tensors in zip(self.blocks, self.ranks, sd["layers"]):
-            layer = _Layer(block, self.cfg, self.form, r, self._width(block, r))
+            layer = LayerState(block, self.cfg, r, self._width(block, r))
             for name, t in layer.tensors().items():
                 t.copy_(tensors[name])
             self.layers.append(layer)
@@ -572,15 +380,8 @@ class SDMoE:
 
     # -- collection windows (gradient / activation bases) ----------------------------------------------
     def _in_window(self, step: int) -> bool:
-        c = self.cfg
-        if not (self.collector.need_grads or self.collector.need_inputs):
-            return False
-        if not self.split_done:
-            return c.split_step - c.basis_batches <= step < c.split_step
-        if not c.reestimate_every or c.basis_source == "weights":
-            return False  # after the split only U is re-estimated; the router basis stays
-        j = (step - c.split_step) % c.reestimate_every
-        return step >= c.split_step and j >= c.reestimate_every - c.basis_batches
+        collects = self.collector.need_grads or self.collector.need_inputs
+        return schedule.in_window(self.cfg, step, self.split_done, collects)
 
     def _sync_hooks(self, next_step: int) -> None:
         if self._in_window(next_step):
@@ -595,14 +396,14 @@ class SDMoE:
             c.start(always=True)
             try:
                 with torch.no_grad():
-                    _forward(self.model, batch)
+                    forward_logits(self.model, batch)
             finally:
                 c.stop()
         if c.need_grads and not c.has_grads():
             params = [t for b in self.blocks for t in b.host_parameters()]
             saved = [p.grad for p in params]
-            logits = _forward(self.model, batch)
-            ids = _input_ids(batch)
+            logits = forward_logits(self.model, batch)
+            ids = input_ids(batch)
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for p, g in zip(params, grads):
@@ -611,77 +412,3 @@ class SDMoE:
             for p, g in zip(params, saved):
                 p.grad = g
 
-
-# -- helpers ----------------------------------------------------------------------------
-def _fused_fits(settings: dict, accepted: Mapping, params: list[torch.Tensor]) -> bool:
-    """Whether the shared optimizer may use its class's fused kernel: the class has one, the host chose no
-    implementation (fused, foreach or differentiable), and the deltas are float tensors on the CPU or CUDA."""
-    if "fused" not in accepted or settings.get("fused") is not None or settings.get("foreach") is not None:
-        return False
-    if settings.get("differentiable") or settings.get("capturable"):
-        return False
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16,
-                                                                 torch.float64) for p in params)
-
-
-def _input_ids(batch) -> torch.Tensor:
-    return batch["input_ids"] if isinstance(batch, Mapping) else batch
-
-
-def _forward(model: nn.Module, batch) -> torch.Tensor:
-    if not isinstance(batch, Mapping):
-        return logits(model, batch)
-    out = model(**batch)
-    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
-
-
-class _BlockIO:
-    """Each MoE block's inputs and outputs on a reference batch, to measure a conversion's change."""
-
-    def __init__(self, model: nn.Module, blocks, batch):
-        self.model, self.blocks, self.batch = model, blocks, batch
-        self.inputs, self.outputs = {}, {}
-        handles = []
-        for i, b in enumerate(blocks):
-            handles.append(b.module.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            handles.append(b.module.register_forward_hook(self._post(i)))
-        try:
-            with torch.no_grad():
-                self.logits = _forward(model, batch).detach().clone()
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _pre(self, i):
-        def hook(module, args, kwargs):
-            self.inputs[i] = (args, kwargs)
-        return hook
-
-    def _post(self, i):
-        def hook(module, args, out):
-            self.outputs[i] = _first(out).detach().clone()
-        return hook
-
-    @torch.no_grad()
-    def record(self, out: dict) -> None:
-        """Write each layer's output change (and the logits') into a split/re-estimation record."""
-        changes, logits_change = self.changes()
-        for rec, c in zip(out["layers"], changes):
-            rec["rel_change"] = c
-        out["logits_rel_change"] = logits_change
-
-    def changes(self) -> tuple[list[float], float]:
-        rel = []
-        for i, b in enumerate(self.blocks):
-            args, kwargs = self.inputs[i]
-            new = _first(b.module(*args, **kwargs))
-            rel.append(_rel(new, self.outputs[i]))
-        return rel, _rel(_forward(self.model, self.batch), self.logits)
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))

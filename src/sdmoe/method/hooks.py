@@ -3,7 +3,8 @@
 The host model carries no SD-MoE module or parameter at any step; the only things
 the method attaches to it are forward pre-hooks (the residual router's input
 projection, the collectors of layer inputs), all instances of `SDMoEHook`, and an
-entry in `SPLIT_BY` (outside the model) while an `SDMoE` drives it.
+entry in `SPLIT_BY` (outside the model) while an `SDMoE` drives it, and in `ATTACHED` while
+`sdmoe.attach`'s hooks on the model and its optimizer do.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 # model -> the SDMoE that split it: a second controller would transform the same gradients twice.
 # Outside the model (which stays plain), and weak: a copy of the model is a new, unsplit model.
 SPLIT_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the `sdmoe.attach` handle whose hooks drive it (on the model and its optimizer): `export` detaches it
+ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class SDMoEHook:

@@ -32,6 +32,7 @@ import torch
 from sdmoe.errors import UserError
 
 from .layout import split_gate_up
+from .projections import PROJECTIONS
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -318,7 +319,7 @@ class ExpertCheckpoint:
                 continue
             if spec.layout == "module_list":
                 roles = spec.tensors
-                if set(roles) != {"gate", "up", "down"}:
+                if set(roles) != set(PROJECTIONS):
                     continue
                 ids = set(roles["gate"])
                 if ids != set(roles["up"]) or ids != set(roles["down"]) or ids != set(range(len(ids))):
@@ -404,7 +405,7 @@ class ExpertCheckpoint:
         elif dtype is None:
             e = len(spec.tensors["gate"])
             gate, up, down = (
-                torch.stack([self._get(spec.tensors[role][i]) for i in range(e)]) for role in ("gate", "up", "down")
+                torch.stack([self._get(spec.tensors[role][i]) for i in range(e)]) for role in PROJECTIONS
             )
         else:
             e = len(spec.tensors["gate"])

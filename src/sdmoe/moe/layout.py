@@ -35,9 +35,9 @@ from torch import nn
 
 from sdmoe.errors import UserError
 
+from .projections import PROJECTIONS
 from .sharding import local
 
-PROJECTIONS = ("gate", "up", "down")
 # (gate, up, down) attribute names of a per-expert MLP, in order of preference.
 MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
@@ -224,6 +224,13 @@ class MoEBlock:
                 torch._foreach_copy_(ts, list(stacked.unbind(0)))
 
         return out, commit
+
+    def canonical(self, which: str = "data", local_shards: bool = True) -> dict[str, torch.Tensor]:
+        """All three projections of the weights (which="data") or their gradients ("grad") as
+        {p: E x F x D}, hidden space last, detached: `views` read-only (its commit is not needed).
+        {} when any gradient is missing (before the first backward)."""
+        views, _ = self.views(which, local_shards=local_shards)
+        return {p: v.detach() for p, v in views.items()} if len(views) == len(PROJECTIONS) else {}
 
     # -- writing -----------------------------------------------------------
     @torch.no_grad()

@@ -7,6 +7,7 @@ for float64 input or when asked), also for bf16/fp16 input, on any device.
 """
 
 from .overlap import (
+    mean_expert_overlap,
     mean_off_diagonal,
     overlap_matrix,
     random_overlap_baseline,
@@ -31,6 +32,7 @@ __all__ = [
     "subspace_overlap",
     "overlap_matrix",
     "mean_off_diagonal",
+    "mean_expert_overlap",
     "random_overlap_baseline",
     "energy_share",
     "singular_values",

@@ -12,8 +12,9 @@ import torch
 from sdmoe.errors import UserError
 
 from ._util import check_rank, check_tensor
+from .subspace import expert_subspaces
 
-__all__ = ["subspace_overlap", "overlap_matrix", "mean_off_diagonal", "random_overlap_baseline"]
+__all__ = ["subspace_overlap", "overlap_matrix", "mean_off_diagonal", "mean_expert_overlap", "random_overlap_baseline"]
 
 
 def _as_compute(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,13 @@ def mean_off_diagonal(o_EE: torch.Tensor) -> float:
     o = _as_compute(o_EE)
     off = o.sum() - o.diagonal().sum()
     return float(off / (e * (e - 1)))
+
+
+def mean_expert_overlap(w_EFD: torch.Tensor, k: int, method: str = "gram", **subspace_kw) -> float:
+    """Mean off-diagonal overlap of the E experts' top-k right singular subspaces (E >= 2): the one
+    number the monitors log per layer and projection. `method` and `subspace_kw` (oversample, iters,
+    seed, dtype) go to `expert_subspaces`; computed as it computes (float32, float64 for float64 input)."""
+    return mean_off_diagonal(overlap_matrix(expert_subspaces(w_EFD, k, method, **subspace_kw)))
 
 
 def random_overlap_baseline(k: int, d: int) -> float:

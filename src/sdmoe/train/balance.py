@@ -45,6 +45,13 @@ class LoadTracker:
             return None
         return coef * load_balancing_loss_func(tuple(self.logits), self.step_LE.shape[1], self.top_k)
 
+    def balance_loss(self, host_aux: torch.Tensor | None, coef: float) -> torch.Tensor | None:
+        """The step's balance loss: the host's own auxiliary loss where it computes one (`host_aux`), none
+        where a router bias balances the load (DeepSeek-V3), else the Switch loss on the recorded logits."""
+        if host_aux is not None:
+            return coef * host_aux
+        return None if self.has_bias() else self.aux_loss(coef)
+
     def has_bias(self) -> bool:
         return any(getattr(b.router, "e_score_correction_bias", None) is not None for b in self.blocks)
 

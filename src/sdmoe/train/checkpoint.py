@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdmoe.errors import UserError
-from sdmoe.files import TMP_DIR_PREFIX, atomic_dir, load_json, tmp_dir_name, tmp_file_name, write_json_atomic
+from sdmoe.files import TMP_DIR_PREFIX, atomic_dir, read_json_strict, tmp_dir_name, tmp_file_name, write_json_atomic
 
 _PREFIX = "step_"
 # The longest file name `save_pretrained` may write into the final model directory (a sharded model's index).
@@ -106,7 +106,7 @@ def run_dir_probes(steps: int) -> list[str]:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
     fix = "delete it to resume from an earlier one"
-    state = load_json(path / "state.json", fix=f"checkpoint {path.name} is unusable: {fix}")
+    state = read_json_strict(path / "state.json", fix=f"checkpoint {path.name} is unusable: {fix}")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
         raise UserError(f"checkpoint {path}/state.json lacks its step or RNG state; {fix}")
     try:

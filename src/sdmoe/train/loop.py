@@ -1,8 +1,11 @@
-"""The training loop, top to bottom.
+"""The training loop, top to bottom: set-up, resume, the steps (log, monitor, evaluate, save), finish.
 
-    data -> model -> loss (+ balance) -> backward -> [SD-MoE gradient split]
-         -> clip -> AdamW -> [SD-MoE tail projection / re-estimation]
+    data -> model -> loss (+ balance) -> backward -> optimizer.step()
          -> metrics, evaluation, spectral monitor, checkpoints -> final export
+
+The step is plain PyTorch (`train.step.TrainStep`): SD-MoE's gradient split, the
+clip, the shared update, the non-finite policy and DeepSeek-V3's bias update run in
+the optimizer step's hooks (`sdmoe.attach`), the same for the baseline and SD-MoE.
 
 Everything a resumed run needs is in the checkpoint: batches are a pure
 function of (seed, step), the schedule a pure function of the step, and the
@@ -27,22 +30,20 @@ from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.config_fields import changed_settings, show
 from sdmoe.data import prepare_dataset
 from sdmoe.data.dataset import passes_over_data
-from sdmoe.device import autocast as device_autocast
 from sdmoe.errors import UserError
-from sdmoe.eval.perplexity import causal_lm_loss, evaluate_loss
-from sdmoe.files import DirLock, atomic_dir, load_json, probe_writable, write_failure
-from sdmoe.method import SDMoE
+from sdmoe.eval.perplexity import evaluate_loss
+from sdmoe.files import DirLock, atomic_dir, probe_writable, write_failure
+from sdmoe.method.driver import first_nonfinite_grad
 from sdmoe.method.export import with_kv_cache
 from sdmoe.models import build_model, count_parameters
-from sdmoe.moe import find_moe_blocks
-from sdmoe.moe.sharding import local, whole
 from sdmoe.train import checkpoint as ckpt
 from sdmoe.train import distributed as dist
 from sdmoe.train import fsdp as fsdp_train
-from sdmoe.train.balance import LoadTracker
 from sdmoe.train.config import RunConfig, from_dict, validate
 from sdmoe.train.metrics import MetricsLog, NullLog, read_metrics, truncate_after
 from sdmoe.train.optim import build_optimizer, lr_scale, set_learning_rates
+from sdmoe.train.run_record import read_run_record, run_record_path, write_run_record
+from sdmoe.train.step import TrainStep
 
 
 class NonFiniteError(UserError):
@@ -81,16 +82,14 @@ class TrainResult:
 
 def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
     """Refuse to mix runs or write where we cannot, before any work is done."""
-    run_file = out / "run.json"
+    run_file = run_record_path(out)
     if resume:
-        if not run_file.is_file():
+        record = read_run_record(out, strict=True, fix="it records the run's settings: restore it, or start a new "
+                                                        "run in another --out")
+        if record is None:
             raise UserError(f"nothing to resume in {out}: it holds no run.json; drop --resume to start a new run")
-        try:
-            saved = json.loads(run_file.read_text(encoding="utf-8"))["config"]
-            method = saved["method"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{run_file} is unreadable or corrupt ({type(e).__name__}); it records the run's "
-                            "settings: restore it, or start a new run in another --out") from None
+        saved = record["config"]
+        method = saved.get("method")
         if method != cfg.method:
             raise UserError(f"--resume with method {cfg.method!r} but {out} holds a {method!r} run")
         # A resume reproduces the interrupted run: only settings declared resume="any" (logging,
@@ -149,13 +148,6 @@ class NonFiniteWatch:
         self.first.fill_(-1)
 
 
-def _first_nonfinite_grad(model: torch.nn.Module) -> str:
-    for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(local(p.grad)).all():  # this rank's shard under FSDP2
-            return name
-    return "none (the loss itself)"
-
-
 def train(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -172,24 +164,12 @@ def train(
 
 def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, stop_after: int | None, dataset,
            held: ExitStack) -> TrainResult:
+    # -- set-up: the output directory (locked), the data, the model, the optimizer, the step ---------------
     validate(cfg)
     out = Path(out_dir)
     ctx = dist.setup(cfg.loop.device)  # before the lock: a missing GPU fails before anything is written
     if ctx.is_main:
-        # One process per run directory: a second one's start-up clean-up would delete the
-        # first's temp files. Taken before anything looks inside, and again once a new
-        # directory exists (a no-op when held).
-        lock = held.enter_context(DirLock(out, "is being trained by another process"))
-        if resume:
-            fix = "restore it, or start a new run in another --out"
-            saved = load_json(out / "run.json", fix=fix)
-            if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
-                raise UserError(f"{out / 'run.json'} holds no run config; {fix}")
-        # Every directory the run writes can take its longest name: a path that cannot hold
-        # the final model fails now, not after all the training.
-        probe_writable(out, ckpt.run_dir_probes(cfg.loop.steps))
-        prepare_out_dir(out, cfg, resume)
-        lock.acquire()
+        _claim_out_dir(out, cfg, resume, held)
     dist.barrier(ctx)
     started = time.perf_counter()
 
@@ -200,68 +180,64 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(lc.seed)
     device = ctx.device
-
     fsdp = ctx.enabled and lc.parallel == "fsdp"
     data = dataset or prepare_dataset(cfg.data, seed=lc.seed)
     model = build_model(cfg.model, len(data.tokenizer), seed=lc.seed, eos_token_id=data.tokenizer.eos_token_id,
                         device=device)
     optimizer = build_optimizer(model, cfg.optim)
-    controller = SDMoE(model, cfg.sdmoe) if cfg.method == "sd-moe" else None
-    blocks = find_moe_blocks(model)
-    loads = LoadTracker(blocks, cfg.model.top_k, reduce=lambda t: dist.sum_across_(t, ctx))
-    host_has_aux = cfg.model.style not in ("deepseek_v2", "deepseek_v3")
     reference_batch = next(iter(data.val.values()))[0].to(device)
+    # SD-MoE, the clip, the non-finite policy and the bias update run in optimizer.step()'s hooks
+    train_step = TrainStep(cfg, model, optimizer, device, reference_batch, reduce=lambda t: dist.sum_across_(t, ctx))
+    handle = train_step.handle
 
+    # -- resume: the last checkpoint's weights, optimizer, SD-MoE state, RNG and step ----------------------
     ckpt_root = out / "checkpoints"
     if ctx.is_main:
         ckpt.clean_partial(ckpt_root)
         ckpt.clean_partial(out)  # a final model or run.json a killed process was writing
-    start_step, optim_state, skipped_before = 0, None, 0
+    start_step, optim_state, skipped = 0, None, 0
     if resume and (found := ckpt.list_checkpoints(ckpt_root)):
         model_state, optim_state, state = ckpt.load_checkpoint(found[-1])
         written_by = state.get("parallel", "ddp")  # the optimizer state's format: by tensor (ddp) or by name (fsdp)
         if written_by != ("fsdp" if fsdp else "ddp"):
             raise UserError(f"the checkpoint in {found[-1]} was written with loop.parallel={written_by}; resume with "
                             f"--set loop.parallel={written_by}" + (" under torchrun" if written_by == "fsdp" else ""))
-        if controller is not None:
-            # before the optimizer's state: a split run's optimizer has the split's groups
-            controller.load_state_dict(_sdmoe_state(found[-1], state), optimizer)
+        # before the optimizer's state: a split run's optimizer has the split's groups
+        handle.load_state_dict(_sdmoe_state(found[-1], state))
         model.load_state_dict(model_state)
         if not fsdp:  # FSDP2: loaded once the optimizer holds the sharded parameters
             optimizer.load_state_dict(optim_state)
         ckpt.set_rng_state(state["rng"])
-        start_step = state["step"]
+        start_step = handle.step = state["step"]
         if ctx.is_main:
             truncate_after(out / "metrics.jsonl", start_step)
-            skipped_before = sum(r.get("event") == "skipped" for r in read_metrics(out / "metrics.jsonl"))
+            skipped = sum(r.get("event") == "skipped" for r in read_metrics(out / "metrics.jsonl"))
     elif ctx.is_main:
         if resume:  # killed before its first checkpoint: start over, without the dead run's records
             truncate_after(out / "metrics.jsonl", -1)
-        ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "running"})
+        write_run_record(out, cfg.to_dict(), "running")
     log = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tensorboard") if ctx.is_main else NullLog()
     if start_step == 0:
-        held = sum(len(t) for t in data.train_tokens.values())
+        held_tokens = sum(len(t) for t in data.train_tokens.values())
         log.write({"event": "start", "step": 0, "trainable_parameters": count_parameters(model),
-                   "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains, "train_tokens": held,
-                   "passes": passes_over_data(cfg.loop.steps, cfg.data.batch_size, cfg.data.seq_len, held)})
+                   "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains, "train_tokens": held_tokens,
+                   "passes": passes_over_data(cfg.loop.steps, cfg.data.batch_size, cfg.data.seq_len, held_tokens)})
 
-    def split(step: int) -> bool:
-        """The SD-MoE split at `step` if due (logged); whether it happened."""
-        if controller is None or not (record := controller.before_forward(step, optimizer, reference_batch)):
-            return False
-        dist.broadcast_tensors(controller.buffers(), ctx)  # bases computed once, identical on every rank
-        log.write({"event": "split", "step": step, "ranks_agree": dist.tensors_agree(controller.buffers(), ctx),
-                   "trainable_parameters": count_parameters(model) + controller.num_shared_parameters(), **record})
-        return True
+    def on_split(step: int, record: dict) -> None:
+        ctl = handle.controller
+        dist.broadcast_tensors(ctl.buffers(), ctx)  # bases computed once, identical on every rank
+        log.write({"event": "split", "step": step, "ranks_agree": dist.tensors_agree(ctl.buffers(), ctx),
+                   "trainable_parameters": count_parameters(model) + ctl.num_shared_parameters(), **record})
 
+    handle.on("split", on_split)
+    handle.on("reestimate", lambda step, record: log.write({"event": "reestimate", "step": step, **record}))
     if fsdp:  # FSDP2 shards the split model (split_step is 0): split, shard, then the optimizer's state
-        split(start_step)
-        fsdp_train.shard_for_training(model, optimizer, controller)
+        handle.split()
+        fsdp_train.shard_for_training(model, optimizer, handle.controller)
         if optim_state is not None:
             fsdp_train.load_optimizer_state(model, optimizer, optim_state)
-        engine = model
     else:
-        engine = dist.wrap(model, ctx)  # DDP in a torchrun launch, the model itself otherwise
+        train_step.engine = dist.wrap(model, ctx)  # DDP in a torchrun launch, the model itself otherwise
 
     def save(step: int) -> None:
         if fsdp:  # collective: every rank gathers, rank 0 receives the whole state
@@ -270,7 +246,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
             return
         if not fsdp:
             model_state, optim_state = model.state_dict(), optimizer.state_dict()
-        sd = controller.state_dict() if controller else None
+        sd = handle.state_dict()
         state = {"config": cfg.to_dict(), "parallel": "fsdp" if fsdp else "ddp",
                  "sdmoe": {"version": sd["version"], "split_done": sd["split_done"]} if sd else {}}
         try:
@@ -280,92 +256,56 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
                 raise
             raise UserError(f"could not write checkpoint {step} to {ckpt_root} ({why}); free space or fix permissions, then --resume") from None
 
+    # -- the steps ---------------------------------------------------------------------------------------
     end_step = cfg.loop.steps if stop_after is None else min(cfg.loop.steps, start_step + stop_after)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    autocast = device_autocast(lc.precision, device)  # bf16 on CUDA by default, float32 on the CPU
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.loop.steps, desc=cfg.name,
                disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
     val_loss: dict[str, float] = {}
-    window_t0, window_steps, skipped = time.perf_counter(), 0, skipped_before
+    window_t0, window_steps = time.perf_counter(), 0
     nonfinite = NonFiniteWatch(device)
     model.train()
     for step in bar:
-        split(step)  # the model stays the same plain model: no re-wrapping
         lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, cfg.loop.steps, cfg.optim))
-
         input_ids, _ = data.train.sample(step)
-        input_ids = dist.shard_batch(input_ids, ctx).to(device)
-        with autocast:
-            out_ = engine(input_ids=input_ids)
-            lm_loss = causal_lm_loss(out_.logits, input_ids)
-            balance = (
-                cfg.model.aux_loss_coef * out_.aux_loss if host_has_aux and out_.aux_loss is not None
-                else (None if loads.has_bias() else loads.aux_loss(cfg.model.aux_loss_coef))
-            )
-            loss = lm_loss if balance is None else lm_loss + balance
-        loss.backward()
-
-        if controller is not None:
-            controller.after_backward(step)  # split the gradients, before clipping sees them
-        grad_norm = clip_grad_norm(model, controller, cfg.optim.grad_clip)
-        nonfinite.update(step, lm_loss, grad_norm)
+        losses = train_step(dist.shard_batch(input_ids, ctx).to(device))  # forward, backward, optimizer.step()
+        lm_loss, balance = losses.lm, losses.balance
+        if handle.skipped:  # loop.nan_policy=skip: the step's gradients were not finite and nothing changed
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            log.write({"event": "skipped", "step": step, "loss": lm_loss.item(), "nonfinite": handle.nonfinite_grad})
+            continue
+        if lc.nan_policy == "stop":
+            nonfinite.update(step, lm_loss, handle.grad_norm)
         done = step + 1
         due_log = done % lc.log_every == 0 or done == cfg.loop.steps
         due_monitor = bool(lc.monitor_every) and done % lc.monitor_every == 0
         due_eval = done % lc.eval_every == 0 or done == cfg.loop.steps
         due_save = done % lc.checkpoint_every == 0 or done == end_step
-        # Reading a value from the device makes the host wait for it: the loop reads only at
-        # steps that read anyway (log, monitor, eval, checkpoint), or every step when a bad
-        # batch must be skipped before the optimizer applies it.
-        if (lc.nan_policy == "skip" or due_log or due_monitor or due_eval or due_save) and \
-                (bad := nonfinite.first_step()) is not None:
-            where = _first_nonfinite_grad(model)
-            if lc.nan_policy == "skip":
-                nonfinite.reset()
-                optimizer.zero_grad(set_to_none=True)
-                loads.end_step(0.0)
-                skipped += 1
-                log.write({"event": "skipped", "step": step, "loss": lm_loss.item(), "nonfinite": where})
-                continue
-            # One step number, counted as the metrics count them (record "step": N is the N-th
-            # step). The device is read only at log/eval/checkpoint steps, so `bad` may be
-            # earlier than this step; the gradients then are no longer the first bad ones.
-            first = bad + 1
-            culprit = f" (first non-finite gradient: {where})" if bad == step else ""
-            log.write({"event": "nonfinite", "step": first, "policy": "stop"})
-            last = ckpt.list_checkpoints(ckpt_root)
-            log.close()
-            raise NonFiniteError(
-                f"the loss or gradient norm is not finite at step {first}{culprit}; last good checkpoint: "
-                f"{last[-1].name if last else 'none'}; lower optim.lr or use --set loop.nan_policy=skip"
-            )
-
-        monitor = None
-        if due_monitor:
-            monitor = spectral_snapshot(model, lc.monitor_rank)
-            if controller is not None and controller.split_done:
-                monitor["sdmoe"] = controller.monitor(lc.monitor_rank)
-        optimizer.step()
+        # Reading a value from the device makes the host wait for it: the loop reads only at steps that
+        # read anyway (log, monitor, eval, checkpoint), so a bad step is found there, before it is saved.
+        if (due_log or due_monitor or due_eval or due_save) and (bad := nonfinite.first_step()) is not None:
+            _stop_on_nonfinite(bad, step, model, log, ckpt_root)
         optimizer.zero_grad(set_to_none=True)
-        loads.end_step(cfg.optim.bias_update_rate)
-        if controller is not None and controller.split_done:
-            if record := controller.after_optimizer_step(step, reference_batch):
-                log.write({"event": "reestimate", "step": step, **record})
 
+        # -- log, monitor, evaluate, save ----------------------------------------------------------------
         window_steps += 1
         if due_log:
             loss_value = dist.mean_across(lm_loss.item(), ctx)
             elapsed = time.perf_counter() - window_t0
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": handle.grad_norm.item(),
                       "tokens_per_s": tok_s, "step_time": elapsed / window_steps,
-                      "load": loads.take_window().tolist()}
+                      "load": train_step.loads.take_window().tolist()}
             if balance is not None:
                 record["balance_loss"] = balance.item()
             log.write(record)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
             window_t0, window_steps = time.perf_counter(), 0
-        if monitor is not None:
+        if due_monitor:
+            monitor = spectral_snapshot(model, lc.monitor_rank)
+            if handle.controller is not None and handle.controller.split_done:
+                monitor["sdmoe"] = handle.controller.monitor(lc.monitor_rank)
             log.write({"event": "monitor", "step": done, **monitor})
         if due_eval:
             val_loss = evaluate_loss(model, data.val, device)
@@ -376,31 +316,57 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
             save(done)
     bar.close()
 
+    # -- finish: the final model, a plain transformers checkpoint ----------------------------------------
     model_dir = None
-    final_step = end_step
-    if final_step >= cfg.loop.steps:
+    if end_step >= cfg.loop.steps:
         if not val_loss:  # on every rank: a forward under FSDP2 is collective
             val_loss = evaluate_loss(model, data.val, device)
         # FSDP2: the whole weights gathered into a plain copy on rank 0 (collective)
-        final = _unsharded_model(model, cfg, data.tokenizer, controller) if fsdp else model
+        final = _unsharded_model(model, cfg, data.tokenizer) if fsdp else model
         if ctx.is_main:
-            if controller is not None:
-                controller.export(final)  # a residual router folded into its weight; hooks removed
+            handle.export(final)  # a residual router folded into its weight; hooks removed
             try:
                 model_dir = save_final_model(final, data.tokenizer, out / "model")
-                ckpt.write_json_atomic(out / "run.json", {"config": cfg.to_dict(), "status": "done",
-                                                          "val_loss": val_loss, "skipped_steps": skipped})
+                write_run_record(out, cfg.to_dict(), "done", val_loss=val_loss, skipped_steps=skipped)
             except Exception as e:  # safetensors and tokenizers raise their own types for a full disk
                 if (why := write_failure(e)) is None:
                     raise
                 raise UserError(f"could not write the final model to {out / 'model'} ({why}); "
                                 "free space or fix permissions, then --resume") from None
     log.close()
-    loads.remove()
+    train_step.close()
     dist.barrier(ctx)
     dist.cleanup(ctx)
-    return TrainResult(out, model_dir, final_step, val_loss, data.unigram_entropy_nats,
+    return TrainResult(out, model_dir, end_step, val_loss, data.unigram_entropy_nats,
                        time.perf_counter() - started, count_parameters(model), rank=ctx.rank, skipped=skipped)
+
+
+def _claim_out_dir(out: Path, cfg: RunConfig, resume: bool, held: ExitStack) -> None:
+    """Lock `out` for this process, check a resume's run.json, probe that every path the run writes fits."""
+    # One process per run directory: a second one's start-up clean-up would delete the first's temp files.
+    # Taken before anything looks inside, and again once a new directory exists (a no-op when held).
+    lock = held.enter_context(DirLock(out, "is being trained by another process"))
+    if resume:
+        read_run_record(out, strict=True, fix="restore it, or start a new run in another --out")
+    # Every directory the run writes can take its longest name: a path that cannot hold the final model
+    # fails now, not after all the training.
+    probe_writable(out, ckpt.run_dir_probes(cfg.loop.steps))
+    prepare_out_dir(out, cfg, resume)
+    lock.acquire()
+
+
+def _stop_on_nonfinite(bad: int, step: int, model: torch.nn.Module, log, ckpt_root: Path) -> None:
+    """loop.nan_policy=stop: record and raise, keeping the last good checkpoint."""
+    # One step number, counted as the metrics count them (record "step": N is the N-th step). The device
+    # is read only at log/eval/checkpoint steps, so `bad` may be earlier than this step; the gradients
+    # then are no longer the first bad ones.
+    first = bad + 1
+    culprit = f" (first non-finite gradient: {first_nonfinite_grad(model)})" if bad == step else ""
+    log.write({"event": "nonfinite", "step": first, "policy": "stop"})
+    last = ckpt.list_checkpoints(ckpt_root)
+    log.close()
+    raise NonFiniteError(f"the loss or gradient norm is not finite at step {first}{culprit}; last good checkpoint: "
+                         f"{last[-1].name if last else 'none'}; lower optim.lr or use --set loop.nan_policy=skip")
 
 
 def _sdmoe_state(checkpoint: Path, state: dict) -> dict:
@@ -413,14 +379,7 @@ def _sdmoe_state(checkpoint: Path, state: dict) -> dict:
     return {"version": 2, "split_done": False}
 
 
-def clip_grad_norm(model: torch.nn.Module, controller: SDMoE | None, max_norm: float) -> torch.Tensor:
-    """Clip the gradients (SD-MoE's shared ones with the model's); returns the total norm."""
-    if controller is not None:
-        return controller.clip_grad_norm_(max_norm)
-    return whole(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-
-
-def _unsharded_model(model, cfg: RunConfig, tokenizer, controller) -> torch.nn.Module | None:
+def _unsharded_model(model, cfg: RunConfig, tokenizer) -> torch.nn.Module | None:
     """An FSDP2 model's whole weights in a plain copy on rank 0 (None elsewhere); collective."""
     state, _ = fsdp_train.full_state_dicts(model)
     if not state:
@@ -443,7 +402,7 @@ def save_final_model(model, tokenizer, target: Path) -> Path:
 
 
 def load_run_config(out_dir: str | Path) -> RunConfig:
-    run_file = Path(out_dir) / "run.json"
-    if not run_file.is_file():
+    record = read_run_record(out_dir, strict=True, fix="point at a directory written by `sdmoe train`")
+    if record is None:
         raise UserError(f"{out_dir} holds no run.json; point at a directory written by `sdmoe train`")
-    return from_dict(json.loads(run_file.read_text(encoding="utf-8"))["config"])
+    return from_dict(record["config"])

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sdmoe.errors import UserError
-from sdmoe.files import read_jsonl, write_text_atomic
+from sdmoe.files import read_jsonl_lenient, write_text_atomic
 
 
 class MetricsLog:
@@ -64,7 +64,7 @@ def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All records of a metrics file; a line cut off by a crash is skipped."""
-    return read_jsonl(path)
+    return read_jsonl_lenient(path)
 
 
 # Events logged with the 0-based index of the step they happen in (before or inside it);
