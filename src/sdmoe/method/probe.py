@@ -63,6 +63,7 @@ class ChangeProbe:
             rec["rel_change"] = c
         out["logits_rel_change"] = logits_change
 
+    @torch.no_grad()
     def changes(self) -> tuple[list[float], float]:
         rel = []
         for i, b in enumerate(self.blocks):
