@@ -208,8 +208,9 @@ def step_time_section(sides: dict, s: dict, warmup: int, rounds: int) -> dict:
         out[f"{name}/baseline"] = {"median": round(statistics.median(ratios), 4), "q1": round(q[0], 4),
                                    "q3": round(q[2], 4), "tokens_per_s_ratio": round(
                                        out["tokens_per_s"][name] / out["tokens_per_s"]["baseline"], 4)}
-        # the method's own phases: the split after the backward, the shared step and fold after AdamW
-        own = med[name]["split"] + med[name]["after_step"] - med["baseline"]["after_step"]
+        # the method's own phases: the split in the step's pre-hooks (the clip there too, the baseline's alone
+        # taken off), the shared step and fold in its post-hooks
+        own = sum(med[name][ph] - med["baseline"][ph] for ph in ("split", "after_step"))
         out[f"{name}/split_share"] = round(own / med[name]["total"], 4)
     out["sd-moe/split_parts_ms"] = {k: round(v, 3) for k, v in split_breakdown(sides["sd-moe"], reps=5).items()}
     return out
