@@ -23,6 +23,7 @@ examples:
   sdmoe analyze runs/demo-baseline/model --rank 8 --out runs/demo-analysis
   sdmoe compare --preset demo --out runs/compare-demo   the main job: baseline vs SD-MoE, one report
   sdmoe report runs/compare-demo                        rebuild that report from the run files
+  sdmoe upcycle my-qwen3/ --experts 8 --top-k 2 --out my-qwen3-moe   a dense checkpoint made an MoE
 """
 
 
@@ -182,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(e, "the harness's model")
     e.add_argument("--out", help="write the scores here as JSON")
 
+    u = sub.add_parser("upcycle", help="turn a dense transformers checkpoint into an MoE checkpoint (copy, noise, drop)",
+                       description="Upcycle a dense checkpoint (qwen3 -> qwen3_moe, qwen2 -> qwen2_moe, mistral or "
+                                   "llama -> mixtral) into an ordinary transformers MoE checkpoint: every non-FFN "
+                                   "weight copied exactly, each FFN made into experts, routers initialised small. "
+                                   "`copy` at granularity 1 computes the dense model's logits exactly. Layer by "
+                                   "layer: the peak memory is about one layer's experts.",
+                       formatter_class=_Help)
+    u.add_argument("dense", metavar="DENSE", help="a dense transformers checkpoint directory (safetensors, tokenizer)")
+    u.add_argument("--experts", type=int, required=True, help="routed experts per layer (>= 2)")
+    u.add_argument("--top-k", type=int, required=True, help="experts each token is routed to (1 .. --experts)")
+    u.add_argument("--out", required=True, help="the new MoE checkpoint directory (absent or empty)")
+    u.add_argument("--method", default="copy", help="copy (identical experts) | noise (copy + Gaussian noise) | "
+                                                    "drop (Drop-Upcycling: a share of each expert's neurons re-drawn)")
+    u.add_argument("--granularity", type=int, default=1,
+                   help="split the FFN into G segments, each expert one of them (Qwen1.5-MoE's recipe)")
+    u.add_argument("--shared-expert", action="store_true",
+                   help="qwen2 -> qwen2_moe: the shared expert a copy of the whole FFN (default: silent at the start)")
+    u.add_argument("--drop-ratio", type=float, default=0.5, help="drop: the share of each expert's neurons re-drawn")
+    u.add_argument("--noise", type=float, default=0.01, help="noise: its std, relative to each weight's own")
+    u.add_argument("--seed", type=int, default=0, help="routers, noise and dropped neurons")
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
+
     r = sub.add_parser("report", help="rebuild a compare's report.html, summary.json and summary.csv from its run files")
     r.add_argument("out", metavar="DIR", help="a directory written by `sdmoe compare`")
     return parser
@@ -294,6 +317,16 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _upcycle(args) -> int:
+    from sdmoe.models.upcycle import upcycle
+
+    result = upcycle(args.dense, args.out, args.experts, args.top_k, method=args.method, granularity=args.granularity,
+                     shared_expert=args.shared_expert, drop_ratio=args.drop_ratio, noise=args.noise, seed=args.seed,
+                     progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
 def _report(args) -> int:
     from sdmoe.experiments.compare import rebuild_report
 
@@ -302,7 +335,7 @@ def _report(args) -> int:
 
 
 COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze, "compare": _compare, "study": _study,
-            "evaluate": _evaluate, "report": _report}
+            "evaluate": _evaluate, "upcycle": _upcycle, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,336 @@
+"""`upcycle`: a dense transformers checkpoint becomes an ordinary transformers MoE checkpoint.
+
+    upcycle("qwen3-dense/", "qwen3-moe/", experts=8, top_k=2)                      # copy: the dense function
+    upcycle("qwen3-dense/", "qwen3-drop/", experts=8, top_k=2, method="drop")      # Drop-Upcycling, ratio 0.5
+    upcycle("qwen3-dense/", "qwen3-fine/", experts=16, top_k=4, granularity=4)     # Qwen1.5-MoE's segments
+
+Every non-FFN weight (embeddings, attention, norms, the LM head) is copied exactly; each
+decoder layer's FFN becomes E experts and a router initialised small (normal, the dense
+config's `initializer_range`). Methods:
+
+- `copy`: every expert is the FFN (mergekit-moe's recipe). With granularity 1 the MoE computes
+  the dense function exactly (the routing weights are renormalised over the top-k and sum to 1):
+  the experts start identical, the paper's failure in its purest form;
+- `noise`: the copy plus Gaussian noise of `noise` times each weight's own std, per expert;
+- `drop`: Drop-Upcycling (Nakamura et al., ICLR 2025): in each expert a random `drop_ratio` of the
+  intermediate neurons (rows of gate and up, columns of down) re-initialised from a normal with
+  the dense weight's own mean and std.
+
+`granularity` G splits the FFN's neurons into G segments (each expert one segment, expert i
+segment i mod G, as Qwen1.5-MoE was upcycled from Qwen-1.8B); the down projections are scaled by
+G so that, with the top-k weights renormalised, the expected output matches the dense FFN's.
+Only G = 1 with `copy` preserves the function exactly.
+
+Families (the dense model types whose MoE sibling transformers has): qwen3 -> qwen3_moe,
+qwen2 -> qwen2_moe (which always has a gated shared expert: silent at the start, its down
+projection zero, unless `shared_expert` makes it a copy of the whole FFN), mistral and llama ->
+mixtral (llama without attention or MLP biases). OLMo-2 -> OLMoE is refused: OLMo-2 normalises
+after attention and after the FFN, OLMoE before, so no weight-for-weight mapping exists.
+
+Memory: the dense weights are memory-mapped and the output written one shard per decoder layer
+(safetensors, with a `model.safetensors.index.json`), so the peak is about one layer's experts.
+The output directory appears whole or not at all (`atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from sdmoe.errors import UserError
+from sdmoe.files import atomic_dir
+from sdmoe.moe.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, check_model_dir
+
+Method = Literal["copy", "noise", "drop"]
+METHODS = ("copy", "noise", "drop")
+# the files besides the weights and config.json that travel with the model
+_KEPT_FILES = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json", "merges.txt",
+               "added_tokens.json", "generation_config.json", "chat_template.jinja")
+# config.json keys that describe the dense FFN (dropped) or say what the file is (rewritten)
+_NOT_COPIED = ("architectures", "model_type", "transformers_version", "intermediate_size", "mlp_bias", "auto_map",
+               "dtype", "torch_dtype")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one dense model type maps onto its MoE sibling."""
+
+    dense: str
+    moe: str
+    block: str  # the MoE block's name in a decoder layer ("mlp", Mixtral's "block_sparse_moe")
+    names: tuple[str, str, str]  # the per-expert (gate, up, down) names the MoE checkpoint uses
+    experts_key: str  # the MoE config's number of experts
+    ffn_key: str  # the MoE config's expert width
+
+
+FAMILIES = {
+    "qwen3": Family("qwen3", "qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                    "moe_intermediate_size"),
+    "qwen2": Family("qwen2", "qwen2_moe", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+                    "moe_intermediate_size"),
+    "mistral": Family("mistral", "mixtral", "block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts",
+                      "intermediate_size"),
+    "llama": Family("llama", "mixtral", "block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts",
+                    "intermediate_size"),
+}
+SUPPORTED = ", ".join(f"{f.dense} -> {f.moe}" for f in FAMILIES.values())
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+_DENSE_FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class UpcycleResult:
+    out_dir: Path
+    family: Family
+    experts: int
+    top_k: int
+    method: str
+    granularity: int
+    layers: int
+    parameters: int  # in the output
+    dense_parameters: int
+
+    def summary(self) -> str:
+        return (f"upcycled a {self.family.dense} model ({self.dense_parameters:,} parameters) into a {self.family.moe} "
+                f"MoE of {self.experts} experts, top-{self.top_k}, {self.layers} layers, method {self.method}, "
+                f"granularity {self.granularity} ({self.parameters:,} parameters); saved to {self.out_dir}")
+
+
+def check_request(config: dict, path: Path, experts: int, top_k: int, method: str, granularity: int,
+                  shared_expert: bool, drop_ratio: float, noise: float) -> Family:
+    """Every refusal before any weight is read: one line each, naming the fix."""
+    model_type = config.get("model_type")
+    if any(k in config for k in _MOE_KEYS) or str(model_type).endswith("moe") or model_type == "mixtral":
+        raise UserError(f"{path} is already an MoE ({model_type}); upcycle takes a dense model, and "
+                        "`sdmoe train --init` continues training an MoE")
+    if model_type == "olmo2":
+        raise UserError("OLMo-2 cannot be upcycled into OLMoE weight for weight (OLMo-2 normalises after attention "
+                        f"and the FFN, OLMoE before); supported: {SUPPORTED}")
+    if model_type not in FAMILIES:
+        raise UserError(f"{path} is a {model_type!r} model, which upcycle does not map onto an MoE; supported: "
+                        f"{SUPPORTED}")
+    if experts < 2:
+        raise UserError(f"--experts {experts}: an MoE needs at least 2 experts")
+    if not 1 <= top_k <= experts:
+        raise UserError(f"--top-k {top_k}: choose 1 to --experts ({experts})")
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    ffn = config.get("intermediate_size")
+    if not isinstance(ffn, int) or ffn < 1:
+        raise UserError(f"{path / 'config.json'} names no intermediate_size; re-save the dense model")
+    if granularity < 1 or ffn % granularity:
+        raise UserError(f"--granularity {granularity} does not divide the FFN width {ffn}; choose a divisor of {ffn}")
+    if experts % granularity:
+        raise UserError(f"--experts {experts} is not a multiple of --granularity {granularity}: each of the "
+                        f"{granularity} segments needs the same number of experts")
+    if shared_expert and model_type != "qwen2":
+        raise UserError(f"--shared-expert: {FAMILIES[model_type].moe} has no shared expert; only qwen2 -> qwen2_moe")
+    if method == "drop" and not 0 < drop_ratio <= 1:
+        raise UserError(f"--drop-ratio {drop_ratio}: choose a fraction in (0, 1]")
+    if method == "noise" and not noise > 0:
+        raise UserError(f"--noise {noise}: choose a positive std (relative to each weight's own)")
+    if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise UserError("this llama model has attention or MLP biases, which mixtral has not; only bias-free llama "
+                        "models map onto mixtral")
+    return FAMILIES[model_type]
+
+
+def moe_config(dense: dict, family: Family, experts: int, top_k: int, granularity: int, shared_expert: bool):
+    """The MoE's transformers config: the dense one's settings, the experts' and the router's on top."""
+    from transformers import AutoConfig
+
+    ffn = dense["intermediate_size"]
+    fields = {k: v for k, v in dense.items() if k not in _NOT_COPIED}
+    fields.update({family.experts_key: experts, "num_experts_per_tok": top_k, family.ffn_key: ffn // granularity,
+                   "output_router_logits": True, "router_aux_loss_coef": 0.01})
+    if family.moe in ("qwen3_moe", "qwen2_moe"):
+        fields.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], intermediate_size=ffn)
+    if family.moe == "qwen2_moe":
+        fields.update(shared_expert_intermediate_size=ffn if shared_expert else ffn // granularity, qkv_bias=True)
+    if family.moe == "mixtral":
+        fields.setdefault("head_dim", dense["hidden_size"] // dense["num_attention_heads"])
+        fields.pop("attention_bias", None)
+        fields.pop("pretraining_tp", None)
+    return AutoConfig.for_model(family.moe, **fields)
+
+
+class _DenseWeights:
+    """The dense checkpoint's tensors, memory-mapped (single file or shards); refuses special files."""
+
+    def __init__(self, path: Path):
+        index = path / INDEX_FILE
+        if index.exists():
+            _regular(index)
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            files = sorted({path / f for f in weight_map.values()})
+        elif (path / SINGLE_FILE).exists():
+            files = [path / SINGLE_FILE]
+        else:
+            raise UserError(f"{path} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); save the model "
+                            "with save_pretrained (safetensors; sdmoe never unpickles .bin files)")
+        self.handles, self.where = [], {}
+        for f in files:
+            _regular(f)
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for a damaged header
+                raise UserError(f"{f} is not a readable safetensors file ({type(e).__name__}); re-save the "
+                                "model") from None
+            self.handles.append(h)
+            self.where.update({k: h for k in h.keys()})
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.where[key].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.where[key].get_tensor(key)
+
+
+def _regular(f: Path) -> None:
+    """A weights file must be a regular file: reading a FIFO or a device would block or never end."""
+    try:
+        mode = f.stat().st_mode
+    except OSError as e:
+        raise UserError(f"cannot read {f} ({e.strerror}); check the checkpoint directory") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{f} is not a regular file (a FIFO, device or socket); put the weights file itself there")
+
+
+def upcycle(dense_dir: str | Path, out_dir: str | Path, experts: int, top_k: int, method: Method = "copy",
+            granularity: int = 1, shared_expert: bool = False, drop_ratio: float = 0.5, noise: float = 0.01,
+            seed: int = 0, progress: bool = True) -> UpcycleResult:
+    """Upcycle the dense checkpoint in `dense_dir` into an MoE checkpoint in `out_dir` (see the module doc)."""
+    src = Path(dense_dir).expanduser()
+    dense = check_model_dir(src)
+    family = check_request(dense, src, experts, top_k, method, granularity, shared_expert, drop_ratio, noise)
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory; choose a new --out (nothing was written)")
+    weights = _DenseWeights(src)
+    n_layers = int(dense["num_hidden_layers"])
+    d, ffn = int(dense["hidden_size"]), int(dense["intermediate_size"])
+    _check_shapes(weights, src, n_layers, d, ffn)
+    cfg = moe_config(dense, family, experts, top_k, granularity, shared_expert)
+    std = float(dense.get("initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(seed)
+    groups = _shard_groups(weights.keys(), n_layers)
+    weight_map, total, size = {}, 0, 0
+    with atomic_dir(out) as tmp:  # an empty or absent --out (checked above): whole or nothing
+        cfg.save_pretrained(tmp)
+        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        bar = tqdm(zip(names, groups), total=len(groups), desc="upcycle", unit="shard", disable=not progress)
+        for name, (layer, keys) in bar:
+            tensors = {}
+            for key in keys:
+                tensors.update(_convert(key, weights.get(key), layer, family, experts, granularity, method,
+                                        shared_expert, drop_ratio, noise, gen, seed))
+            if layer is not None:  # the router
+                tensors[f"model.layers.{layer}.{family.block}.gate.weight"] = (
+                    torch.randn(experts, d, generator=gen) * std).to(tensors[next(iter(tensors))].dtype)
+            total += sum(t.numel() for t in tensors.values())
+            size += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update({k: name for k in tensors})
+            save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / name), metadata={"format": "pt"})
+            del tensors
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                                 indent=1), encoding="utf-8")
+        for f in _KEPT_FILES:
+            if (src / f).is_file():
+                shutil.copyfile(src / f, tmp / f)
+    dense_n = sum(math.prod(weights.shape(k)) for k in weights.keys())
+    return UpcycleResult(out, family, experts, top_k, method, granularity, n_layers, total, dense_n)
+
+
+def _check_shapes(weights: _DenseWeights, src: Path, n_layers: int, d: int, ffn: int) -> None:
+    """The FFN weights of every layer, in the shapes config.json names: one line for the first that is not."""
+    want = {"gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
+    keys = set(weights.keys())
+    for layer in range(n_layers):
+        for proj, shape in want.items():
+            key = f"model.layers.{layer}.mlp.{proj}.weight"
+            if key not in keys:
+                raise UserError(f"{src} has no {key} though config.json names {n_layers} layers; the weights and "
+                                "config.json disagree: re-save the model")
+            if weights.shape(key) != shape:
+                raise UserError(f"{key} has shape {list(weights.shape(key))} but config.json (hidden_size {d}, "
+                                f"intermediate_size {ffn}) says {list(shape)}; the weights and config.json disagree: "
+                                "re-save the model")
+
+
+def _shard_groups(keys: list[str], n_layers: int) -> list[tuple[int | None, list[str]]]:
+    """The output's shards: the embedding (and whatever else sits outside the layers), each decoder layer,
+    the LM head: one layer's experts in memory at a time."""
+    layer_of = {}
+    for k in keys:
+        parts = k.split(".")
+        layer_of[k] = int(parts[2]) if k.startswith("model.layers.") and parts[2].isdigit() else None
+    outside = [k for k in keys if layer_of[k] is None and not k.startswith("lm_head")]
+    head = [k for k in keys if k.startswith("lm_head")]
+    groups = [(None, sorted(outside))]
+    groups += [(i, sorted(k for k in keys if layer_of[k] == i)) for i in range(n_layers)]
+    if head:
+        groups.append((None, head))
+    return groups
+
+
+def _convert(key: str, w: torch.Tensor, layer: int | None, family: Family, experts: int, granularity: int,
+             method: str, shared_expert: bool, drop_ratio: float, noise: float, gen: torch.Generator,
+             seed: int) -> dict[str, torch.Tensor]:
+    """One dense tensor's place in the MoE checkpoint: itself (outside the FFN), or its experts."""
+    prefix = f"model.layers.{layer}.mlp."
+    if layer is None or not key.startswith(prefix) or key[len(prefix):].split(".")[0] not in _DENSE_FFN:
+        return {key: w}
+    proj = key[len(prefix):].split(".")[0]
+    role = _DENSE_FFN.index(proj)
+    block = f"model.layers.{layer}.{family.block}."
+    out = {}
+    segments = w.chunk(granularity, dim=1 if proj == "down_proj" else 0)
+    for i in range(experts):
+        e = segments[i % granularity].clone()
+        if proj == "down_proj" and granularity > 1:
+            e.mul_(granularity)  # the expected output of the top-k (renormalised) segments: the dense FFN's
+        # drop: the same neurons of expert i in its gate, up and down (a generator of its own per layer and expert)
+        neurons = torch.Generator().manual_seed(seed * 1_000_003 + layer * 4099 + i)
+        e = _perturb(e, w, proj, method, drop_ratio, noise, gen, neurons)
+        out[f"{block}experts.{i}.{family.names[role]}.weight"] = e
+    if family.moe == "qwen2_moe":  # its shared expert: the whole FFN, or silent (zero output) at the start
+        shared = w.clone() if shared_expert else segments[0].clone()
+        if proj == "down_proj" and not shared_expert:
+            shared.zero_()
+        out[f"{block}shared_expert.{proj}.weight"] = shared
+        if proj == "gate_proj":
+            out[f"{block}shared_expert_gate.weight"] = torch.zeros(1, w.shape[1], dtype=w.dtype)
+    return out
+
+
+def _perturb(e: torch.Tensor, dense: torch.Tensor, proj: str, method: str, drop_ratio: float, noise: float,
+             gen: torch.Generator, neurons_gen: torch.Generator) -> torch.Tensor:
+    """One expert's copy of a projection, perturbed by `method` (copy: as it is)."""
+    if method == "copy":
+        return e
+    if method == "noise":
+        return e + torch.randn(e.shape, generator=gen).to(e.dtype) * (noise * dense.float().std()).to(e.dtype)
+    # drop: a random share of this expert's neurons re-drawn from the dense weight's own statistics
+    neurons = e.shape[1] if proj == "down_proj" else e.shape[0]
+    n_drop = max(1, round(drop_ratio * neurons))
+    idx = torch.randperm(neurons, generator=neurons_gen)[:n_drop]
+    mean, sd = dense.float().mean(), dense.float().std()
+    if proj == "down_proj":
+        e[:, idx] = (torch.randn(e.shape[0], n_drop, generator=gen) * sd + mean).to(e.dtype)
+    else:
+        e[idx] = (torch.randn(n_drop, e.shape[1], generator=gen) * sd + mean).to(e.dtype)
+    return e
+
