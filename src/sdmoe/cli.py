@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one value, e.g. --set optim.lr=0.006 --set model.style=deepseek_v3 --set sdmoe.rank=16")
     t.add_argument("--method", choices=["baseline", "sd-moe"], help="baseline MoE or SD-MoE (default: the config's, baseline)")
     t.add_argument("--style", help="model architecture: qwen2_moe, deepseek_v3, qwen3_moe, deepseek_v2, olmoe, mixtral")
+    t.add_argument("--init", metavar="PATH",
+                   help="start from a local transformers MoE checkpoint (safetensors, its own tokenizer.json; no code "
+                        "is run): continue training or fine-tune it; the model section comes from its config.json. "
+                        "A dense checkpoint: `sdmoe upcycle` it first")
     t.add_argument("--steps", type=int, help="training steps (overrides loop.steps)")
     t.add_argument("--seed", type=int, help="seed for weights and data order (overrides loop.seed)")
     _add_text(t)
@@ -132,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "CPU) | paper (the full "
                                                    "grid; hours on CPU) | tiny")
     c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
+    c.add_argument("--init", metavar="PATH",
+                   help="every run starts from this local MoE checkpoint (as `train --init`): baseline and SD-MoE "
+                        "paired from the same weights, the seeds setting the data order")
     c.add_argument("--seeds", type=int, help="seeds per pair (default: the preset's)")
     c.add_argument("--steps", type=int, help="training steps per run (default: the train preset's)")
     c.add_argument("--variants", help="comma-separated variants trained for every style and seed (default: "
@@ -213,10 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from pathlib import Path
 
-    from sdmoe.train.config import apply_overrides, load_config_file, preset, set_value, validate
+    from sdmoe.train.config import apply_overrides, load_config_file, preset, set_value, start_from_checkpoint, validate
     from sdmoe.train.loop import train
 
     cfg = load_config_file(args.config, preset(args.preset)) if args.config else preset(args.preset)
+    if args.init:
+        start_from_checkpoint(cfg, args.init, args.overrides, args.style)
     apply_overrides(cfg, args.overrides)
     # Flags set config keys the way --set does: one declaration checks the value of either.
     flags = {"method": args.method, "model.style": args.style, "loop.steps": args.steps, "loop.seed": args.seed,
@@ -225,7 +234,8 @@ def _train(args) -> int:
         if value is not None:
             set_value(cfg, key, value)
     validate(cfg)  # before the default --out below is named after cfg, and before anything is written
-    out = Path(args.out or f"runs/{cfg.name}-{cfg.method}-seed{cfg.loop.seed}")
+    start = f"{Path(cfg.init).name}-" if cfg.init else ""
+    out = Path(args.out or f"runs/{start}{cfg.name}-{cfg.method}-seed{cfg.loop.seed}")
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
     if result.rank == 0:  # under torchrun, one summary
         print(result.summary())
@@ -265,6 +275,14 @@ def _compare(args) -> int:
 
     cfg = compare_preset(args.preset)
     # Each flag sets its compare setting through the setting's declaration (type, range, finite numbers).
+    if args.init:  # every run starts from the checkpoint: its style is the compare's one style
+        from pathlib import Path
+
+        from sdmoe.models.pretrained import model_config_of
+
+        if args.styles:
+            raise UserError("--styles with --init: the style is the checkpoint's; drop --styles")
+        cfg.styles, cfg.init = [model_config_of(args.init).style], str(Path(args.init).expanduser().resolve())
     flags = {"styles": args.styles, "seeds": args.seeds, "steps": args.steps, "variants": args.variants,
              "ablations": args.ablations, "lr_multipliers": args.lr_multipliers, "text": list(args.text) or None}
     for key, value in flags.items():

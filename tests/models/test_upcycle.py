@@ -10,7 +10,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sdmoe.cli import main
-from sdmoe.errors import UserError
 from sdmoe.models.upcycle import upcycle
 from sdmoe.moe import find_moe_blocks
 

@@ -131,9 +131,12 @@ class _Datasets:
 
         from sdmoe.data import prepare_dataset
 
-        key = json.dumps(rc.to_dict()["data"], sort_keys=True)
-        if key not in self._base:
-            self._base[key] = prepare_dataset(rc.data, seed=rc.loop.seed)
+        key = json.dumps([rc.to_dict()["data"], rc.init], sort_keys=True)
+        if key not in self._base:  # from a checkpoint (--init), its own tokenizer tokenises the text
+            from sdmoe.models.pretrained import load_tokenizer
+
+            tokenizer = load_tokenizer(rc.init) if rc.init else None
+            self._base[key] = prepare_dataset(rc.data, seed=rc.loop.seed, tokenizer=tokenizer)
         base = self._base[key]
         ds = copy.copy(base)
         ds.train = copy.copy(base.train)

@@ -22,7 +22,16 @@ from typing import Any
 from sdmoe.config_fields import assign, check_tree, setting
 from sdmoe.errors import UserError
 from sdmoe.models.config import Style
-from sdmoe.train.config import PresetName, RunConfig, apply_overrides, parse_setting, preset, set_value, validate
+from sdmoe.train.config import (
+    PresetName,
+    RunConfig,
+    apply_overrides,
+    parse_setting,
+    preset,
+    set_value,
+    start_from_checkpoint,
+    validate,
+)
 
 # The paper's own split (spec, "What the paper's own text says").
 _PAPER = {"method": "sd-moe", "sdmoe.form": "full", "sdmoe.gradient_split": "fixed", "sdmoe.projection_sides": "two",
@@ -125,6 +134,8 @@ class CompareConfig:
     steps: int = setting(0, ge=0, note="0 = the preset's loop.steps")
     overrides: list[str] = setting([])  # "key=value" applied to every run (e.g. loop.threads=2)
     text: list[str] = setting([])  # user text (data.text); empty = bundled corpora
+    # a local transformers MoE checkpoint every run starts from (`train --init`); styles is then its own
+    init: str = ""
     analyze: bool = True  # post-hoc routing analysis of each final model (expert load, domain MI)
     rerun_baseline: bool = True  # train the first style's baseline seed 0 twice: the same-seed noise
     # Claim (e): baseline and SD-MoE steps interleaved, in this many fresh processes one after the
@@ -235,16 +246,20 @@ class RunSpec:
         """The RunConfig of this run: the preset, the compare's own overrides, then this run's."""
         cfg = cfg or CompareConfig()
         rc = preset(cfg.preset)
+        if self.overrides.get("init"):
+            start_from_checkpoint(rc, self.overrides["init"], list(cfg.overrides))
         apply_overrides(rc, list(cfg.overrides))
         for key, value in self.overrides.items():
-            set_value(rc, key, value)
+            if key != "init":
+                set_value(rc, key, value)
         return rc
 
 
 def _run(cfg: CompareConfig, base_lr: float, style: str, variant: str, seed: int, lr_mult: float) -> RunSpec:
     ov: dict[str, Any] = {
         "name": f"{style}/{variant}/lr{fmt_mult(lr_mult)}/seed{seed}",
-        "model.style": style,
+        # from a checkpoint, every run of a pair starts from its weights (the seed sets the data order)
+        **({"init": cfg.init} if cfg.init else {"model.style": style}),
         "loop.seed": seed,
         "optim.lr": base_lr * float(lr_mult),
     }

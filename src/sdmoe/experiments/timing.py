@@ -51,14 +51,12 @@ def training_step(cfg, data) -> Callable[[], None]:
     import dataclasses
 
     from sdmoe.device import resolve_device, synchronize
-    from sdmoe.models import build_model
     from sdmoe.train.optim import build_optimizer
-    from sdmoe.train.step import TrainStep
+    from sdmoe.train.step import TrainStep, start_model
 
     device = resolve_device(cfg.loop.device)
     cfg = dataclasses.replace(cfg, sdmoe=dataclasses.replace(cfg.sdmoe, split_step=0))
-    model = build_model(cfg.model, len(data.tokenizer), seed=cfg.loop.seed, eos_token_id=data.tokenizer.eos_token_id,
-                        device=device)
+    model = start_model(cfg, data.tokenizer, device)
     optimizer = build_optimizer(model, cfg.optim)
     train_step = TrainStep(cfg, model, optimizer, device)
     model.train()

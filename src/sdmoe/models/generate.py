@@ -6,9 +6,10 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from sdmoe.errors import UserError
+from sdmoe.models.pretrained import load_pretrained_model
 from sdmoe.moe.checkpoint import check_model_dir
 
 # Bounds of --max-new-tokens: a typo like 10**9 fails at once, not after hours of sampling.
@@ -28,11 +29,7 @@ def load_pretrained(path: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         raise UserError(f"cannot load a tokenizer from {p} ({type(e).__name__}); save the tokenizer beside the model") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load the model in {p} ({type(e).__name__}: {str(e)[:120]}); check the weights are complete") from None
-    return model.eval(), tokenizer
+    return load_pretrained_model(p, checked=True).eval(), tokenizer  # one line, not a load report, if weights and config disagree
 
 
 def check_generate_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,7 +48,7 @@ from tqdm.auto import tqdm
 
 from sdmoe.errors import UserError
 from sdmoe.files import atomic_dir
-from sdmoe.moe.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, check_model_dir
+from sdmoe.moe.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, check_model_dir, regular_file
 
 Method = Literal["copy", "noise", "drop"]
 METHODS = ("copy", "noise", "drop")
@@ -170,7 +169,7 @@ class _DenseWeights:
     def __init__(self, path: Path):
         index = path / INDEX_FILE
         if index.exists():
-            _regular(index)
+            regular_file(index)
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
             files = sorted({path / f for f in weight_map.values()})
         elif (path / SINGLE_FILE).exists():
@@ -180,7 +179,7 @@ class _DenseWeights:
                             "with save_pretrained (safetensors; sdmoe never unpickles .bin files)")
         self.handles, self.where = [], {}
         for f in files:
-            _regular(f)
+            regular_file(f)
             try:
                 h = safe_open(str(f), framework="pt")
             except Exception as e:  # safetensors raises its own error types for a damaged header
@@ -197,16 +196,6 @@ class _DenseWeights:
 
     def get(self, key: str) -> torch.Tensor:
         return self.where[key].get_tensor(key)
-
-
-def _regular(f: Path) -> None:
-    """A weights file must be a regular file: reading a FIFO or a device would block or never end."""
-    try:
-        mode = f.stat().st_mode
-    except OSError as e:
-        raise UserError(f"cannot read {f} ({e.strerror}); check the checkpoint directory") from None
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{f} is not a regular file (a FIFO, device or socket); put the weights file itself there")
 
 
 def upcycle(dense_dir: str | Path, out_dir: str | Path, experts: int, top_k: int, method: Method = "copy",

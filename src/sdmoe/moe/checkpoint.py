@@ -144,10 +144,43 @@ def check_model_dir(path: str | Path) -> dict:
             f"{p / 'config.json'} has model_type {model_type!r}, which transformers {transformers.__version__} does "
             "not know; upgrade transformers (pip install -U transformers) or pass a model of a type it ships"
         )
+    check_weight_files(p)
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{p} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                         "save the tokenizer beside the model (tokenizer.save_pretrained)")
     return config
+
+
+def regular_file(f: Path) -> None:
+    """Refuse a special file (FIFO, device, socket) where a checkpoint's file should be: reading one
+    would block, or never end."""
+    import stat
+
+    try:
+        mode = f.stat().st_mode
+    except OSError as e:
+        raise UserError(f"cannot read {f} ({e.strerror}); check the checkpoint directory") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{f} is not a regular file (a FIFO, device or socket); put the file itself there")
+
+
+def check_weight_files(p: Path) -> None:
+    """Every weights file the checkpoint has (the single file, the index and the shards it names) is a
+    regular file; the shards the index names exist."""
+    index = p / INDEX_FILE
+    if index.exists() or index.is_symlink():
+        regular_file(index)
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} has no weight_map; re-save the checkpoint")
+        for name in sorted(set(map(str, weight_map.values()))):
+            shard = p / name
+            if not (shard.exists() or shard.is_symlink()):
+                raise UserError(f"{index.name} names a shard missing from {p} ({name}); copy the whole checkpoint")
+            regular_file(shard)
+    for f in (p / SINGLE_FILE, p / "tokenizer.json"):
+        if f.exists() or f.is_symlink():
+            regular_file(f)
 
 
 @dataclass
@@ -223,6 +256,7 @@ class ExpertCheckpoint:
             raise no_config_error(self.path)
         # Read as JSON only: no transformers call, so a checkpoint's own code (auto_map) never runs here.
         self.config: dict = read_json_object(cfg_path)
+        check_weight_files(self.path)  # a FIFO where a weights file should be: one line, never a blocked read
         self._handles: dict[Path, object] = {}
         self._key_file = self._index_keys()
         self._shapes: dict[str, tuple[int, ...]] = {}

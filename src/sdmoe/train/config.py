@@ -87,6 +87,9 @@ class LoopConfig:
 class RunConfig:
     name: str = setting("run", resume="any")  # the progress bar's label and the default --out
     method: Method = "baseline"
+    # a local transformers MoE checkpoint to start from ("" = a new model built from `model`, which then
+    # describes the checkpoint: `sdmoe.models.pretrained.model_config_of`); its own tokenizer tokenises the text
+    init: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -253,6 +256,22 @@ def _upgrade_loop(section: dict) -> dict:
     return out
 
 
+def start_from_checkpoint(cfg: RunConfig, path: str, overrides: list[str] = (), style: str | None = None) -> None:
+    """`train --init PATH`: the run starts from the checkpoint, whose config.json is its model section
+    (read now, without the weights); a setting of the model section is refused, as it could not apply."""
+    from pathlib import Path
+
+    from sdmoe.models.pretrained import model_config_of
+
+    changed = [o.split("=", 1)[0] for o in overrides if o.strip().startswith("model.")]
+    if changed or style:
+        what = f"--set {changed[0]}" if changed else f"--style {style}"
+        raise UserError(f"{what} with --init: the model is the checkpoint's (its config.json); drop it, or "
+                        "train a new model without --init")
+    cfg.model = model_config_of(path)
+    cfg.init = str(Path(path).expanduser().resolve())
+
+
 def validate(cfg: RunConfig) -> None:
     """Every field against its declaration, then the rules between fields; raises a one-line UserError."""
     check_tree(cfg)  # types, ranges, choices, finite numbers: also of values set in code or by a flag
@@ -267,8 +286,10 @@ def validate(cfg: RunConfig) -> None:
         if cfg.sdmoe.reestimate_every:
             raise UserError("loop.parallel=fsdp cannot re-estimate U during training: set sdmoe.reestimate_every=0, "
                             "or use loop.parallel=ddp")
-    # Model shape errors surface before any data is read or directory written.
-    validate_model(cfg.model, cfg.data.vocab_size)
+    # Model shape errors surface before any data is read or directory written (a checkpoint's model is
+    # what it is: its shapes are checked against its weights when it loads).
+    if not cfg.init:
+        validate_model(cfg.model, cfg.data.vocab_size)
     if cfg.method == "sd-moe":
         # So do SD-MoE errors (rank out of range for d), not after the run dir exists.
         cfg.sdmoe.validate()

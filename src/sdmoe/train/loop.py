@@ -35,7 +35,8 @@ from sdmoe.eval.perplexity import evaluate_loss
 from sdmoe.files import DirLock, atomic_dir, probe_writable, write_failure
 from sdmoe.method.driver import first_nonfinite_grad
 from sdmoe.method.export import with_kv_cache
-from sdmoe.models import build_model, count_parameters
+from sdmoe.models import count_parameters
+from sdmoe.models.pretrained import load_init_model, load_tokenizer
 from sdmoe.train import checkpoint as ckpt
 from sdmoe.train import distributed as dist
 from sdmoe.train import fsdp as fsdp_train
@@ -43,7 +44,7 @@ from sdmoe.train.config import RunConfig, from_dict, validate
 from sdmoe.train.metrics import MetricsLog, NullLog, read_metrics, truncate_after
 from sdmoe.train.optim import build_optimizer, lr_scale, set_learning_rates
 from sdmoe.train.run_record import read_run_record, run_record_path, write_run_record
-from sdmoe.train.step import TrainStep
+from sdmoe.train.step import TrainStep, start_model
 
 
 class NonFiniteError(UserError):
@@ -168,6 +169,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
     validate(cfg)
     out = Path(out_dir)
     ctx = dist.setup(cfg.loop.device)  # before the lock: a missing GPU fails before anything is written
+    # --init: a checkpoint that cannot load fails before anything is written too; its own tokenizer
+    # tokenises the text, its weights are the start
+    tokenizer = load_tokenizer(cfg.init) if cfg.init else None
+    init_model = load_init_model(cfg.init, ctx.device) if cfg.init else None
     if ctx.is_main:
         _claim_out_dir(out, cfg, resume, held)
     dist.barrier(ctx)
@@ -181,9 +186,8 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
     torch.manual_seed(lc.seed)
     device = ctx.device
     fsdp = ctx.enabled and lc.parallel == "fsdp"
-    data = dataset or prepare_dataset(cfg.data, seed=lc.seed)
-    model = build_model(cfg.model, len(data.tokenizer), seed=lc.seed, eos_token_id=data.tokenizer.eos_token_id,
-                        device=device)
+    data = dataset or prepare_dataset(cfg.data, seed=lc.seed, tokenizer=tokenizer)
+    model = init_model if init_model is not None else start_model(cfg, data.tokenizer, device)
     optimizer = build_optimizer(model, cfg.optim)
     reference_batch = next(iter(data.val.values()))[0].to(device)
     # SD-MoE, the clip, the non-finite policy and the bias update run in optimizer.step()'s hooks
@@ -384,7 +388,7 @@ def _unsharded_model(model, cfg: RunConfig, tokenizer) -> torch.nn.Module | None
     state, _ = fsdp_train.full_state_dicts(model)
     if not state:
         return None
-    plain = build_model(cfg.model, len(tokenizer), seed=cfg.loop.seed, eos_token_id=tokenizer.eos_token_id)
+    plain = start_model(cfg, tokenizer, "cpu")
     plain.load_state_dict(state)  # the model is plain at every step: same keys, sharded or not
     return plain
 

@@ -15,6 +15,8 @@ from torch import nn
 from sdmoe.device import autocast as device_autocast
 from sdmoe.eval.perplexity import causal_lm_loss
 from sdmoe.method.driver import attach
+from sdmoe.models import build_model
+from sdmoe.models.pretrained import load_init_model
 from sdmoe.moe import find_moe_blocks
 from sdmoe.train.balance import LoadTracker
 from sdmoe.train.config import RunConfig
@@ -27,6 +29,14 @@ NO_HOST_AUX = ("deepseek_v2", "deepseek_v3")
 class StepLosses:
     lm: torch.Tensor  # the language-model loss (0-dim, on the device: reading it waits for the step)
     balance: torch.Tensor | None  # the load-balancing loss added to it, if any
+
+
+def start_model(cfg: RunConfig, tokenizer, device) -> nn.Module:
+    """The model a run starts from: the `--init` checkpoint's (`cfg.init`), or a new one built from `cfg.model`."""
+    if cfg.init:
+        return load_init_model(cfg.init, device)
+    return build_model(cfg.model, len(tokenizer), seed=cfg.loop.seed, eos_token_id=tokenizer.eos_token_id,
+                       device=device)
 
 
 class TrainStep:

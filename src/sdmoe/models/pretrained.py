@@ -1,0 +1,134 @@
+"""Starting from a trained model: a local transformers MoE checkpoint as `train --init PATH` takes it.
+
+    cfg.model = model_config_of("ckpt/")    # config.json only: the run's model section, checked early
+    model = load_init_model("ckpt/", device)  # the weights, ready to train
+    tokenizer = load_tokenizer("ckpt/")      # the checkpoint's own: the text is tokenised with it
+
+Safetensors only and no code ever run (`check_model_dir`: no `auto_map`, weights files that are
+regular files); a dense checkpoint is pointed to `sdmoe upcycle`; weights that disagree with
+config.json are one line, not transformers' multi-line load report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from sdmoe.errors import UserError
+from sdmoe.models.config import STYLES, ModelConfig
+from sdmoe.moe.checkpoint import check_model_dir
+
+_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts")
+_EXPERT_FFN = ("moe_intermediate_size", "intermediate_size")
+
+
+def _first(config, names: tuple[str, ...]):
+    return next((v for n in names if isinstance(v := getattr(config, n, None), int) and v > 0), None)
+
+
+def model_config_of(path: str | Path) -> ModelConfig:
+    """The `model` section of a run that starts from the checkpoint in `path` (reads config.json only)."""
+    from transformers import AutoConfig
+
+    p = Path(path).expanduser()
+    raw = check_model_dir(p)
+    if _first_raw(raw, _EXPERTS) is None:
+        raise UserError(f"{p} is a dense {raw.get('model_type')} model (no experts in config.json); upcycle it into "
+                        f"an MoE first: sdmoe upcycle {p} --experts 8 --top-k 2 --out {p.name}-moe")
+    if raw["model_type"] not in STYLES:
+        raise UserError(f"{p} is a {raw['model_type']!r} MoE; --init trains the styles {', '.join(STYLES)}")
+    config = AutoConfig.from_pretrained(p, trust_remote_code=False)
+    heads = config.num_attention_heads
+    ffn = _first(config, _EXPERT_FFN)
+    shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
+    return ModelConfig(style=raw["model_type"], hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                       num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", 0) or 0,
+                       num_experts=_first(config, _EXPERTS), top_k=config.num_experts_per_tok, expert_ffn=ffn,
+                       shared_expert_ffn=shared, max_seq_len=config.max_position_embeddings,
+                       aux_loss_coef=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0),
+                       init_std=float(getattr(config, "initializer_range", 0.02)),
+                       tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def _first_raw(raw: dict, names: tuple[str, ...]):
+    return next((raw[n] for n in names if isinstance(raw.get(n), int) and raw[n] > 0), None)
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's own tokenizer (tokenizer.json), or one line naming the fix."""
+    from transformers import PreTrainedTokenizerFast
+
+    p = Path(path).expanduser()
+    if not (p / "tokenizer.json").is_file():
+        raise UserError(f"{p} has no tokenizer.json; save the model's fast tokenizer beside it "
+                        "(AutoTokenizer.from_pretrained(...).save_pretrained(PATH))")
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(p), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises many types for a damaged file
+        raise UserError(f"cannot load the tokenizer in {p} ({type(e).__name__}); re-save it") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer in {p} has no end-of-text token (eos_token); set one and re-save it")
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers reports a partial load in many lines; we say it in one."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()  # its loading bar, for a model that loads in a moment
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_pretrained_model(path: str | Path, dtype: torch.dtype = torch.float32, checked: bool = False):
+    """A local checkpoint's model (safetensors, no code): one line if its weights and config disagree.
+    `checked`: the caller ran `check_model_dir` already."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path).expanduser()
+    if not checked:
+        check_model_dir(p)
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=False,
+                                                               use_safetensors=True, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        if "mismatch" in str(e).lower():  # its report of tensors whose shapes config.json does not give
+            raise UserError(f"the weights in {p} disagree with its config.json (tensor shapes differ from the ones "
+                            "it names); re-save the model, or fix config.json") from None
+        raise UserError(f"cannot load the model in {p} ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                        "check the weights are complete and match config.json") from None
+    problems = [f"{len(info[k])} {k.replace('_', ' ')} (e.g. {_key(info[k][0])})"
+                for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
+    if problems:
+        raise UserError(f"the weights in {p} disagree with its config.json: {'; '.join(problems)}; re-save the "
+                        "model, or fix config.json")
+    return model
+
+
+def _key(k) -> str:
+    return k[0] if isinstance(k, tuple) else str(k)
+
+
+def load_init_model(path: str | Path, device: torch.device | str = "cpu"):
+    """The checkpoint's model set up for training as `build_model`'s are: float32, router logits in every
+    forward (the balance loss and the load statistics read them), no KV cache, train mode, on `device`."""
+    from sdmoe.device import experts_kernel
+    from sdmoe.moe import find_moe_blocks
+
+    model = load_pretrained_model(path)
+    find_moe_blocks(model)  # one line if transformers built no MoE block we know
+    model.config.output_router_logits = True
+    model.config.use_cache = False
+    model.config._experts_implementation = experts_kernel("auto", torch.device(device))
+    model.train()
+    return model.to(device)
