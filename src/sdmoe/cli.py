@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="demo", help="demo (about 10 min on 2 cores) | lab (the lab model: default against the "
                                                    "paper's own split, 3 seeds at the baseline's tuned rate 6e-3; 2-3 hours on "
                                                    "CPU) | paper (the full "
-                                                   "grid; hours on CPU) | tiny")
+                                                   "grid; hours on CPU) | upcycle (a dense parent upcycled by copy and Drop-Upcycling, "
+                                                   "continued with and without SD-MoE, 3 seeds) | tiny | upcycle-tiny")
     c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
     c.add_argument("--init", metavar="PATH",
                    help="every run starts from this local MoE checkpoint (as `train --init`): baseline and SD-MoE "
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train-config override applied to every run, e.g. --set loop.threads=2")
     _add_text(c)
     _add_device(c, "every run")
-    c.add_argument("--out", default="runs/compare-demo", help="compare directory")
+    c.add_argument("--out", help="compare directory (default: runs/compare-<preset>)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
     st = sub.add_parser("study", help="when does SD-MoE help? text, repetition and size, one factor at a time",
@@ -273,6 +274,8 @@ def _compare(args) -> int:
     from sdmoe.experiments.compare import run_compare
     from sdmoe.experiments.grid import compare_preset
 
+    if args.preset.startswith("upcycle"):
+        return _compare_upcycle(args)
     cfg = compare_preset(args.preset)
     # Each flag sets its compare setting through the setting's declaration (type, range, finite numbers).
     if args.init:  # every run starts from the checkpoint: its style is the compare's one style
@@ -292,8 +295,31 @@ def _compare(args) -> int:
             except UserError as e:
                 raise UserError(f"--{key.replace('_', '-')}: {e}") from None
     cfg.overrides = list(cfg.overrides) + list(args.overrides)
-    result = run_compare(cfg, args.out, progress=not args.quiet, device=args.device)
+    result = run_compare(cfg, args.out or f"runs/compare-{args.preset}", progress=not args.quiet, device=args.device)
     print(result.text)
+    return 0
+
+
+def _compare_upcycle(args) -> int:
+    """`compare --preset upcycle`: a dense parent, upcycled, continued with and without SD-MoE (its own grid)."""
+    from pathlib import Path
+
+    from sdmoe.config_fields import assign
+    from sdmoe.experiments.upcycle import run_upcycle_compare, upcycle_preset
+
+    cfg = upcycle_preset(args.preset)
+    unsupported = [f"--{n}" for n in ("styles", "variants", "ablations", "lr_multipliers", "init")
+                   if getattr(args, n, None)]
+    if unsupported:
+        raise UserError(f"{', '.join(unsupported)} with --preset {args.preset}: its arms are fixed (copy, drop, with "
+                        "and without SD-MoE, the dense parent); drop them")
+    for key, value in {"seeds": args.seeds, "steps": args.steps, "text": list(args.text) or None}.items():
+        if value is not None:
+            assign(cfg, key, value)
+    cfg.overrides = list(args.overrides)
+    out = Path(args.out or f"runs/compare-{args.preset}")
+    run_upcycle_compare(cfg, out, progress=not args.quiet)
+    print((out / "upcycle.md").read_text(encoding="utf-8"))
     return 0
 
 

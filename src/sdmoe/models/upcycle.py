@@ -323,3 +323,33 @@ def _perturb(e: torch.Tensor, dense: torch.Tensor, proj: str, method: str, drop_
         e[idx] = (torch.randn(n_drop, e.shape[1], generator=gen) * sd + mean).to(e.dtype)
     return e
 
+
+
+def densify(moe_dir: str | Path, out_dir: str | Path) -> Path:
+    """A one-expert qwen3_moe checkpoint as the dense qwen3 model it computes (the router of one expert
+    always weighs it 1): how the upcycle comparison trains its dense parent with `sdmoe train`."""
+    from transformers import AutoConfig
+
+    src, out = Path(moe_dir).expanduser(), Path(out_dir).expanduser()
+    moe = check_model_dir(src)
+    if moe.get("model_type") != "qwen3_moe" or moe.get("num_experts", moe.get("num_local_experts")) != 1:
+        raise UserError(f"{src} is not a one-expert qwen3_moe model; densify takes what `sdmoe train` makes with "
+                        "--set model.num_experts=1 --set model.top_k=1")
+    weights = _DenseWeights(src)
+    tensors = {}
+    for key in weights.keys():
+        if key.endswith(".mlp.gate.weight"):
+            continue  # the one expert's router: its softmax is 1 whatever it holds
+        tensors[key.replace(".mlp.experts.0.", ".mlp.")] = weights.get(key)
+    fields = {k: v for k, v in moe.items() if k not in (*_NOT_COPIED, *_MOE_KEYS, "num_local_experts",
+                                                        "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step",
+                                                        "mlp_only_layers", "output_router_logits",
+                                                        "router_aux_loss_coef")}
+    cfg = AutoConfig.for_model("qwen3", **fields, intermediate_size=moe["moe_intermediate_size"])
+    with atomic_dir(out) as tmp:
+        cfg.save_pretrained(tmp)
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        for f in _KEPT_FILES:
+            if (src / f).is_file():
+                shutil.copyfile(src / f, tmp / f)
+    return out
