@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 SDMOE   = $(BIN)/sdmoe
 
-.PHONY: install demo test test-integrations test-slow bench gpu-check reproduce clean-venv
+.PHONY: install demo test test-integrations test-slow bench gpu-check reproduce upcycle finetune clean-venv
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ demo: install
 # Resumable: run it again to continue.
 reproduce: install
 	$(SDMOE) compare --preset lab --out runs/compare-lab
+
+# Starting from a trained model (docs/results.md, "Starting from a trained model"): a dense parent upcycled by
+# copy and Drop-Upcycling, continued with and without SD-MoE (16 runs), and an MoE of two domains adapted to the
+# third (7 runs); a few minutes each on 2 cores. Resumable.
+upcycle: install
+	$(SDMOE) compare --preset upcycle --out runs/compare-upcycle
+
+finetune: install
+	$(SDMOE) compare --preset finetune --out runs/compare-finetune
 
 test: install
 	$(BIN)/python -m pytest

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "paper's own split, 3 seeds at the baseline's tuned rate 6e-3; 2-3 hours on "
                                                    "CPU) | paper (the full "
                                                    "grid; hours on CPU) | upcycle (a dense parent upcycled by copy and Drop-Upcycling, "
-                                                   "continued with and without SD-MoE, 3 seeds) | tiny | upcycle-tiny")
+                                                   "continued with and without SD-MoE, 3 seeds) | finetune (an MoE of two domains adapted "
+                                                   "to the third, with and without SD-MoE: forgetting) | tiny")
     c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
     c.add_argument("--init", metavar="PATH",
                    help="every run starts from this local MoE checkpoint (as `train --init`): baseline and SD-MoE "
@@ -274,8 +275,8 @@ def _compare(args) -> int:
     from sdmoe.experiments.compare import run_compare
     from sdmoe.experiments.grid import compare_preset
 
-    if args.preset.startswith("upcycle"):
-        return _compare_upcycle(args)
+    if args.preset.startswith(("upcycle", "finetune")):
+        return _compare_from_a_parent(args)
     cfg = compare_preset(args.preset)
     # Each flag sets its compare setting through the setting's declaration (type, range, finite numbers).
     if args.init:  # every run starts from the checkpoint: its style is the compare's one style
@@ -300,26 +301,30 @@ def _compare(args) -> int:
     return 0
 
 
-def _compare_upcycle(args) -> int:
-    """`compare --preset upcycle`: a dense parent, upcycled, continued with and without SD-MoE (its own grid)."""
+def _compare_from_a_parent(args) -> int:
+    """`compare --preset upcycle`: a dense parent, upcycled, continued with and without SD-MoE; `--preset finetune`:
+    an MoE trained on two domains, adapted to the third with and without SD-MoE (grids of their own)."""
     from pathlib import Path
 
     from sdmoe.config_fields import assign
+    from sdmoe.experiments.finetune import finetune_preset, run_finetune_compare
     from sdmoe.experiments.upcycle import run_upcycle_compare, upcycle_preset
 
-    cfg = upcycle_preset(args.preset)
+    upcycling = args.preset.startswith("upcycle")
+    cfg = upcycle_preset(args.preset) if upcycling else finetune_preset(args.preset)
     unsupported = [f"--{n}" for n in ("styles", "variants", "ablations", "lr_multipliers", "init")
                    if getattr(args, n, None)]
     if unsupported:
-        raise UserError(f"{', '.join(unsupported)} with --preset {args.preset}: its arms are fixed (copy, drop, with "
-                        "and without SD-MoE, the dense parent); drop them")
+        raise UserError(f"{', '.join(unsupported)} with --preset {args.preset}: its arms are fixed; drop them")
+    if args.text and not upcycling:
+        raise UserError("--text with --preset finetune: its domains are the bundled ones; drop --text")
     for key, value in {"seeds": args.seeds, "steps": args.steps, "text": list(args.text) or None}.items():
         if value is not None:
             assign(cfg, key, value)
     cfg.overrides = list(args.overrides)
     out = Path(args.out or f"runs/compare-{args.preset}")
-    run_upcycle_compare(cfg, out, progress=not args.quiet)
-    print((out / "upcycle.md").read_text(encoding="utf-8"))
+    (run_upcycle_compare if upcycling else run_finetune_compare)(cfg, out, progress=not args.quiet)
+    print((out / ("upcycle.md" if upcycling else "finetune.md")).read_text(encoding="utf-8"))
     return 0
 
 

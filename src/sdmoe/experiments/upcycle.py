@@ -79,7 +79,8 @@ def _run_config(cfg: UpcycleConfig, steps: int, seed: int, method: str, init: st
     return rc
 
 
-def _train(rc, run_dir: Path, datasets: _Datasets, progress: bool) -> None:
+def train_if_needed(rc, run_dir: Path, datasets: _Datasets, progress: bool) -> None:
+    """Train `rc` into `run_dir` unless it is done; resume it where it stopped."""
     from sdmoe.train.loop import train
 
     state = run_state(run_dir)
@@ -103,7 +104,7 @@ def run_upcycle_compare(cfg: UpcycleConfig, out: str | Path, progress: bool = Tr
     out.mkdir(parents=True, exist_ok=True)
     datasets = _Datasets()
     parent_run = out / "parent"
-    _train(_run_config(cfg, cfg.parent_steps, 0, "baseline", None), parent_run, datasets, progress)
+    train_if_needed(_run_config(cfg, cfg.parent_steps, 0, "baseline", None), parent_run, datasets, progress)
     dense = out / "checkpoints" / "dense"
     if not dense.is_dir():
         densify(parent_run / "model", dense)
@@ -125,7 +126,7 @@ def run_upcycle_compare(cfg: UpcycleConfig, out: str | Path, progress: bool = Tr
         if progress:
             print(f"[{i + 1}/{len(runs)}] {arm} seed {s}", flush=True)
         rc = _run_config(cfg, cfg.steps, s, method, str(init))
-        _train(rc, run_dir, datasets, progress)
+        train_if_needed(rc, run_dir, datasets, progress)
         if arm != "dense" and not (run_dir / "analysis.json").is_file():
             analyze_run(run_dir, datasets.get(rc), k=4)
     payload = summarize(out, cfg, starts)
@@ -184,7 +185,17 @@ def summarize(out: Path, cfg: UpcycleConfig, starts: dict) -> dict[str, Any]:
                      "per_seed": gains, "steps_to_copy": stats.t_interval(list(ratios.values())).to_dict(),
                      "overlap": overlap, "mi": stats.t_interval(mi).to_dict(),
                      "imbalance": stats.t_interval(imb).to_dict()})
-    return {"config": asdict(cfg), "same_seed_noise": same_seed, "rows": rows, "reference": REFERENCE}
+    # SD-MoE's own gain on each start: the arm with SD-MoE against the same start without it, paired by seed
+    own = []
+    for start in ("copy", "drop"):
+        gains = {s: recs[(start, s)]["final_mean"] - recs[(f"{start}+sd-moe", s)]["final_mean"]
+                 for s in range(cfg.seeds)}
+        gains = {s: g for s, g in gains.items() if math.isfinite(g)}
+        iv, verdict, why = judge(gains, 0.0, +1, "no finished pair", ONE_PAIR_FIX)
+        own.append({"start": start, "gain": iv, "gain_figure": gain_figure(iv), "verdict": verdict, "reason": why,
+                    "per_seed": gains})
+    return {"config": asdict(cfg), "same_seed_noise": same_seed, "rows": rows, "reference": REFERENCE,
+            "sdmoe_on_each_start": own}
 
 
 def _num(x, spec=".3f") -> str:
@@ -204,15 +215,19 @@ def render(payload: dict) -> str:
              "| arm | final loss | gain over copy | verdict | steps to copy's final loss / its steps | experts' "
              "overlap: start -> end | load imbalance (max share x E) | I(expert; domain) |",
              "|---|---|---|---|---|---|---|---|"]
+    words = {stats.REPRODUCED: "better than copy", stats.NOT_REPRODUCED: "worse than copy"}
     for r in payload["rows"]:
         ov = r["overlap"]
         end = ov["mean"][-1] if ov["mean"] else None
         lines.append(f"| {r['arm']} | {interval_figure(r['final'], count=False)} | "
                      f"{r['gain_figure'] if r['arm'] != payload['reference'] else '(reference)'} | "
-                     f"{r['verdict'] if r['arm'] != payload['reference'] else '-'} | "
+                     f"{words.get(r['verdict'], r['verdict']) if r['arm'] != payload['reference'] else '-'} | "
                      f"{interval_figure(r['steps_to_copy'], '.2f', count=False)} | {_num(ov['start'])} -> {_num(end)} | "
                      f"{interval_figure(r['imbalance'], '.2f', count=False)} | "
                      f"{interval_figure(r['mi'], '.3f', count=False)} |")
+    lines += ["", "SD-MoE's own gain on each start (the start's baseline minus the same start with SD-MoE, paired):", "",
+              "| start | gain of SD-MoE | verdict |", "|---|---|---|"]
+    lines += [f"| {o['start']} | {o['gain_figure']} | {o['verdict']} |" for o in payload["sdmoe_on_each_start"]]
     lines += ["", "Overlap: mean off-diagonal top-4 subspace overlap of the experts' weights (1.0: identical "
               "experts; the dense arm has one expert and none). Steps: the first evaluation at which the arm's "
               "validation loss reaches the copy baseline's final one (1.0 = not before the end)."]
