@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sdmoe.cli import main
+from sdmoe.errors import UserError
 from sdmoe.models.upcycle import upcycle
 from sdmoe.moe import find_moe_blocks
 
@@ -154,3 +155,23 @@ def test_bad_checkpoints_say_one_line(tmp_path, tokenizer_dir, capsys):
     assert "not an empty directory" in _error(capsys, ["upcycle", str(other), "--experts", "4", "--top-k", "2",
                                                        "--out", str(tmp_path / "full")])
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_densify_saves_a_one_expert_moe_as_the_dense_model_it_computes(tmp_path, tiny_dataset):
+    from sdmoe.models import ModelConfig, build_model
+    from sdmoe.models.upcycle import densify
+
+    tok = tiny_dataset.tokenizer
+    cfg = ModelConfig(style="qwen3_moe", hidden_size=32, num_layers=2, num_heads=2, num_experts=1, top_k=1,
+                      expert_ffn=24)
+    moe = build_model(cfg, len(tok), seed=0, eos_token_id=tok.eos_token_id).eval()
+    moe.save_pretrained(tmp_path / "one")
+    tok.save_pretrained(tmp_path / "one")
+    densify(tmp_path / "one", tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert dense.config.model_type == "qwen3" and dense.config.intermediate_size == 24
+    ids = torch.randint(0, len(tok), (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, moe(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="not a one-expert qwen3_moe"):
+        densify(tmp_path / "dense", tmp_path / "again")
