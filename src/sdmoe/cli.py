@@ -312,8 +312,9 @@ def _compare_from_a_parent(args) -> int:
 
     upcycling = args.preset.startswith("upcycle")
     cfg = upcycle_preset(args.preset) if upcycling else finetune_preset(args.preset)
-    unsupported = [f"--{n}" for n in ("styles", "variants", "ablations", "lr_multipliers", "init")
-                   if getattr(args, n, None)]
+    unsupported = [f"--{n}" for n in ("styles", "variants", "ablations", "lr_multipliers") if getattr(args, n, None)]
+    if args.init and not upcycling:
+        unsupported.append("--init")
     if unsupported:
         raise UserError(f"{', '.join(unsupported)} with --preset {args.preset}: its arms are fixed; drop them")
     if args.text and not upcycling:
@@ -322,6 +323,11 @@ def _compare_from_a_parent(args) -> int:
         if value is not None:
             assign(cfg, key, value)
     cfg.overrides = list(args.overrides)
+    if args.init:  # the dense parent to upcycle, instead of training one
+        from sdmoe.moe.checkpoint import check_model_dir
+
+        check_model_dir(args.init)
+        cfg.init = str(Path(args.init).expanduser().resolve())
     out = Path(args.out or f"runs/compare-{args.preset}")
     (run_upcycle_compare if upcycling else run_finetune_compare)(cfg, out, progress=not args.quiet)
     print((out / ("upcycle.md" if upcycling else "finetune.md")).read_text(encoding="utf-8"))

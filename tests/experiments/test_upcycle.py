@@ -32,3 +32,22 @@ def test_its_arms_are_fixed(tmp_path, capsys):
     assert main(["compare", "--preset", "upcycle-tiny", "--variants", "baseline,control", "--out",
                  str(tmp_path / "x")]) == 2
     assert "its arms are fixed" in capsys.readouterr().err
+
+
+def test_a_users_dense_checkpoint_is_the_parent(tmp_path, tiny_dataset, capsys):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tiny_dataset.tokenizer
+    cfg = AutoConfig.for_model("mistral", vocab_size=len(tok), hidden_size=32, intermediate_size=32, head_dim=16,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "mine")
+    tok.save_pretrained(tmp_path / "mine")
+    out = tmp_path / "upc"
+    assert main(["compare", "--preset", "upcycle-tiny", "--init", str(tmp_path / "mine"), "--out", str(out),
+                 "--quiet"]) == 0
+    assert not (out / "parent").exists()  # nothing trained before upcycling
+    dense_arm = json.loads((out / "runs" / "dense" / "seed0" / "run.json").read_text())["config"]
+    assert dense_arm["model"]["style"] == "mixtral" and dense_arm["model"]["num_experts"] == 1
+    assert "the dense checkpoint" in (out / "upcycle.md").read_text()

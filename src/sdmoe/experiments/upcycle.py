@@ -1,7 +1,8 @@
 """`sdmoe compare --preset upcycle`: does SD-MoE help experts that start identical?
 
     parent   a dense qwen3 model trained on the text (`sdmoe train` with one expert: the router of
-             one expert always weighs it 1, so the model is the dense one; `densify` saves it as such)
+             one expert always weighs it 1, so the model is the dense one; `densify` saves it as such),
+             or the user's dense checkpoint (`--init DENSE`: any family `sdmoe upcycle` maps)
     upcycle  copy (identical experts) and drop (Drop-Upcycling), per seed (the routers' initialisation)
     arms     continued for the same tokens from the same weights, paired by seed (routers, data order):
              copy, copy + SD-MoE, drop, drop + SD-MoE, and the dense parent trained on (the anchor
@@ -47,6 +48,8 @@ class UpcycleConfig:
     lr: float = setting(3e-3, gt=0)
     text: list[str] = setting([])
     overrides: list[str] = setting([])  # key=value on every run (e.g. loop.threads=2)
+    # a dense checkpoint to start from instead of training the parent (`compare --preset upcycle --init DENSE`)
+    init: str = ""
 
 
 def upcycle_preset(name: str) -> UpcycleConfig:
@@ -103,11 +106,16 @@ def run_upcycle_compare(cfg: UpcycleConfig, out: str | Path, progress: bool = Tr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     datasets = _Datasets()
-    parent_run = out / "parent"
-    train_if_needed(_run_config(cfg, cfg.parent_steps, 0, "baseline", None), parent_run, datasets, progress)
-    dense = out / "checkpoints" / "dense"
-    if not dense.is_dir():
-        densify(parent_run / "model", dense)
+    if cfg.init:  # the user's dense parent; the dense arm trains on it as a one-expert model of its MoE family
+        dense, parent = Path(cfg.init), out / "checkpoints" / "dense-one-expert"
+        if not parent.is_dir():
+            upcycle(dense, parent, 1, 1, progress=False, min_experts=1)
+    else:  # our parent: trained as a one-expert qwen3_moe, saved as the dense qwen3 it computes
+        parent = out / "parent" / "model"
+        train_if_needed(_run_config(cfg, cfg.parent_steps, 0, "baseline", None), parent.parent, datasets, progress)
+        dense = out / "checkpoints" / "dense"
+        if not dense.is_dir():
+            densify(parent, dense)
     starts = {}
     for s in range(cfg.seeds):
         for method in ("copy", "drop"):
@@ -119,7 +127,7 @@ def run_upcycle_compare(cfg: UpcycleConfig, out: str | Path, progress: bool = Tr
     runs = []
     for s in range(cfg.seeds):
         for arm, (method, train_method) in ARMS.items():
-            init = starts[(method, s)] if method else parent_run / "model"
+            init = starts[(method, s)] if method else parent
             runs.append((arm, s, out / "runs" / arm / f"seed{s}", init, train_method))
     runs.append(("copy-rerun", 0, out / "runs" / "copy-rerun" / "seed0", starts[("copy", 0)], "baseline"))
     for i, (arm, s, run_dir, init, method) in enumerate(runs):
@@ -204,10 +212,12 @@ def _num(x, spec=".3f") -> str:
 
 def render(payload: dict) -> str:
     cfg = payload["config"]
-    lines = [f"# Upcycling: a dense qwen3 (d = {cfg['hidden_size']}, FFN {cfg['dense_ffn']}) into {cfg['experts']} "
-             f"experts, top-{cfg['top_k']}",
+    parent = (f"the dense checkpoint {cfg['init']}" if cfg.get("init") else
+              f"a dense qwen3 (d = {cfg['hidden_size']}, FFN {cfg['dense_ffn']})")
+    trained = "" if cfg.get("init") else f"Parent {cfg['parent_steps']} steps, "
+    lines = [f"# Upcycling: {parent} into {cfg['experts']} experts, top-{cfg['top_k']}",
              "",
-             f"Parent {cfg['parent_steps']} steps, every arm {cfg['steps']} more from the same weights, "
+             f"{trained}every arm {cfg['steps']} steps from the same weights, "
              f"{cfg['seeds']} paired seeds (routers, data order). Gains are the copy baseline's final validation "
              "loss minus the arm's (nats; > 0: the arm is better), 95% t-interval over seeds; same-seed noise "
              f"(the copy baseline's seed 0 twice): {_num(payload['same_seed_noise'], '.4f')} nats.",

@@ -106,7 +106,7 @@ class UpcycleResult:
 
 
 def check_request(config: dict, path: Path, experts: int, top_k: int, method: str, granularity: int,
-                  shared_expert: bool, drop_ratio: float, noise: float) -> Family:
+                  shared_expert: bool, drop_ratio: float, noise: float, min_experts: int = 2) -> Family:
     """Every refusal before any weight is read: one line each, naming the fix."""
     model_type = config.get("model_type")
     if any(k in config for k in _MOE_KEYS) or str(model_type).endswith("moe") or model_type == "mixtral":
@@ -118,7 +118,7 @@ def check_request(config: dict, path: Path, experts: int, top_k: int, method: st
     if model_type not in FAMILIES:
         raise UserError(f"{path} is a {model_type!r} model, which upcycle does not map onto an MoE; supported: "
                         f"{SUPPORTED}")
-    if experts < 2:
+    if experts < min_experts:
         raise UserError(f"--experts {experts}: an MoE needs at least 2 experts")
     if not 1 <= top_k <= experts:
         raise UserError(f"--top-k {top_k}: choose 1 to --experts ({experts})")
@@ -200,11 +200,15 @@ class _DenseWeights:
 
 def upcycle(dense_dir: str | Path, out_dir: str | Path, experts: int, top_k: int, method: Method = "copy",
             granularity: int = 1, shared_expert: bool = False, drop_ratio: float = 0.5, noise: float = 0.01,
-            seed: int = 0, progress: bool = True) -> UpcycleResult:
-    """Upcycle the dense checkpoint in `dense_dir` into an MoE checkpoint in `out_dir` (see the module doc)."""
+            seed: int = 0, progress: bool = True, min_experts: int = 2) -> UpcycleResult:
+    """Upcycle the dense checkpoint in `dense_dir` into an MoE checkpoint in `out_dir` (see the module doc).
+
+    min_experts=1 allows a one-expert "MoE": the dense model itself in the MoE family's classes (the
+    router of one expert weighs it 1), which `sdmoe train` can train on as the dense anchor."""
     src = Path(dense_dir).expanduser()
     dense = check_model_dir(src)
-    family = check_request(dense, src, experts, top_k, method, granularity, shared_expert, drop_ratio, noise)
+    family = check_request(dense, src, experts, top_k, method, granularity, shared_expert, drop_ratio, noise,
+                           min_experts)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty directory; choose a new --out (nothing was written)")
