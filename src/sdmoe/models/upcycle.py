@@ -28,7 +28,9 @@ mixtral (llama without attention or MLP biases). OLMo-2 -> OLMoE is refused: OLM
 after attention and after the FFN, OLMoE before, so no weight-for-weight mapping exists.
 
 Memory: the dense weights are memory-mapped and the output written one shard per decoder layer
-(safetensors, with a `model.safetensors.index.json`), so the peak is about one layer's experts.
+(safetensors, with a `model.safetensors.index.json`), so the peak is the mapped dense model's pages
+plus one layer's experts (`benchmarks/bench_upcycle.py`: Qwen-1.8B's shapes to 8 experts, 4.2 GiB
+for a 14 GiB output).
 The output directory appears whole or not at all (`atomic_dir`).
 """
 
