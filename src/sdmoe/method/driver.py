@@ -75,12 +75,13 @@ class Attached:
         self.nonfinite_grad: str | None = None  # the first non-finite gradient of the last dropped step
         self._listeners: dict[str, list[Callable]] = {e: [] for e in EVENTS}
         self._splitting = False
+        if self.controller is not None and self.controller.split_done:  # split already: bind now (once per optimizer)
+            self.controller.bind_optimizer(self.host_optimizer())
+        # last: a refusal above leaves no hook behind
         ATTACHED[model] = self
         self._handles = [model.register_forward_pre_hook(self._before_forward),
                          optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
-        if self.controller is not None and self.controller.split_done:  # split already: bind now (once per optimizer)
-            self.controller.bind_optimizer(self.host_optimizer())
 
     # -- listeners -----------------------------------------------------------------------------
     def on(self, event: str, fn: Callable) -> None:

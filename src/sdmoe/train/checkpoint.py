@@ -75,9 +75,11 @@ def save_checkpoint(
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary directories never count)."""
-    if not ckpt_root.is_dir():
+    try:  # the directory may vanish between a check and the listing (a starting run's path probes)
+        entries = list(ckpt_root.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
+    found = [p for p in entries if p.is_dir() and p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 

@@ -290,6 +290,11 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
         # read anyway (log, monitor, eval, checkpoint), so a bad step is found there, before it is saved.
         if (due_log or due_monitor or due_eval or due_save) and (bad := nonfinite.first_step()) is not None:
             _stop_on_nonfinite(bad, step, model, log, ckpt_root)
+        monitor = None
+        if due_monitor:  # before zero_grad: its gradient overlaps read this step's split gradients
+            monitor = spectral_snapshot(model, lc.monitor_rank)
+            if handle.controller is not None and handle.controller.split_done:
+                monitor["sdmoe"] = handle.controller.monitor(lc.monitor_rank)
         optimizer.zero_grad(set_to_none=True)
 
         # -- log, monitor, evaluate, save ----------------------------------------------------------------
@@ -306,10 +311,7 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
             log.write(record)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
             window_t0, window_steps = time.perf_counter(), 0
-        if due_monitor:
-            monitor = spectral_snapshot(model, lc.monitor_rank)
-            if handle.controller is not None and handle.controller.split_done:
-                monitor["sdmoe"] = handle.controller.monitor(lc.monitor_rank)
+        if monitor is not None:
             log.write({"event": "monitor", "step": done, **monitor})
         if due_eval:
             val_loss = evaluate_loss(model, data.val, device)
