@@ -53,7 +53,7 @@ def _assert_same(ckpt_layers, model):
 
 
 def test_listed_names_as_save_pretrained_writes(saved, model):
-    keys = ExpertCheckpoint(saved)._key_file
+    keys = ExpertCheckpoint(saved).weights.key_file
     assert any(".experts.0.gate_proj.weight" in k for k in keys)
     with ExpertCheckpoint(saved) as ckpt:
         assert ckpt.layers == [0, 1] and ckpt.num_experts == 4 and ckpt.hidden_size == 32
@@ -70,7 +70,7 @@ def test_fused_names_give_identical_weights(model, tmp_path):
 def test_mixtral_w1_w3_w2(tmp_path):
     m = _tiny("mixtral")
     m.save_pretrained(tmp_path / "mx")
-    keys = ExpertCheckpoint(tmp_path / "mx")._key_file
+    keys = ExpertCheckpoint(tmp_path / "mx").weights.key_file
     assert any("block_sparse_moe.experts.0.w1.weight" in k for k in keys)
     _assert_same(list(iter_expert_layers(tmp_path / "mx")), m)
 

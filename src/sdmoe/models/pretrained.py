@@ -33,27 +33,23 @@ def model_config_of(path: str | Path) -> ModelConfig:
     from transformers import AutoConfig
 
     p = Path(path).expanduser()
-    raw = check_model_dir(p)
-    if _first_raw(raw, _EXPERTS) is None:
-        raise UserError(f"{p} is a dense {raw.get('model_type')} model (no experts in config.json); upcycle it into "
-                        f"an MoE first: sdmoe upcycle {p} --experts 8 --top-k 2 --out {p.name}-moe")
-    if raw["model_type"] not in STYLES:
-        raise UserError(f"{p} is a {raw['model_type']!r} MoE; --init trains the styles {', '.join(STYLES)}")
+    model_type = check_model_dir(p)["model_type"]
     config = AutoConfig.from_pretrained(p, trust_remote_code=False)
+    if _first(config, _EXPERTS) is None:
+        raise UserError(f"{p} is a dense {model_type} model (no experts in config.json); upcycle it into "
+                        f"an MoE first: sdmoe upcycle {p} --experts 8 --top-k 2 --out {p.name}-moe")
+    if model_type not in STYLES:
+        raise UserError(f"{p} is a {model_type!r} MoE; --init trains the styles {', '.join(STYLES)}")
     heads = config.num_attention_heads
     ffn = _first(config, _EXPERT_FFN)
     shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
-    return ModelConfig(style=raw["model_type"], hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+    return ModelConfig(style=model_type, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
                        num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", 0) or 0,
                        num_experts=_first(config, _EXPERTS), top_k=config.num_experts_per_tok, expert_ffn=ffn,
                        shared_expert_ffn=shared, max_seq_len=config.max_position_embeddings,
                        aux_loss_coef=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0),
                        init_std=float(getattr(config, "initializer_range", 0.02)),
                        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
-
-
-def _first_raw(raw: dict, names: tuple[str, ...]):
-    return next((raw[n] for n in names if isinstance(raw.get(n), int) and raw[n] > 0), None)
 
 
 def load_tokenizer(path: str | Path):

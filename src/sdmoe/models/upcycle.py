@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sdmoe.errors import UserError
 from sdmoe.files import atomic_dir
-from sdmoe.moe.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, check_model_dir, regular_file
+from sdmoe.moe.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, SafetensorsWeights, check_model_dir
 
 Method = Literal["copy", "noise", "drop"]
 METHODS = ("copy", "noise", "drop")
@@ -165,41 +164,6 @@ def moe_config(dense: dict, family: Family, experts: int, top_k: int, granularit
     return AutoConfig.for_model(family.moe, **fields)
 
 
-class _DenseWeights:
-    """The dense checkpoint's tensors, memory-mapped (single file or shards); refuses special files."""
-
-    def __init__(self, path: Path):
-        index = path / INDEX_FILE
-        if index.exists():
-            regular_file(index)
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-            files = sorted({path / f for f in weight_map.values()})
-        elif (path / SINGLE_FILE).exists():
-            files = [path / SINGLE_FILE]
-        else:
-            raise UserError(f"{path} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); save the model "
-                            "with save_pretrained (safetensors; sdmoe never unpickles .bin files)")
-        self.handles, self.where = [], {}
-        for f in files:
-            regular_file(f)
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for a damaged header
-                raise UserError(f"{f} is not a readable safetensors file ({type(e).__name__}); re-save the "
-                                "model") from None
-            self.handles.append(h)
-            self.where.update({k: h for k in h.keys()})
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.where[key].get_slice(key).get_shape())
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.where[key].get_tensor(key)
-
-
 def upcycle(dense_dir: str | Path, out_dir: str | Path, experts: int, top_k: int, method: Method = "copy",
             granularity: int = 1, shared_expert: bool = False, drop_ratio: float = 0.5, noise: float = 0.01,
             seed: int = 0, progress: bool = True, min_experts: int = 2) -> UpcycleResult:
@@ -214,7 +178,7 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, experts: int, top_k: int
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty directory; choose a new --out (nothing was written)")
-    weights = _DenseWeights(src)
+    weights = SafetensorsWeights(src)
     n_layers = int(dense["num_hidden_layers"])
     d, ffn = int(dense["hidden_size"]), int(dense["intermediate_size"])
     _check_shapes(weights, src, n_layers, d, ffn)
@@ -249,7 +213,7 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, experts: int, top_k: int
     return UpcycleResult(out, family, experts, top_k, method, granularity, n_layers, total, dense_n)
 
 
-def _check_shapes(weights: _DenseWeights, src: Path, n_layers: int, d: int, ffn: int) -> None:
+def _check_shapes(weights: SafetensorsWeights, src: Path, n_layers: int, d: int, ffn: int) -> None:
     """The FFN weights of every layer, in the shapes config.json names: one line for the first that is not."""
     want = {"gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
     keys = set(weights.keys())
@@ -341,7 +305,7 @@ def densify(moe_dir: str | Path, out_dir: str | Path) -> Path:
     if moe.get("model_type") != "qwen3_moe" or moe.get("num_experts", moe.get("num_local_experts")) != 1:
         raise UserError(f"{src} is not a one-expert qwen3_moe model; densify takes what `sdmoe train` makes with "
                         "--set model.num_experts=1 --set model.top_k=1")
-    weights = _DenseWeights(src)
+    weights = SafetensorsWeights(src)
     tensors = {}
     for key in weights.keys():
         if key.endswith(".mlp.gate.weight"):

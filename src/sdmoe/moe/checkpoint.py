@@ -166,7 +166,7 @@ def regular_file(f: Path) -> None:
 
 def check_weight_files(p: Path) -> None:
     """Every weights file the checkpoint has (the single file, the index and the shards it names) is a
-    regular file; the shards the index names exist."""
+    regular file."""
     index = p / INDEX_FILE
     if index.exists() or index.is_symlink():
         regular_file(index)
@@ -175,9 +175,8 @@ def check_weight_files(p: Path) -> None:
             raise UserError(f"{index} has no weight_map; re-save the checkpoint")
         for name in sorted(set(map(str, weight_map.values()))):
             shard = p / name
-            if not (shard.exists() or shard.is_symlink()):
-                raise UserError(f"{index.name} names a shard missing from {p} ({name}); copy the whole checkpoint")
-            regular_file(shard)
+            if shard.exists() or shard.is_symlink():  # a missing one: `SafetensorsWeights` names it
+                regular_file(shard)
     for f in (p / SINGLE_FILE, p / "tokenizer.json"):
         if f.exists() or f.is_symlink():
             regular_file(f)
@@ -233,36 +232,20 @@ class _LayerSpec:
     router: str | None
 
 
-class ExpertCheckpoint:
-    """A local checkpoint directory, opened for layer-by-layer expert reading.
+class SafetensorsWeights:
+    """A checkpoint directory's safetensors tensors, memory-mapped: which file holds each name (the single
+    file, an index's shards, or every *.safetensors), their shapes, and the tensors, with one-line errors
+    for a missing shard, a damaged file or a tensor holding NaN."""
 
-    >>> ckpt = ExpertCheckpoint("path/to/model")
-    >>> ckpt.layers                        # MoE layer indices
-    >>> for lw in ckpt.iter_layers():      # LayerWeights, one layer in memory at a time
-    ...     lw.projections()
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-        if not self.path.exists():
-            raise UserError(f"checkpoint path {self.path} does not exist; pass a local checkpoint directory")
-        if not self.path.is_dir():
-            raise UserError(
-                f"checkpoint path {self.path} is not a directory; pass the folder that holds config.json "
-                "and model.safetensors (as written by save_pretrained)"
-            )
-        cfg_path = self.path / "config.json"
-        if not cfg_path.is_file():
-            raise no_config_error(self.path)
-        # Read as JSON only: no transformers call, so a checkpoint's own code (auto_map) never runs here.
-        self.config: dict = read_json_object(cfg_path)
-        check_weight_files(self.path)  # a FIFO where a weights file should be: one line, never a blocked read
+    def __init__(self, path: Path):
+        self.path = path
         self._handles: dict[Path, object] = {}
-        self._key_file = self._index_keys()
+        self.key_file = self._index_keys()
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self._specs = self._find_layers()
 
-    # -- files -------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.key_file)
+
     def _index_keys(self) -> dict[str, Path]:
         index = self.path / INDEX_FILE
         single = self.path / SINGLE_FILE
@@ -312,15 +295,15 @@ class ExpertCheckpoint:
             self._handles[file] = handle
         return handle
 
-    def _shape(self, key: str) -> tuple[int, ...]:
+    def shape(self, key: str) -> tuple[int, ...]:
         if key not in self._shapes:
-            self._shapes[key] = tuple(self._open(self._key_file[key]).get_slice(key).get_shape())
+            self._shapes[key] = tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
         return self._shapes[key]
 
-    def _get(self, key: str) -> torch.Tensor:
+    def get(self, key: str) -> torch.Tensor:
         from safetensors import SafetensorError
 
-        file = self._key_file[key]
+        file = self.key_file[key]
         try:
             t = self._open(file).get_tensor(key)
         except SafetensorError as e:
@@ -333,9 +316,42 @@ class ExpertCheckpoint:
             )
         return t
 
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class ExpertCheckpoint:
+    """A local checkpoint directory, opened for layer-by-layer expert reading.
+
+    >>> ckpt = ExpertCheckpoint("path/to/model")
+    >>> ckpt.layers                        # MoE layer indices
+    >>> for lw in ckpt.iter_layers():      # LayerWeights, one layer in memory at a time
+    ...     lw.projections()
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise UserError(f"checkpoint path {self.path} does not exist; pass a local checkpoint directory")
+        if not self.path.is_dir():
+            raise UserError(
+                f"checkpoint path {self.path} is not a directory; pass the folder that holds config.json "
+                "and model.safetensors (as written by save_pretrained)"
+            )
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise no_config_error(self.path)
+        # Read as JSON only: no transformers call, so a checkpoint's own code (auto_map) never runs here.
+        self.config: dict = read_json_object(cfg_path)
+        check_weight_files(self.path)  # a FIFO where a weights file should be: one line, never a blocked read
+        self.weights = SafetensorsWeights(self.path)
+        self._shape, self._get = self.weights.shape, self.weights.get
+        self._specs = self._find_layers()
+
+    # -- files -------------------------------------------------------------
     # -- structure ---------------------------------------------------------
     def _find_layers(self) -> list[_LayerSpec]:
-        keys = set(self._key_file)
+        keys = set(self.weights.key_file)
         specs: dict[str, _LayerSpec] = {}
         for key in sorted(keys):
             m = _FUSED.match(key)
@@ -466,7 +482,7 @@ class ExpertCheckpoint:
                 yield self.read_layer(layer, dtype)
 
     def close(self) -> None:
-        self._handles.clear()
+        self.weights.close()
 
     def __enter__(self) -> "ExpertCheckpoint":
         return self
