@@ -28,6 +28,22 @@ def test_the_upcycle_compare_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/run.json")} == mtimes
 
 
+def test_an_moe_as_the_parent_is_refused_before_anything_is_written(tmp_path, tiny_dataset, capsys):
+    from sdmoe.models import ModelConfig, build_model
+
+    tok = tiny_dataset.tokenizer
+    cfg = ModelConfig(style="qwen3_moe", hidden_size=32, num_layers=1, num_heads=2, num_experts=4, top_k=2,
+                      expert_ffn=16)
+    build_model(cfg, len(tok), eos_token_id=tok.eos_token_id).save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    capsys.readouterr()
+    assert main(["compare", "--preset", "upcycle-tiny", "--init", str(tmp_path / "moe"), "--out",
+                 str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already an MoE" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_its_arms_are_fixed(tmp_path, capsys):
     assert main(["compare", "--preset", "upcycle-tiny", "--variants", "baseline,control", "--out",
                  str(tmp_path / "x")]) == 2

@@ -103,6 +103,12 @@ def run_upcycle_compare(cfg: UpcycleConfig, out: str | Path, progress: bool = Tr
     check_tree(cfg, "upcycle")
     if cfg.top_k > cfg.experts:
         raise UserError(f"top_k={cfg.top_k} exceeds experts={cfg.experts}")
+    if cfg.init:  # a parent upcycle refuses (an MoE, another family) is refused before anything is written
+        from sdmoe.models.upcycle import check_request
+        from sdmoe.moe.checkpoint import check_model_dir
+
+        check_request(check_model_dir(cfg.init), Path(cfg.init), cfg.experts, cfg.top_k, "drop", 1, False,
+                      cfg.drop_ratio, 0.01)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     datasets = _Datasets()
