@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
     c.add_argument("--init", metavar="PATH",
                    help="every run starts from this local MoE checkpoint (as `train --init`): baseline and SD-MoE "
-                        "paired from the same weights, the seeds setting the data order")
+                        "paired from the same weights, the seeds setting the data order; with --preset upcycle, a "
+                        "dense checkpoint: the parent to upcycle, instead of training one")
     c.add_argument("--seeds", type=int, help="seeds per pair (default: the preset's)")
     c.add_argument("--steps", type=int, help="training steps per run (default: the train preset's)")
     c.add_argument("--variants", help="comma-separated variants trained for every style and seed (default: "
