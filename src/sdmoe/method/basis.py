@@ -124,19 +124,23 @@ def decode(d: dict | None) -> torch.Tensor | None:
 
 
 def choose_bases(block: MoEBlock, li: int, projs, width: int, r: int, cfg, collector: Collector,
-                 shared: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+                 shared: dict[str, torch.Tensor] | None = None,
+                 reduce=None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Per decomposed projection of one block: (U, D x width) and, for a two-sided split, the ffn-side
     basis (F x r); float32.
 
     Sources (`cfg.basis_source`): the stacked experts' weights, the shared weight S (`shared`: F x D
     per projection; its own singular vectors, the paper's), the gradients or the layer inputs
     collected over the warm-up. Weights and S by an exact eigendecomposition or, with
-    basis_method='randomized', a randomized range finder (Gaussian projection, power iterations, QR)."""
+    basis_method='randomized', a randomized range finder (Gaussian projection, power iterations, QR).
+    reduce: the sum over the ranks holding the other experts (`sharding.reducer`) for the experts' weights."""
     source = cfg.basis_source
     if source in ("weights", "shared"):
         w = block.canonical("data") if source == "weights" else {p: s.unsqueeze(0) for p, s in shared.items()}
         two = cfg.projection_sides == "two"
-        return {p: (_top(w[p], width, cfg), _top(w[p].transpose(1, 2), r, cfg) if two else None) for p in projs}
+        red = reduce if source == "weights" else None  # S is already the same on every rank
+        return {p: (_top(w[p], width, cfg, red), _top(w[p].transpose(1, 2), r, cfg, red) if two else None)
+                for p in projs}
     if source == "gradients":
         if not collector.has_grads():
             raise UserError("basis_source='gradients' has no gradients to use; set split_step >= 1 so warm-up "
@@ -149,12 +153,12 @@ def choose_bases(block: MoEBlock, li: int, projs, width: int, r: int, cfg, colle
     return {p: (u, None) for p in projs}
 
 
-def _top(w_EFD: torch.Tensor, r: int, cfg) -> torch.Tensor:
+def _top(w_EFD: torch.Tensor, r: int, cfg, reduce=None) -> torch.Tensor:
     """The top-r right singular subspace of the stacked w_EFD (D x r, float32), exact or randomized."""
     if cfg.basis_method == "randomized":
         return common_subspace(w_EFD.float(), r, "randomized", oversample=cfg.range_oversample,
-                               iters=cfg.range_power_iters)[0].float()
-    return common_subspace(w_EFD.float(), r)[0].float()
+                               iters=cfg.range_power_iters, reduce=reduce)[0].float()
+    return common_subspace(w_EFD.float(), r, reduce=reduce)[0].float()
 
 
 def ensure_on(module: nn.Module, t: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,10 @@ from torch import nn
 
 from sdmoe.errors import UserError
 from sdmoe.moe import MoEBlock, find_moe_blocks
-from sdmoe.moe.sharding import local, unsharded, whole
+from sdmoe.moe.sharding import clip_, total_norm, unsharded
 from sdmoe.spectral import data_subspace, mean_expert_overlap
 
-from . import core, schedule
+from . import core, schedule, sharding
 from .basis import Collector, choose_bases
 from .config import SDMoEConfig
 from .export import export
@@ -153,6 +153,8 @@ class SDMoE:
         if reference_batch is not None:
             self._collect_from(reference_batch)
         probe = ChangeProbe(self.model, self.blocks, reference_batch) if reference_batch is not None else None
+        for block in self.blocks:
+            self._check_sharded(block)
         for li, (block, r) in enumerate(zip(self.blocks, self.ranks)):
             width = self._width(block, r)
             layer = LayerState(block, self.cfg, r, width)
@@ -183,12 +185,14 @@ class SDMoE:
         U (the function changes, and the split record measures by how much), except per_expert (exact)."""
         views, commit = layer.block.views("data", layer.projs)
         project = self.form != "full" or self.cfg.gradient_split == "fixed"
+        reduce = _reducer(layer.block)
         for p in layer.projs:
             u, _ = bases[p]
             layer.set_bases(p, bases[p])
             if p in layer.q:
                 layer.q[p].copy_(u[:, : layer.q[p].shape[1]])
-            layer.shared[p].copy_(core.shared_at_split(views[p], layer.basis[p], self.form))
+            layer.shared[p].copy_(core.shared_at_split(views[p], layer.basis[p], self.form, reduce,
+                                                       layer.block.num_experts))
             if project:
                 core.project_tails(views[p], layer.contribution(p), layer.basis[p], layer.basis_f.get(p))
         commit()
@@ -196,11 +200,26 @@ class SDMoE:
     def _bases(self, li: int, layer: LayerState, width: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """The bases the split (or a re-estimation) takes; from the shared weight it is about to set, the
         experts' mean, when basis_source='shared'."""
-        shared = None
+        shared, reduce = None, _reducer(layer.block)
         if self.cfg.basis_source == "shared":
             views, _ = layer.block.views("data", layer.projs)
-            shared = {p: core.shared_at_split(views[p], None, "full") for p in layer.projs}
-        return choose_bases(layer.block, li, layer.projs, width, layer.r, self.cfg, self.collector, shared)
+            shared = {p: core.shared_at_split(views[p], None, "full", reduce, layer.block.num_experts)
+                      for p in layer.projs}
+        return choose_bases(layer.block, li, layer.projs, width, layer.r, self.cfg, self.collector, shared, reduce)
+
+    def _check_sharded(self, block: MoEBlock) -> None:
+        """A split on sharded experts (FSDP2, expert parallelism) builds its state from this rank's whole
+        experts and all-reduced sums; what needs more than that is refused in one line."""
+        if not any(sharding.is_sharded(p) for p in block.host_parameters()):
+            return
+        sharding.check_whole_experts(block)
+        if self.form == "per_expert":
+            raise UserError("SD-MoE's per-expert form does not run on sharded experts (its shared parts would "
+                            "shard with them); use form='full', or DDP")
+        if self.cfg.basis_source in ("gradients", "activations") or self.cfg.router_input == "residual":
+            raise UserError(f"SD-MoE's split from basis_source={self.cfg.basis_source!r} / router_input="
+                            f"{self.cfg.router_input!r} is not built from sharded experts; use "
+                            "basis_source='weights' or 'shared' with router_input='full', or split before sharding")
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -208,7 +227,8 @@ class SDMoE:
         weights) without changing any weight: the paper's refresh of P_U, P_V every 16 steps."""
         for li, layer in enumerate(self.layers):
             shared = layer.shared if self.cfg.basis_source == "shared" else None
-            bases = choose_bases(layer.block, li, layer.projs, layer.r, layer.r, self.cfg, self.collector, shared)
+            bases = choose_bases(layer.block, li, layer.projs, layer.r, layer.r, self.cfg, self.collector, shared,
+                                 _reducer(layer.block))
             for p in layer.projs:
                 layer.set_bases(p, bases[p])
 
@@ -258,14 +278,11 @@ class SDMoE:
         on every rank), which one `clip_grad_norm_` call cannot mix: the norms are taken apart."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         extra = [p.grad for p in self.parameters() if p.grad is not None]
-        norms = [whole(torch.nn.utils.get_total_norm(grads))]
+        norms = [total_norm(grads)]
         if extra:
             norms.append(torch.nn.utils.get_total_norm(extra))
         norm = torch.linalg.vector_norm(torch.stack(norms))
-        # torch's clip_grads_with_norm_ would multiply DTensors by a plain coefficient, which DTensor refuses:
-        # the same coefficient, applied to the local shards (views of the DTensors' storage)
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([local(g) for g in grads + extra], coef)
+        clip_(grads + extra, max_norm, norm)
         return norm
 
     def buffers(self) -> list[torch.Tensor]:
@@ -412,3 +429,7 @@ class SDMoE:
             for p, g in zip(params, saved):
                 p.grad = g
 
+
+def _reducer(block: MoEBlock):
+    """The sum over the ranks holding `block`'s other experts (None when this rank holds them all)."""
+    return sharding.reducer(block.host_parameters()[0])

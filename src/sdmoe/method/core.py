@@ -73,15 +73,20 @@ def drift(q_DR: torch.Tensor, exact_DR: torch.Tensor) -> torch.Tensor:
 
 # -- the split ------------------------------------------------------------------------------------
 @torch.no_grad()
-def shared_at_split(w_EFD: torch.Tensor, u_DR: torch.Tensor | None, form: str) -> torch.Tensor:
+def shared_at_split(w_EFD: torch.Tensor, u_DR: torch.Tensor | None, form: str,
+                    reduce: Callable[[torch.Tensor], None] | None = None, num_experts: int = 0) -> torch.Tensor:
     """The shared part from the experts' weights: S = mean_i W_i (full), A = mean_i W_i U (lowrank),
-    A_i = W_i U (per_expert, exact)."""
-    if form == "full":
-        return w_EFD.mean(0)
-    u = _as(u_DR, w_EFD)
-    if form == "lowrank":
-        return w_EFD.mean(0) @ u
-    return w_EFD @ u
+    A_i = W_i U (per_expert, exact). reduce: the sum over the ranks holding the other experts, with
+    `num_experts` of them in all (w_EFD is this rank's shard)."""
+    if form == "per_expert":
+        return w_EFD @ _as(u_DR, w_EFD)
+    if reduce is None:
+        mean = w_EFD.mean(0)
+    else:
+        mean = w_EFD.sum(0)
+        reduce(mean)
+        mean /= num_experts
+    return mean if form == "full" else mean @ _as(u_DR, w_EFD)
 
 
 def shared_contribution(shared: torch.Tensor, u_DR: torch.Tensor, form: str) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sdmoe.errors import UserError
-from sdmoe.moe.sharding import local, whole
+from sdmoe.moe.sharding import clip_, local, total_norm
 
 from .config import SDMoEConfig
 from .controller import SDMoE
@@ -132,8 +132,7 @@ class Attached:
         if self.nonfinite == "skip":
             # Decided on the whole gradients, before the split: the tracker updates its basis in place from
             # them, and one NaN step would poison every later one. One host sync a step, in skip mode only.
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            norm = whole(torch.nn.utils.get_total_norm(grads))
+            norm = total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
             if not torch.isfinite(norm):
                 self.grad_norm, self.nonfinite_grad, self.skipped = norm, first_nonfinite_grad(self.model), True
                 for p in self._all_parameters():
@@ -155,7 +154,10 @@ class Attached:
     def _clip(self, max_norm: float) -> torch.Tensor:
         if self.controller is not None:
             return self.controller.clip_grad_norm_(max_norm)
-        return whole(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = total_norm(grads)  # torch's clip_grad_norm_, for gradients on several meshes too (EP x FSDP2)
+        clip_(grads, max_norm, norm)
+        return norm
 
     def _all_parameters(self) -> list[nn.Parameter]:
         extra = self.controller.parameters() if self.controller is not None else []

@@ -60,3 +60,22 @@ def unsharded(model: nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         unit.reshard()
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of `tensors` together: plain tensors, and DTensors on any meshes (FSDP2's dense mesh and
+    the experts' EP mesh at once), which one `get_total_norm` cannot stack. A 0-dim plain tensor, the same
+    on every rank (collective for DTensors: every rank calls it with its parameters in the same order)."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device_mesh if is_sharded(t) else None, []).append(t)
+    norms = [whole(torch.nn.utils.get_total_norm(ts)) for ts in groups.values()]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+@torch.no_grad()
+def clip_(tensors: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale `tensors` (gradients, plain or DTensors) by min(1, max_norm / norm), torch's clip rule, on the
+    local shards: DTensor refuses a plain coefficient, and the shards are views of the DTensors' storage."""
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_([local(t) for t in tensors], coef)

@@ -89,18 +89,24 @@ def _randomized_batched(w_BFD: torch.Tensor, k: int, oversample: int, iters: int
     return _subspace_iteration(lambda qq: wt @ (w_BFD @ qq), ritz, q0, k, iters)
 
 
-def _randomized_common(w_EFD: torch.Tensor, k: int, oversample: int, iters: int, seed: int):
+def _randomized_common(w_EFD: torch.Tensor, k: int, oversample: int, iters: int, seed: int,
+                       reduce: Callable[[torch.Tensor], None] | None = None):
     """Top-k eigenpairs of sum_i W_i^T W_i by subspace iteration, M Q = sum_i W_i^T (W_i Q)."""
     d = w_EFD.shape[-1]
     q = min(k + oversample, d)
     q0 = _gaussian((d, q), seed, w_EFD)
 
+    def summed(x: torch.Tensor) -> torch.Tensor:
+        if reduce is not None:
+            reduce(x)
+        return x
+
     def ritz(qq):
         _, y = gram_apply(w_EFD, qq)
         y = y.reshape(-1, y.shape[-1])
-        return y.T @ y
+        return summed(y.T @ y)
 
-    return _subspace_iteration(lambda qq: gram_apply(w_EFD, qq)[0], ritz, q0, k, iters)
+    return _subspace_iteration(lambda qq: summed(gram_apply(w_EFD, qq)[0]), ritz, q0, k, iters)
 
 
 def _check_randomized(oversample: int, iters: int) -> None:
@@ -170,6 +176,7 @@ def common_subspace(
     iters: int = 2,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Common subspace of all experts -> (u_DR, eigvals_R).
 
@@ -180,7 +187,8 @@ def common_subspace(
 
     ``weights``: optional non-negative per-expert weights (length E), e.g.
     expert load. ``"randomized"`` applies M Q = sum_i W_i^T (W_i Q) without
-    forming M.
+    forming M. ``reduce``: an in-place sum over the processes holding the other experts
+    (`sdmoe.method.sharding.reducer`), applied to every sum over experts.
     """
     w_EFD = check_tensor(w_EFD, 3, "w_EFD", "E x F x D")
     e, _, d = w_EFD.shape
@@ -198,8 +206,11 @@ def common_subspace(
         w = w * wt.sqrt()[:, None, None]
     if method == "gram":
         w2 = w.reshape(-1, d)
-        u, vals = top_eigh(w2.T @ w2, r)
+        m_DD = w2.T @ w2
+        if reduce is not None:
+            reduce(m_DD)
+        u, vals = top_eigh(m_DD, r)
     else:
         _check_randomized(oversample, iters)
-        u, vals = _randomized_common(w, r, oversample, iters, seed)
+        u, vals = _randomized_common(w, r, oversample, iters, seed, reduce)
     return fix_signs(u), vals
