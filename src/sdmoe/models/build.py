@@ -20,8 +20,8 @@ from transformers import (
 from sdmoe.device import experts_kernel
 from sdmoe.models.config import EXPERTS_IMPLEMENTATIONS, STYLES, ModelConfig, validate
 
-__all__ = ["EXPERTS_IMPLEMENTATIONS", "STYLES", "ModelConfig", "build_model", "count_parameters", "to_hf_config",
-           "unigram_baseline_nats", "validate"]
+__all__ = ["EXPERTS_IMPLEMENTATIONS", "STYLES", "ModelConfig", "build_model", "count_parameters", "model_hf_config",
+           "to_hf_config", "unigram_baseline_nats", "validate"]
 
 
 def to_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
@@ -93,29 +93,41 @@ def to_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     return AutoConfig.for_model(s, **common, **extra)
 
 
+def model_hf_config(cfg: ModelConfig, vocab_size: int, eos_token_id: int = 0,
+                    device: torch.device | str = "cpu") -> PretrainedConfig:
+    """The transformers config `build_model` builds from (token ids and the device's expert kernel set)."""
+    hf_config = to_hf_config(cfg, vocab_size)
+    hf_config.bos_token_id = hf_config.eos_token_id = hf_config.pad_token_id = eos_token_id
+    hf_config._experts_implementation = experts_kernel(cfg.experts_implementation, torch.device(device))
+    return hf_config
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int = 0, eos_token_id: int = 0,
                 device: torch.device | str = "cpu") -> PreTrainedModel:
     """A freshly initialised transformers MoE causal LM (float32, train mode) on `device`.
 
     The weights are drawn on the CPU whatever the device (the same seed gives the same
-    model everywhere), then moved; the expert kernel is the device's (`experts_kernel`)."""
+    model everywhere), then moved; the expert kernel is the device's (`experts_kernel`).
+    `sdmoe.train.fsdp.build_sharded` draws the same weights shard by shard."""
     device = torch.device(device)
-    hf_config = to_hf_config(cfg, vocab_size)
-    hf_config.bos_token_id = hf_config.eos_token_id = hf_config.pad_token_id = eos_token_id
-    hf_config._experts_implementation = experts_kernel(cfg.experts_implementation, device)
+    hf_config = model_hf_config(cfg, vocab_size, eos_token_id, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config)
     if cfg.style.startswith("deepseek"):
-        # transformers leaves the routers of these classes at zero init, which
-        # makes every routing decision a tie; give them the usual normal init.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             for name, p in model.named_parameters():
-                if name.endswith("mlp.gate.weight"):
+                if is_zero_init_router(name):
                     torch.nn.init.normal_(p, std=cfg.init_std)
     model.train()
     return model.to(device)
+
+
+def is_zero_init_router(name: str) -> bool:
+    """A DeepSeek router weight, which transformers leaves at zero init (every routing decision a tie):
+    `build_model` gives it the usual normal init."""
+    return name.endswith("mlp.gate.weight")
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:

@@ -316,6 +316,17 @@ class SafetensorsWeights:
             )
         return t
 
+    def get_part(self, key: str, start: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        """The block of tensor `key` at offset `start` of size `shape`, read from disk alone (a shard of it)."""
+        from safetensors import SafetensorError
+
+        file = self.key_file[key]
+        region = tuple(slice(o, o + n) for o, n in zip(start, shape))
+        try:
+            return self._open(file).get_slice(key)[region] if region else self._open(file).get_tensor(key)
+        except SafetensorError as e:
+            raise UserError(f"file {file} is truncated or corrupt; re-download it (safetensors: {e})") from None
+
     def close(self) -> None:
         self._handles.clear()
 

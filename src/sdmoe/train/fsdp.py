@@ -78,6 +78,8 @@ def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
         from torch.distributed.device_mesh import init_device_mesh
 
         device_type = next(model.parameters()).device.type
+        if device_type == "meta":  # built on the meta device: the shards go where the process group computes
+            device_type = _shard_device().type
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
@@ -126,3 +128,173 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# -- FSDP2 from the meta device: no rank ever holds the whole model ---------------------------------------
+
+
+def build_sharded(cfg, vocab_size: int, seed: int = 0, eos_token_id: int = 0, mesh=None) -> nn.Module:
+    """`sdmoe.models.build_model(cfg, vocab_size)`'s model, FSDP2-sharded, built without ever holding it
+    whole: on the meta device, sharded (`shard_model`), then each rank draws its own shards (`init_shards`).
+    The same seed gives the same model on any number of ranks (tested), though not `build_model`'s draws:
+    for those, save a `build_model` and load it (`from_pretrained_sharded`). Train mode."""
+    from transformers import AutoModelForCausalLM
+
+    from sdmoe.models.build import is_zero_init_router, model_hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_hf_config(cfg, vocab_size, eos_token_id))
+    materialize(model, mesh)
+    init_shards(model, seed)
+    if cfg.style.startswith("deepseek"):  # build_model's second draw, in the same order
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            for name, p in model.named_parameters():
+                if is_zero_init_router(name):
+                    _copy_part(p, torch.nn.init.normal_(torch.empty(p.shape, dtype=p.dtype), std=cfg.init_std))
+    return model.train()
+
+
+def from_pretrained_sharded(path, mesh=None) -> nn.Module:
+    """A local transformers checkpoint (`sdmoe train --init` takes the same directory), FSDP2-sharded, its
+    weights read shard by shard: each rank reads only its slice of each tensor (`load_shards`)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} holds no config.json; pass a directory written by save_pretrained")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    materialize(model, mesh)
+    load_shards(model, path)
+    return model.train()
+
+
+def materialize(model: nn.Module, mesh=None) -> nn.Module:
+    """Shard a model built on the meta device (`shard_model`), then give each rank storage for its shards
+    only (`to_empty`); the values are whatever the memory held: fill them (`init_shards`, `load_shards`)."""
+    if any(not p.is_meta for p in model.parameters()):
+        raise UserError("materialize takes a model built on the meta device (with torch.device('meta'): ...); "
+                        "this one already has weights: shard it with shard_model")
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        raise UserError("a model with tied embeddings is not built on the meta device here; set "
+                        "tie_word_embeddings=False, or build it whole and shard_model it")
+    shard_model(model, mesh)
+    return model.to_empty(device=_shard_device() if mesh is None else mesh.device_type)
+
+
+def _shard_device() -> torch.device:
+    """This process's accelerator when there is one (torchrun's LOCAL_RANK picks it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def init_shards(model: nn.Module, seed: int) -> None:
+    """transformers' own initialisation, drawn shard by shard: the same walk over the modules as
+    `PreTrainedModel.initialize_weights` (children first, each sub-model with its own `_init_weights`),
+    one module at a time on whole CPU copies of its own tensors, from `seed`; each rank keeps its slices.
+    The same on any number of ranks, and on a plain meta-built model (`to_empty`) in one process; the
+    peak is the largest module's own tensors (an MoE layer's experts)."""
+    from transformers import PreTrainedModel
+    from transformers import initialization as init
+
+    def walk(module: nn.Module, init_fn) -> None:
+        for child in module.children():
+            walk(child, child._init_weights if isinstance(child, PreTrainedModel) else init_fn)
+        _init_whole(module, init_fn)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with init.guard_torch_init_functions():
+            walk(model, model._init_weights)
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, path) -> None:
+    """Each parameter's slice for this rank, read from the checkpoint's safetensors alone (the rest of the
+    tensor is never read); buffers the checkpoint does not hold (rotary frequencies) from the model's own
+    init. Refuses, in one line, a checkpoint whose names or shapes are not this model's."""
+    from pathlib import Path
+
+    from sdmoe.moe.checkpoint import SafetensorsWeights
+
+    weights = SafetensorsWeights(Path(path))
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(weights.keys()))
+    if missing:
+        raise UserError(f"{path} has no tensor {missing[0]} (and {len(missing) - 1} more) of this model; load a "
+                        "checkpoint written by save_pretrained for this architecture, or load it whole (--init "
+                        "without FSDP2)")
+    for name, p in params.items():
+        if tuple(weights.shape(name)) != tuple(p.shape):
+            raise UserError(f"{path}: {name} is {tuple(weights.shape(name))}, the model's is {tuple(p.shape)}; "
+                            "the checkpoint is another size of model")
+    for name, p in params.items():
+        shape, start = _part(p)
+        part = weights.get_part(name, start, shape)
+        if part.dtype.is_floating_point and not torch.isfinite(part).all():
+            raise UserError(f"tensor {name} in {path} holds NaN or infinite values; load an earlier checkpoint")
+        _local(p).copy_(part)
+    weights.close()
+    for module in model.modules():  # non-persistent buffers: the model's own init of their module
+        if any(b is not None for b in module._buffers.values()):
+            _init_whole(module, model._init_weights, keep="buffers")
+
+
+def _init_whole(module: nn.Module, init_fn, keep: str = "all") -> None:
+    """init_fn(module) on whole CPU copies of its own parameters and buffers, then this rank's slices of
+    them copied into the module's (sharded) ones; keep="buffers" or "none" throws the others' draws away."""
+    own_p = {n: p for n, p in module._parameters.items() if p is not None}
+    own_b = {n: b for n, b in module._buffers.items() if b is not None}
+    if not own_p and not own_b:
+        init_fn(module)  # nothing of its own: the call may still draw (keep the walk's random stream)
+        return
+    twin_p = {n: nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+              for n, p in own_p.items()}
+    twin_b = {n: torch.empty(b.shape, dtype=b.dtype) for n, b in own_b.items()}
+    module._parameters.update(twin_p)
+    module._buffers.update(twin_b)
+    try:
+        init_fn(module)
+    finally:
+        module._parameters.update(own_p)
+        module._buffers.update(own_b)
+    if keep == "none":
+        return
+    for n, t in twin_b.items():
+        own_b[n].copy_(t)
+    if keep == "all":
+        for n, t in twin_p.items():
+            _copy_part(own_p[n], t)
+
+
+def _part(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, offset) of this rank's shard of p in the whole tensor (the whole of a plain tensor)."""
+    from sdmoe.moe.sharding import is_sharded
+
+    if not is_sharded(p):
+        return tuple(p.shape), (0,) * p.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(pl.is_shard() and type(pl).__name__ != "Shard" for pl in p.placements):
+        raise UserError(f"a parameter sharded as {p.placements} is not filled shard by shard here; shard with "
+                        "FSDP2's plain Shard(0) (shard_model)")
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(shape), tuple(offset)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from sdmoe.moe.sharding import local
+
+    return local(p.data)
+
+
+def _copy_part(p: torch.Tensor, whole_t: torch.Tensor) -> None:
+    """Copy this rank's slice of `whole_t` into p's shard."""
+    shape, start = _part(p)
+    _local(p).copy_(whole_t[tuple(slice(o, o + n) for o, n in zip(start, shape))])
