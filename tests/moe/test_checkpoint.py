@@ -150,3 +150,41 @@ def test_no_moe_layers_names_what_was_found(tmp_path):
     with pytest.raises(UserError, match=r"no MoE layers found.*mlp\.gate_proj\.weight") as e:
         ExpertCheckpoint(tmp_path / "llama")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("style", ["qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v3"])
+def test_model_tensors_read_saved_experts_under_fused_names(style, tmp_path):
+    """save_pretrained's per-expert names (Mixtral's block_sparse_moe.experts.<i>.w1 too) read back under the
+    model's own names; a part of a fused tensor is that part of the whole, across the gate/up seam."""
+    from sdmoe.moe.checkpoint import ModelTensors, SafetensorsWeights
+
+    model = _tiny(style)
+    model.save_pretrained(tmp_path)
+    tensors = ModelTensors(SafetensorsWeights(tmp_path), model.config.model_type)
+    params = dict(model.named_parameters())
+    assert tensors.names() >= set(params)
+    for name, p in params.items():
+        assert tensors.shape(name) == tuple(p.shape), name
+        assert torch.equal(tensors.get_part(name, (0,) * p.dim(), tuple(p.shape)), p.detach()), name
+    gate_up = next(n for n in params if n.endswith("experts.gate_up_proj"))
+    whole = params[gate_up].detach()  # (E, 2F, D): rows 10..21 cross gate (F=16) into up
+    assert torch.equal(tensors.get_part(gate_up, (1, 10, 3), (2, 12, 20)), whole[1:3, 10:22, 3:23])
+    assert tensors.get_part(gate_up, (4, 0, 0), (0, 32, 32)).shape == (0, 32, 32)  # an empty shard
+
+
+def test_model_tensors_refuse_incomplete_or_mismatched_experts(saved, tmp_path):
+    from safetensors.torch import load_file
+
+    from sdmoe.moe.checkpoint import ModelTensors, SafetensorsWeights
+
+    sd = load_file(str(saved / "model.safetensors"))
+    gone = {k: v for k, v in sd.items() if ".experts.2." not in k}
+    (tmp_path / "a").mkdir()
+    save_file(gone, str(tmp_path / "a" / "model.safetensors"))
+    with pytest.raises(UserError, match="incomplete"):
+        ModelTensors(SafetensorsWeights(tmp_path / "a"), "qwen3_moe")
+    key = "model.layers.0.mlp.experts.1.up_proj.weight"
+    (tmp_path / "b").mkdir()
+    save_file({**sd, key: sd[key][:-1].contiguous()}, str(tmp_path / "b" / "model.safetensors"))
+    with pytest.raises(UserError, match="differ in shape"):
+        ModelTensors(SafetensorsWeights(tmp_path / "b"), "qwen3_moe").shape("model.layers.0.mlp.experts.gate_up_proj")

@@ -508,3 +508,95 @@ def iter_expert_layers(
     """Shortcut: `ExpertCheckpoint(path).iter_layers(layers, dtype)`."""
     with ExpertCheckpoint(path) as ckpt:
         yield from ckpt.iter_layers(layers, dtype)
+
+
+class ModelTensors:
+    """A checkpoint's tensors under the model's in-memory names, read part by part.
+
+    `save_pretrained` writes fused experts back under their per-expert names (transformers' conversion
+    mapping for the model type, reversed: `mlp.experts.<i>.gate_proj.weight`, Mixtral's
+    `block_sparse_moe.experts.<i>.w1.weight`, ...). Here that mapping is applied the loading way, from
+    transformers itself (`get_checkpoint_conversion_mapping`): its renames, and its merges (experts stacked on
+    dim 0, the listed projections concatenated on dim 1), so `get_part` of a fused name reads only the rows
+    of the experts asked for, never the whole layer."""
+
+    def __init__(self, weights: SafetensorsWeights, model_type: str | None):
+        self.weights = weights
+        self.merged: dict[str, list[dict[int, str]]] = {}  # fused name -> per source pattern: {expert: key}
+        renames, merges = _conversion_rules(model_type)
+        self.plain: dict[str, str] = {}  # in-memory name -> saved key
+        for key in weights.keys():
+            name = key
+            for pattern, target in renames:
+                name = pattern.sub(target, name)
+            for pattern, target, n_sources, k in merges:
+                m = pattern.search(name)
+                if m:
+                    fused = name[: m.start()] + target + name[m.end():]
+                    self.merged.setdefault(fused, [{} for _ in range(n_sources)])[k][int(m["i"])] = key
+                    break
+            else:
+                self.plain[name] = key
+        for fused, sources in self.merged.items():
+            ids = [sorted(s) for s in sources]
+            if any(i != list(range(len(ids[0]))) for i in ids) or not ids[0]:
+                raise UserError(f"the experts of {fused} are incomplete in {weights.path} (expert ids "
+                                f"{ids[0][:8]}...); re-download or re-save the checkpoint")
+
+    def names(self) -> set[str]:
+        return set(self.plain) | set(self.merged)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.plain:
+            return self.weights.shape(self.plain[name])
+        per_source = []
+        for source in self.merged[name]:
+            shapes = {self.weights.shape(key) for key in source.values()}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+                raise UserError(f"the experts of {name} in {self.weights.path} differ in shape "
+                                f"({sorted(shapes)[:3]}); the checkpoint is damaged: re-save it")
+            per_source.append(shapes.pop())
+        if len({cols for _, cols in per_source}) != 1:
+            raise UserError(f"the projections merged into {name} in {self.weights.path} differ in width "
+                            f"({per_source}); the checkpoint is damaged: re-save it")
+        return (len(self.merged[name][0]), sum(rows for rows, _ in per_source), per_source[0][1])
+
+    def get_part(self, name: str, start: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        if name in self.plain:
+            return self.weights.get_part(self.plain[name], start, shape)
+        (e0, r0, c0), (ne, nr, nc) = start, shape
+        sources, experts = self.merged[name], []
+        for e in range(e0, e0 + ne):
+            rows, offset = [], 0
+            for source in sources:
+                height = self.weights.shape(source[e])[0]
+                lo, hi = max(r0, offset), min(r0 + nr, offset + height)
+                if hi > lo:
+                    rows.append(self.weights.get_part(source[e], (lo - offset, c0), (hi - lo, nc)))
+                offset += height
+            experts.append(torch.cat(rows))
+        if not experts:  # an empty shard: only the dtype is read
+            dtype = self.weights.get_part(sources[0][0], (0, 0), (0, 0)).dtype
+            return torch.empty(shape, dtype=dtype)
+        return torch.stack(experts)
+
+
+def _conversion_rules(model_type: str | None) -> tuple[list, list]:
+    """transformers' load-time conversion for `model_type`: renames [(regex, target)] and expert merges
+    [(regex with the expert id as group `i`, fused target, number of sources, this source's index)].
+    Only the merge our fused experts use (MergeModulelist on dim 0, then Concatenate on dim 1) is taken."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    renames, merges = [], []
+    for rule in (get_checkpoint_conversion_mapping(model_type) if model_type else None) or []:
+        sources, targets = rule.source_patterns, rule.target_patterns
+        if isinstance(rule, WeightRenaming) and len(sources) == len(targets) == 1:
+            renames.append((re.compile(sources[0]), targets[0]))
+        elif isinstance(rule, WeightConverter) and len(targets) == 1:
+            ops = [(type(op).__name__, getattr(op, "dim", None)) for op in rule.operations]
+            if ops in ([("MergeModulelist", 0), ("Concatenate", 1)], [("MergeModulelist", 0)]):
+                for k, source in enumerate(sources):
+                    pattern = re.compile(re.escape(source).replace(r"\*", r"(?P<i>\d+)") + "$")
+                    merges.append((pattern, targets[0], len(sources), k))
+    return renames, merges

@@ -221,22 +221,23 @@ def load_shards(model: nn.Module, path) -> None:
     init. Refuses, in one line, a checkpoint whose names or shapes are not this model's."""
     from pathlib import Path
 
-    from sdmoe.moe.checkpoint import SafetensorsWeights
+    from sdmoe.moe.checkpoint import ModelTensors, SafetensorsWeights
 
     weights = SafetensorsWeights(Path(path))
+    tensors = ModelTensors(weights, getattr(getattr(model, "config", None), "model_type", None))
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(weights.keys()))
+    missing = sorted(set(params) - tensors.names())
     if missing:
         raise UserError(f"{path} has no tensor {missing[0]} (and {len(missing) - 1} more) of this model; load a "
                         "checkpoint written by save_pretrained for this architecture, or load it whole (--init "
                         "without FSDP2)")
     for name, p in params.items():
-        if tuple(weights.shape(name)) != tuple(p.shape):
-            raise UserError(f"{path}: {name} is {tuple(weights.shape(name))}, the model's is {tuple(p.shape)}; "
+        if tuple(tensors.shape(name)) != tuple(p.shape):
+            raise UserError(f"{path}: {name} is {tuple(tensors.shape(name))}, the model's is {tuple(p.shape)}; "
                             "the checkpoint is another size of model")
     for name, p in params.items():
         shape, start = _part(p)
-        part = weights.get_part(name, start, shape)
+        part = tensors.get_part(name, start, shape)
         if part.dtype.is_floating_point and not torch.isfinite(part).all():
             raise UserError(f"tensor {name} in {path} holds NaN or infinite values; load an earlier checkpoint")
         _local(p).copy_(part)
