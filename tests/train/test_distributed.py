@@ -88,3 +88,29 @@ def _safetensors_keys(model_dir):
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         return list(f.keys())
+
+
+def test_fsdp2_from_a_checkpoint_builds_on_the_meta_device_and_splits_on_shards(tmp_path, tiny_dataset):
+    """`--init DIR --set loop.parallel=fsdp`: the model is built on the meta device and each rank reads only
+    its slices of DIR (`from_pretrained_sharded`); SD-MoE then splits on the shards. The trace, resumed
+    half-way, is the one-process run's from the same checkpoint."""
+    from sdmoe.models import ModelConfig, build_model
+
+    tok = tiny_dataset.tokenizer
+    init = tmp_path / "trained-moe"
+    cfg = ModelConfig(style="qwen3_moe", hidden_size=32, num_layers=2, num_heads=2, num_experts=4, top_k=2,
+                      expert_ffn=16)
+    build_model(cfg, len(tok), seed=3, eos_token_id=tok.eos_token_id).save_pretrained(init)
+    tok.save_pretrained(init)
+    single, two = tmp_path / "single", tmp_path / "two"
+    common = ["--init", str(init), "--set", "sdmoe.split_step=0"]
+    _sdmoe(common + ["--steps", "12"], single)
+    _sdmoe(common + ["--steps", "20", "--resume"], single)
+    _sdmoe(common + ["--set", "loop.parallel=fsdp", "--steps", "12"], two, nproc=2)
+    _sdmoe(common + ["--set", "loop.parallel=fsdp", "--steps", "20", "--resume"], two, nproc=2)
+    split = [r for r in read_metrics(two / "metrics.jsonl") if r.get("event") == "split"]
+    assert len(split) == 1 and split[0]["ranks_agree"] is True
+    assert len(_losses(two)) == len(_losses(single)) > 0
+    for a, b in zip(_losses(single), _losses(two), strict=True):
+        assert abs(a - b) < 5e-3, (a, b)
+    assert json.loads((two / "run.json").read_text())["status"] == "done"

@@ -170,5 +170,25 @@ def test_fsdp2_refuses_the_split_on_module_list_experts():
         check_sdmoe(control)
 
 
+def test_meta_device_helpers_refuse_what_they_cannot_fill(tmp_path):
+    from torch import nn
+
+    from sdmoe.errors import UserError
+    from sdmoe.method import SDMoE, SDMoEConfig
+    from sdmoe.models import ModelConfig, build_model
+    from sdmoe.train.fsdp import check_sdmoe, init_shards, load_shards, materialize
+
+    with pytest.raises(UserError, match="takes a transformers model"):
+        init_shards(nn.Linear(2, 2), 0)
+    with pytest.raises(UserError, match="takes a transformers model"):
+        load_shards(nn.Linear(2, 2), tmp_path)
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_experts=4, expert_ffn=32), 64)
+    with pytest.raises(UserError, match="already has weights"):
+        materialize(model)
+    later = SDMoE(model, SDMoEConfig(split_step=5, rank=4))
+    with pytest.raises(UserError, match="set sdmoe.split_step=0"):
+        check_sdmoe(later, split_on_shards=True)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sdmoe.moe.forward import logits
+from sdmoe.moe.sharding import unsharded
 
 
 def input_ids(batch) -> torch.Tensor:
@@ -68,7 +69,8 @@ class ChangeProbe:
         rel = []
         for i, b in enumerate(self.blocks):
             args, kwargs = self.inputs[i]
-            new = _first(b.module(*args, **kwargs))
+            with unsharded(self.model, b.name):  # called alone, outside its FSDP2 unit's forward
+                new = _first(b.module(*args, **kwargs))
             rel.append(_rel(new, self.outputs[i]))
         return rel, _rel(forward_logits(self.model, self.batch), self.logits)
 

@@ -118,10 +118,14 @@ def _key(k) -> str:
 def load_init_model(path: str | Path, device: torch.device | str = "cpu"):
     """The checkpoint's model set up for training as `build_model`'s are: float32, router logits in every
     forward (the balance loss and the load statistics read them), no KV cache, train mode, on `device`."""
+    return for_training(load_pretrained_model(path), device)
+
+
+def for_training(model, device: torch.device | str = "cpu"):
+    """A loaded model set up as `load_init_model` sets it up (a sharded one too: `from_pretrained_sharded`)."""
     from sdmoe.device import experts_kernel
     from sdmoe.moe import find_moe_blocks
 
-    model = load_pretrained_model(path)
     find_moe_blocks(model)  # one line if transformers built no MoE block we know
     model.config.output_router_logits = True
     model.config.use_cache = False

@@ -31,20 +31,24 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def check_sdmoe(controller) -> None:
+def check_sdmoe(controller, split_on_shards: bool = False) -> None:
     """Refuse SD-MoE settings that cannot run on FSDP2-sharded parameters (docs/distributed.md).
 
     The gradient split, the tracker, the shared update and the tail re-projection run on the
     sharded experts (`sdmoe.method.sharding`: fused experts on their local shard, the tracker's
-    M Q and the shared gradient all-reduced). Not supported, each for a reason: a split after
-    sharding (its bases and shared parts read every expert's weights, which `sdmoe train` does
-    before sharding), re-estimating U during training (the same), the per-expert form (its
+    M Q and the shared gradient all-reduced). Not supported, each for a reason: a split during
+    training (it would add state to a model FSDP already owns mid-run; a split right after sharding
+    is fine: `split_on_shards`), re-estimating U during training (the same), the per-expert form (its
     shared parts A_i would be sharded with the experts, and the shared optimizer is replicated),
     and the split on module-list experts (FSDP2 shards each expert's Linear on its rows, not on
-    experts)."""
+    experts). split_on_shards: the model is sharded already (built on the meta device) and the split,
+    due now, builds its state from the local shards (`SDMoE.split` on sharded experts)."""
     if controller is None:
         return
-    if not controller.split_done:
+    if split_on_shards and controller.cfg.split_step != 0:
+        raise UserError(f"a model sharded from the meta device splits at once: set sdmoe.split_step=0 (got "
+                        f"{controller.cfg.split_step})")
+    if not controller.split_done and not split_on_shards:
         raise UserError("shard the model after the SD-MoE split: call controller.split() (split_step=0) before "
                         "shard_model, or use DDP (torchrun + `sdmoe train`) for a split during training")
     cfg = controller.cfg
@@ -57,7 +61,7 @@ def check_sdmoe(controller) -> None:
     if controller.form == "per_expert":
         raise UserError("SD-MoE's per-expert form does not run under FSDP2 (its shared parts would shard with the "
                         "experts); use the shared form, or DDP")
-    if any(layer.block.layout != "fused" for layer in controller.layers):
+    if any(block.layout != "fused" for block in controller.blocks):
         raise UserError("SD-MoE needs fused experts under FSDP2 (this model keeps its experts in a module list); "
                         "use DDP")
 
@@ -121,6 +125,13 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None =
     model_sd = get_model_state_dict(model, options=options)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else {}
     return model_sd, optim_sd
+
+
+def load_model_state(model: nn.Module, state: dict) -> None:
+    """Load a whole model state dict (every rank holds it, as `full_state_dicts` wrote it) into the sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -203,6 +214,8 @@ def init_shards(model: nn.Module, seed: int) -> None:
     from transformers import PreTrainedModel
     from transformers import initialization as init
 
+    _check_transformers_model(model, "init_shards")
+
     def walk(module: nn.Module, init_fn) -> None:
         for child in module.children():
             walk(child, child._init_weights if isinstance(child, PreTrainedModel) else init_fn)
@@ -223,6 +236,7 @@ def load_shards(model: nn.Module, path) -> None:
 
     from sdmoe.moe.checkpoint import ModelTensors, SafetensorsWeights
 
+    _check_transformers_model(model, "load_shards")
     weights = SafetensorsWeights(Path(path))
     tensors = ModelTensors(weights, getattr(getattr(model, "config", None), "model_type", None))
     params = dict(model.named_parameters())
@@ -241,10 +255,21 @@ def load_shards(model: nn.Module, path) -> None:
         if part.dtype.is_floating_point and not torch.isfinite(part).all():
             raise UserError(f"tensor {name} in {path} holds NaN or infinite values; load an earlier checkpoint")
         _local(p).copy_(part)
-    weights.close()
+        # A memory map keeps every page read from it resident while it is open: closed after each
+        # tensor, a rank's peak is its own shards plus one tensor's pages, not every page it ever read.
+        weights.close()
     for module in model.modules():  # non-persistent buffers: the model's own init of their module
         if any(b is not None for b in module._buffers.values()):
             _init_whole(module, model._init_weights, keep="buffers")
+
+
+def _check_transformers_model(model: nn.Module, what: str) -> None:
+    """init_shards and load_shards take their init walk (and buffers) from transformers' `_init_weights`."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise UserError(f"{what} takes a transformers model (PreTrainedModel); {type(model).__name__} is not one: "
+                        "build it whole and shard it with shard_model")
 
 
 def _init_whole(module: nn.Module, init_fn, keep: str = "all") -> None:

@@ -36,7 +36,8 @@ from sdmoe.files import DirLock, atomic_dir, probe_writable, write_failure
 from sdmoe.method.driver import first_nonfinite_grad
 from sdmoe.method.export import with_kv_cache
 from sdmoe.models import count_parameters
-from sdmoe.models.pretrained import load_init_model, load_tokenizer
+from sdmoe.models.pretrained import for_training, load_init_model, load_tokenizer
+from sdmoe.moe.checkpoint import check_model_dir
 from sdmoe.train import checkpoint as ckpt
 from sdmoe.train import distributed as dist
 from sdmoe.train import fsdp as fsdp_train
@@ -172,7 +173,15 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
     # --init: a checkpoint that cannot load fails before anything is written too; its own tokenizer
     # tokenises the text, its weights are the start
     tokenizer = load_tokenizer(cfg.init) if cfg.init else None
-    init_model = load_init_model(cfg.init, ctx.device) if cfg.init else None
+    fsdp = ctx.enabled and cfg.loop.parallel == "fsdp"
+    # FSDP2 from a checkpoint: built on the meta device, each rank reads only its slices (no rank ever
+    # holds the whole model); the split then runs on the shards
+    sharded_init = fsdp and bool(cfg.init)
+    if sharded_init:
+        check_model_dir(cfg.init)
+        init_model = for_training(fsdp_train.from_pretrained_sharded(cfg.init), ctx.device)
+    else:
+        init_model = load_init_model(cfg.init, ctx.device) if cfg.init else None
     if ctx.is_main:
         _claim_out_dir(out, cfg, resume, held)
     dist.barrier(ctx)
@@ -185,7 +194,6 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(lc.seed)
     device = ctx.device
-    fsdp = ctx.enabled and lc.parallel == "fsdp"
     data = dataset or prepare_dataset(cfg.data, seed=lc.seed, tokenizer=tokenizer)
     model = init_model if init_model is not None else start_model(cfg, data.tokenizer, device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -208,7 +216,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
                             f"--set loop.parallel={written_by}" + (" under torchrun" if written_by == "fsdp" else ""))
         # before the optimizer's state: a split run's optimizer has the split's groups
         handle.load_state_dict(_sdmoe_state(found[-1], state))
-        model.load_state_dict(model_state)
+        if sharded_init:  # every rank has the whole state; each keeps its slices
+            fsdp_train.load_model_state(model, model_state)
+        else:
+            model.load_state_dict(model_state)
         if not fsdp:  # FSDP2: loaded once the optimizer holds the sharded parameters
             optimizer.load_state_dict(optim_state)
         ckpt.set_rng_state(state["rng"])
@@ -236,8 +247,12 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
     handle.on("split", on_split)
     handle.on("reestimate", lambda step, record: log.write({"event": "reestimate", "step": step, **record}))
     if fsdp:  # FSDP2 shards the split model (split_step is 0): split, shard, then the optimizer's state
-        handle.split()
-        fsdp_train.shard_for_training(model, optimizer, handle.controller)
+        if sharded_init:  # sharded already: the split builds its state from the local shards
+            fsdp_train.check_sdmoe(handle.controller, split_on_shards=True)
+            handle.split()
+        else:
+            handle.split()
+            fsdp_train.shard_for_training(model, optimizer, handle.controller)
         if optim_state is not None:
             fsdp_train.load_optimizer_state(model, optimizer, optim_state)
     else:
