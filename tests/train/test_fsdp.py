@@ -180,8 +180,15 @@ def test_meta_device_helpers_refuse_what_they_cannot_fill(tmp_path):
 
     with pytest.raises(UserError, match="takes a transformers model"):
         init_shards(nn.Linear(2, 2), 0)
-    with pytest.raises(UserError, match="takes a transformers model"):
-        load_shards(nn.Linear(2, 2), tmp_path)
+    from safetensors.torch import save_file
+
+    save_file(nn.Linear(2, 3).state_dict(), str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match="another size of model"):
+        load_shards(nn.Linear(2, 2), tmp_path)  # any module loads from its state dict's names, checked
+    with pytest.raises(UserError, match="has no tensor"):
+        load_shards(nn.Sequential(nn.Linear(2, 3)), tmp_path)  # its names are 0.weight, 0.bias
+    plain = nn.Linear(2, 3)
+    load_shards(plain, tmp_path)  # unsharded: the whole tensors
     model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_experts=4, expert_ffn=32), 64)
     with pytest.raises(UserError, match="already has weights"):
         materialize(model)

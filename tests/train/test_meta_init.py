@@ -1,6 +1,7 @@
 """FSDP2 from the meta device on 2 CPU processes: `build_sharded` draws the same model as a one-process
 meta build, and `from_pretrained_sharded` loads, shard by shard, exactly the weights `save_pretrained` wrote
-(per-expert names, Mixtral's renamed block too), refusing, in one line, weights of another size than
+(per-expert names, Mixtral's renamed block too), and a module-list MoE (not a transformers model) loads
+from its state dict's safetensors the same way, refusing, in one line, weights of another size than
 their config's.
 
 The file is also the worker: `torchrun --standalone --nproc-per-node 2 tests/train/test_meta_init.py OUT DIR...`."""
@@ -8,11 +9,13 @@ The file is also the worker: `torchrun --standalone --nproc-per-node 2 tests/tra
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 STYLES = ("qwen3_moe", "mixtral")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(style="qwen3_moe", hidden_size=32):
@@ -27,7 +30,7 @@ def _worker(out: str, dirs: list[str]) -> None:
 
     from sdmoe.errors import UserError
     from sdmoe.moe.sharding import local, whole
-    from sdmoe.train.fsdp import build_sharded, from_pretrained_sharded
+    from sdmoe.train.fsdp import build_sharded, from_pretrained_sharded, load_shards, materialize
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -42,6 +45,17 @@ def _worker(out: str, dirs: list[str]) -> None:
         from_pretrained_sharded(wrong_size)
     except UserError as e:
         result["refused"] = str(e)
+    # a module-list MoE (not a transformers model): meta device, FSDP2 (each expert Linear on its rows),
+    # then its state dict's safetensors read slice by slice; its forward on the shards
+    sys.path.insert(0, str(ROOT))
+    from tests.method.method_helpers import ListMoEModel, batch, lm_loss
+
+    with torch.device("meta"):
+        listed = ListMoEModel()
+    materialize(listed)
+    load_shards(listed, Path(wrong_size).parent / "module-list")
+    result["module_list"] = {n: whole(p.detach()) for n, p in listed.named_parameters()}
+    result["module_list_loss"] = float(lm_loss(listed, batch()))
     if dist.get_rank() == 0:
         torch.save(result, out)
     dist.destroy_process_group()
@@ -61,6 +75,14 @@ def test_meta_device_build_and_load_match_one_process(tmp_path):
         saved[style].save_pretrained(tmp_path / style)
     build_model(_cfg(hidden_size=48), 128).save_pretrained(tmp_path / "wider")  # weights of another size
     (tmp_path / "wider" / "config.json").write_text((tmp_path / STYLES[0] / "config.json").read_text())
+    from safetensors.torch import save_file
+
+    from ..method.method_helpers import ListMoEModel, batch, lm_loss
+
+    torch.manual_seed(7)
+    listed = ListMoEModel()
+    (tmp_path / "module-list").mkdir()
+    save_file({k: v.contiguous() for k, v in listed.state_dict().items()}, str(tmp_path / "module-list" / "model.safetensors"))
     out = tmp_path / "out.pt"
     dirs = [str(tmp_path / s) for s in (*STYLES, "wider")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
@@ -85,6 +107,9 @@ def test_meta_device_build_and_load_match_one_process(tmp_path):
         for name, p in params.items():
             assert torch.equal(loaded["weights"][name], p.detach()), (style, name)
     assert "another size of model" in got["refused"] and "\n" not in got["refused"]
+    for name, p in listed.named_parameters():
+        assert torch.equal(got["module_list"][name], p.detach()), name
+    assert abs(got["module_list_loss"] - float(lm_loss(listed, batch()))) < 1e-5
 
 
 if __name__ == "__main__":

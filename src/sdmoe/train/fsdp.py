@@ -230,26 +230,35 @@ def init_shards(model: nn.Module, seed: int) -> None:
 @torch.no_grad()
 def load_shards(model: nn.Module, path) -> None:
     """Each parameter's slice for this rank, read from the checkpoint's safetensors alone (the rest of the
-    tensor is never read); buffers the checkpoint does not hold (rotary frequencies) from the model's own
-    init. Refuses, in one line, a checkpoint whose names or shapes are not this model's."""
+    tensor is never read); any module: a transformers model (names as `save_pretrained` writes them), or
+    another built on the meta device and sharded on dim 0 (a module-list MoE under FSDP2, a training stack's
+    stacked experts under its EP), whose names are its state dict's. Buffers: a transformers model's the
+    checkpoint does not hold (rotary frequencies) from its own init; another model's persistent ones from the
+    checkpoint, its non-persistent ones (counters, caches) left to its own init (torchtitan's `init_states`).
+    Refuses, in one line, a checkpoint whose names or shapes are not this model's."""
     from pathlib import Path
+
+    from transformers import PreTrainedModel
 
     from sdmoe.moe.checkpoint import ModelTensors, SafetensorsWeights
 
-    _check_transformers_model(model, "load_shards")
     weights = SafetensorsWeights(Path(path))
     tensors = ModelTensors(weights, getattr(getattr(model, "config", None), "model_type", None))
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - tensors.names())
+    transformers_model = isinstance(model, PreTrainedModel)
+    wanted = dict(model.named_parameters())
+    if not transformers_model:  # its persistent buffers too; the non-persistent ones are the stack's own init's
+        persistent = set(model.state_dict(keep_vars=True))
+        wanted |= {n: b for n, b in model.named_buffers() if n in persistent}
+    missing = sorted(set(wanted) - tensors.names())
     if missing:
         raise UserError(f"{path} has no tensor {missing[0]} (and {len(missing) - 1} more) of this model; load a "
-                        "checkpoint written by save_pretrained for this architecture, or load it whole (--init "
-                        "without FSDP2)")
-    for name, p in params.items():
+                        "checkpoint written by save_pretrained (or safetensors of this model's state dict), or "
+                        "load it whole (--init without FSDP2)")
+    for name, p in wanted.items():
         if tuple(tensors.shape(name)) != tuple(p.shape):
             raise UserError(f"{path}: {name} is {tuple(tensors.shape(name))}, the model's is {tuple(p.shape)}; "
                             "the checkpoint is another size of model")
-    for name, p in params.items():
+    for name, p in wanted.items():
         shape, start = _part(p)
         part = tensors.get_part(name, start, shape)
         if part.dtype.is_floating_point and not torch.isfinite(part).all():
@@ -258,9 +267,10 @@ def load_shards(model: nn.Module, path) -> None:
         # A memory map keeps every page read from it resident while it is open: closed after each
         # tensor, a rank's peak is its own shards plus one tensor's pages, not every page it ever read.
         weights.close()
-    for module in model.modules():  # non-persistent buffers: the model's own init of their module
-        if any(b is not None for b in module._buffers.values()):
-            _init_whole(module, model._init_weights, keep="buffers")
+    if transformers_model:
+        for module in model.modules():  # non-persistent buffers: the model's own init of their module
+            if any(b is not None for b in module._buffers.values()):
+                _init_whole(module, model._init_weights, keep="buffers")
 
 
 def _check_transformers_model(model: nn.Module, what: str) -> None:
