@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--resume continues exactly where a run stopped. The final model is a "
                                    "save_pretrained directory (OUT/model) that plain transformers loads. "
                                    "Several processes: `torchrun --standalone --nproc-per-node N -m sdmoe train ...` "
-                                   "(DDP; add --set loop.parallel=fsdp --set sdmoe.split_step=0 for FSDP2).",
+                                   "(DDP; add --set loop.parallel=fsdp --set sdmoe.split_step=0 for FSDP2, which builds an --init "
+                                   "model on the meta device, each rank reading only its shards; --set loop.meta_init=true "
+                                   "does that for a new model too).",
                        formatter_class=_Help)
     t.add_argument("--preset", default="demo", help="tiny (seconds, tests) | demo (minutes) | small (the spec's lab model, ~1 h on 2 cores)")
     t.add_argument("--config", metavar="FILE", help="JSON file of sections (model, data, optim, loop, sdmoe) overriding the preset; "

@@ -94,6 +94,7 @@ CASES = [
     ("parallel_unknown", lambda w, o: [*TRAIN, "--set", "loop.parallel=zero3", "--out", o], "loop.parallel must be ddp or fsdp"),
     ("fsdp_split_later", lambda w, o: [*TRAIN, "--method", "sd-moe", "--set", "loop.parallel=fsdp", "--out", o], "set sdmoe.split_step=0"),
     ("fsdp_reestimate", lambda w, o: [*TRAIN, "--method", "sd-moe", "--set", "loop.parallel=fsdp", "--set", "sdmoe.split_step=0", "--set", "sdmoe.reestimate_every=5", "--out", o], "set sdmoe.reestimate_every=0"),
+    ("meta_init_without_fsdp", lambda w, o: [*TRAIN, "--set", "loop.meta_init=true", "--out", o], "set loop.parallel=fsdp"),
     ("split_after_end", lambda w, o: [*TRAIN, "--method", "sd-moe", "--steps", "3", "--out", o], "sdmoe.split_step=5 is not before loop.steps=3"),
     # -- corpora
     ("corpus_empty_file", lambda w, o: [*TRAIN, "--text", str(w.text / "empty.txt"), "--out", o], "is empty or whitespace only"),

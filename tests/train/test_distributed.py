@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sdmoe.train.metrics import read_metrics
 
@@ -114,3 +115,30 @@ def test_fsdp2_from_a_checkpoint_builds_on_the_meta_device_and_splits_on_shards(
     for a, b in zip(_losses(single), _losses(two), strict=True):
         assert abs(a - b) < 5e-3, (a, b)
     assert json.loads((two / "run.json").read_text())["status"] == "done"
+
+
+def test_fsdp2_meta_init_draws_a_new_model_shard_by_shard(tmp_path, tiny_dataset):
+    """`--set loop.meta_init=true` under FSDP2 (no --init): the new model is built on the meta device, each
+    rank drawing its shards (`build_sharded`). It is the model `init_shards` draws in one process: that
+    model saved and continued in one process (`--init`) gives the same trace."""
+    from transformers import AutoModelForCausalLM
+
+    from sdmoe.models.build import model_hf_config
+    from sdmoe.train.config import preset
+    from sdmoe.train.fsdp import init_shards
+
+    cfg, tok = preset("tiny"), tiny_dataset.tokenizer
+    with torch.device("meta"):
+        drawn = AutoModelForCausalLM.from_config(model_hf_config(cfg.model, len(tok), tok.eos_token_id))
+    drawn.to_empty(device="cpu")
+    init_shards(drawn, cfg.loop.seed)
+    init = tmp_path / "drawn"
+    drawn.save_pretrained(init)
+    tok.save_pretrained(init)
+    split0 = ["--set", "sdmoe.split_step=0", "--steps", "12"]
+    _sdmoe(split0 + ["--set", "loop.parallel=fsdp", "--set", "loop.meta_init=true"], tmp_path / "two", nproc=2)
+    _sdmoe(split0 + ["--init", str(init)], tmp_path / "one")
+    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert len(two) == len(one) > 0
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) < 5e-3, (a, b)

@@ -79,8 +79,12 @@ class LoopConfig:
     # what a NaN/Inf loss or gradient does; a resume may change it (it acts only at such a step)
     nan_policy: NanPolicy = setting("stop", resume="any")
     # under torchrun: "ddp" (replicate the model) or "fsdp" (FSDP2: shard every decoder layer;
-    # SD-MoE then splits at step 0, before sharding). Ignored in a single process.
+    # SD-MoE then splits at step 0). Ignored in a single process.
     parallel: Parallel = "ddp"
+    # under loop.parallel=fsdp, a new model (no --init) built on the meta device, each rank drawing only its
+    # shards (sdmoe.train.fsdp.build_sharded): no rank holds it whole. The same seed gives the same model on
+    # any number of ranks, but not build_model's (DDP's, one process's) draws. With --init it is always so.
+    meta_init: bool = setting(False, resume="any")
 
 
 @dataclass
@@ -279,6 +283,9 @@ def validate(cfg: RunConfig) -> None:
         check_device_name(cfg.loop.device)
     except UserError as e:
         raise UserError(f"loop.device: {e}") from None
+    if cfg.loop.meta_init and cfg.loop.parallel != "fsdp":
+        raise UserError("loop.meta_init=true builds FSDP2 shards: set loop.parallel=fsdp (under torchrun), or "
+                        "drop loop.meta_init")
     if cfg.loop.parallel == "fsdp" and cfg.method == "sd-moe":
         if cfg.sdmoe.split_step != 0:  # FSDP2 shards the split model; a later split would replace sharded parameters
             raise UserError(f"loop.parallel=fsdp needs the SD-MoE split before sharding: set sdmoe.split_step=0 "

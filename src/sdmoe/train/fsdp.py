@@ -153,8 +153,9 @@ def build_sharded(cfg, vocab_size: int, seed: int = 0, eos_token_id: int = 0, me
 
     from sdmoe.models.build import is_zero_init_router, model_hf_config
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_hf_config(cfg, vocab_size, eos_token_id))
+    device = _shard_device() if mesh is None else torch.device(mesh.device_type)
+    with torch.device("meta"):  # the config names the device's expert kernel, as build_model's does
+        model = AutoModelForCausalLM.from_config(model_hf_config(cfg, vocab_size, eos_token_id, device))
     materialize(model, mesh)
     init_shards(model, seed)
     if cfg.style.startswith("deepseek"):  # build_model's second draw, in the same order

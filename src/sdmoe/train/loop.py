@@ -174,10 +174,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
     # tokenises the text, its weights are the start
     tokenizer = load_tokenizer(cfg.init) if cfg.init else None
     fsdp = ctx.enabled and cfg.loop.parallel == "fsdp"
-    # FSDP2 from a checkpoint: built on the meta device, each rank reads only its slices (no rank ever
-    # holds the whole model); the split then runs on the shards
-    sharded_init = fsdp and bool(cfg.init)
-    if sharded_init:
+    # FSDP2 from a checkpoint (or a new model with loop.meta_init): built on the meta device, each rank
+    # reads (draws) only its slices, no rank ever holds the whole model; the split then runs on the shards
+    sharded_init = fsdp and (bool(cfg.init) or cfg.loop.meta_init)
+    if sharded_init and cfg.init:
         check_model_dir(cfg.init)
         init_model = for_training(fsdp_train.from_pretrained_sharded(cfg.init), ctx.device)
     else:
@@ -195,7 +195,13 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
     torch.manual_seed(lc.seed)
     device = ctx.device
     data = dataset or prepare_dataset(cfg.data, seed=lc.seed, tokenizer=tokenizer)
-    model = init_model if init_model is not None else start_model(cfg, data.tokenizer, device)
+    if init_model is not None:
+        model = init_model
+    elif sharded_init:
+        model = fsdp_train.build_sharded(cfg.model, len(data.tokenizer), seed=lc.seed,
+                                         eos_token_id=data.tokenizer.eos_token_id)
+    else:
+        model = start_model(cfg, data.tokenizer, device)
     optimizer = build_optimizer(model, cfg.optim)
     reference_batch = next(iter(data.val.values()))[0].to(device)
     # SD-MoE, the clip, the non-finite policy and the bias update run in optimizer.step()'s hooks
