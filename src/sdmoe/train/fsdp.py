@@ -8,8 +8,10 @@ Each decoder layer becomes one FSDP unit (its parameters are all-gathered for it
 and backward, its gradients reduce-scattered), then the root takes what is left
 (embeddings, final norm, LM head). Parameters become DTensors sharded on dim 0 over the
 mesh; `model.parameters()` yields the local shards, so the optimizer must be built after
-sharding. SD-MoE: split first (`controller.split()`), then shard; the controller's
-gradient split then runs on the shards (`sdmoe.method.sharding`). Status: docs/distributed.md.
+sharding. SD-MoE: split first (`controller.split()`), then shard, or, for a model built on the
+meta device (`build_sharded`, `from_pretrained_sharded`: no rank ever holds it whole), split on the
+shards; the controller's gradient split then runs on the shards (`sdmoe.method.sharding`).
+Status: docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -275,12 +277,12 @@ def load_shards(model: nn.Module, path) -> None:
 
 
 def _check_transformers_model(model: nn.Module, what: str) -> None:
-    """init_shards and load_shards take their init walk (and buffers) from transformers' `_init_weights`."""
+    """init_shards draws with transformers' own init walk (`_init_weights`), which only their models have."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         raise UserError(f"{what} takes a transformers model (PreTrainedModel); {type(model).__name__} is not one: "
-                        "build it whole and shard it with shard_model")
+                        "load its weights with load_shards, or build it whole and shard it with shard_model")
 
 
 def _init_whole(module: nn.Module, init_fn, keep: str = "all") -> None:
