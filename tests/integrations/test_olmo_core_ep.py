@@ -10,13 +10,9 @@ over the EP group, and the input's and routing weights' gradients are summed bac
 each rank's experts get exactly the one-process gradients. The default split also runs on the model built
 on the meta device, EP applied there, each rank reading its experts' rows from a checkpoint (`load_shards`).
 
-The file is also the worker: `torchrun --standalone --nproc-per-node 2 -m tests.integrations.test_olmo_core_ep OUT SAVED`."""
+The file is also the worker: `torchrun --standalone --nproc-per-node 2 -m tests.integrations.test_olmo_core_ep SAVED OUT`."""
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,13 +24,12 @@ pytest.importorskip("olmo_core.nn.moe", reason='needs the OLMo-core extra: pip i
 from olmo_core.nn.moe import MoEConfig, MoEType  # noqa: E402
 from olmo_core.nn.moe.router import MoERouterConfig  # noqa: E402
 
-from tests.train.test_expert_parallel import BROKEN, TOL, VARIANTS, _compare, _gap  # noqa: E402
+from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, worker  # noqa: E402
 
 # the shapes of the transformers EP test's model; at D=16, F=24 the paper's split (rank 8, refreshed from
 # the shared weight) met 1e-6 everywhere but in the weights, 2.8e-6 apart: its basis sat in a spectral gap
 # too small to hold float32 rounding (the gradients after the split agreed to 3e-8)
 STEPS, V, D, F, E, K = 4, 64, 32, 32, 4, 2
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class _SumForward(torch.autograd.Function):
@@ -162,38 +157,14 @@ def run(world: int, variant: str, meta_from: str | None = None) -> dict:
     return record
 
 
-def _worker(out: str, meta_from: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if os.environ.get(BROKEN):
-        import sdmoe.method.sharding as sharding
-
-        sharding.reducer = lambda x: None  # every sum over experts stays on this rank's experts
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    result = {v: run(world, v) for v in ([os.environ["SDMOE_TEST_VARIANT"]] if os.environ.get(BROKEN) else VARIANTS)}
-    if not os.environ.get(BROKEN):
-        result["default-from-meta"] = run(world, "default", meta_from)
-    every = [None] * world
-    dist.all_gather_object(every, result)
-    if rank == 0:
-        Path(out).write_text(json.dumps(every))
-    dist.destroy_process_group()
-
-
-def _launch(tmp_path, **env) -> list[dict]:
+def _launch(tmp_path, broken: str | None = None) -> list[dict]:
+    """Both ranks' records; a one-process model's weights saved first, for the run built on the meta device."""
     from safetensors.torch import save_file
 
-    out, saved = tmp_path / "ep.json", tmp_path / "saved"
+    saved = tmp_path / "saved"
     saved.mkdir()
     save_file({k: v.contiguous() for k, v in TinyOLMoEP().state_dict().items()}, str(saved / "model.safetensors"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tests.integrations.test_olmo_core_ep", str(out), str(saved)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return launch("tests.integrations.test_olmo_core_ep", [str(saved)], tmp_path / "ep.json", broken=broken)
 
 
 @pytest.mark.distributed
@@ -202,23 +173,24 @@ def test_olmo_core_expert_parallel_matches_one_process(tmp_path):
     ranks = _launch(tmp_path)
     assert ranks[0]["baseline"]["local_rows"] == [E // 2 * D, F]  # each rank holds 2 of the 4 experts' rows
     for variant in VARIANTS:
-        gaps = _compare(run(1, variant), [r[variant] for r in ranks])
+        gaps = compare(run(1, variant), [r[variant] for r in ranks])
         assert all(gap < TOL[key] for key, gap in gaps.items()), (variant, gaps)
         assert len(ranks[0][variant]["split_grads"]) == STEPS
     assert len({tuple(ranks[0][v]["losses"]) for v in VARIANTS}) == len(VARIANTS)
     # the stacked layout from the meta device: EP applied there, each rank's experts read from the checkpoint
-    gaps = _compare(run(1, "default"), [r["default-from-meta"] for r in ranks])
+    gaps = compare(run(1, "default"), [r["default-from-meta"] for r in ranks])
     assert all(gap < TOL[key] for key, gap in gaps.items()), ("default-from-meta", gaps)
 
 
 @pytest.mark.distributed
 def test_a_local_only_reducer_is_caught_on_olmo_core_ep(tmp_path):
     torch.set_num_threads(1)
-    ranks = _launch(tmp_path, **{BROKEN: "1", "SDMOE_TEST_VARIANT": "default"})
-    gaps = _compare(run(1, "default"), [r["default"] for r in ranks])
+    ranks = _launch(tmp_path, broken="default")
+    gaps = compare(run(1, "default"), [r["default"] for r in ranks])
     assert gaps["q"] > 1e-2 and gaps["shared"] > 1e-3, gaps
-    assert _gap(ranks[0]["default"]["shared"], ranks[1]["default"]["shared"]) > 1e-3  # the ranks disagree
+    assert gap(ranks[0]["default"]["shared"], ranks[1]["default"]["shared"]) > 1e-3  # the ranks disagree
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+if __name__ == "__main__":  # argv: SAVED OUT
+    worker(sys.argv[2], lambda world, rank, variant: run(world, variant),
+           {"default-from-meta": lambda world, rank: run(world, "default", sys.argv[1])})

@@ -18,13 +18,9 @@ model only to 1e-5 (the rank-8 basis of the mean weight moves about 50x the roun
 sums, and the two-sided projection of gradients of norm ~50 carries that), the other variants to 2e-7; in
 float64 the same comparison holds any bug to the same 1e-6 while rounding sits at 1e-12.
 
-The file is also the worker: `torchrun --standalone --nproc-per-node 2 -m tests.integrations.test_torchtitan_ep OUT SAVED`."""
+The file is also the worker: `torchrun --standalone --nproc-per-node 2 -m tests.integrations.test_torchtitan_ep SAVED OUT`."""
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,10 +35,9 @@ from torchtitan.models.common.moe_sharding import set_moe_sharding_config  # noq
 from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher  # noqa: E402
 from torchtitan.models.qwen3.sharding import _GROUPED_EXPERTS_PARAM_LAYOUT  # noqa: E402
 
-from tests.train.test_expert_parallel import BROKEN, TOL, VARIANTS, _compare, _gap  # noqa: E402
+from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, worker  # noqa: E402
 
 STEPS, BATCH, V, D, F, E, K = 4, 4, 64, 32, 32, 4, 2  # the transformers EP test's shapes
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class TinyTitanEP(nn.Module):
@@ -154,40 +149,15 @@ def run(world: int, rank: int, variant: str, meta_from: str | None = None) -> di
     return record
 
 
-def _worker(out: str, meta_from: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if os.environ.get(BROKEN):
-        import sdmoe.method.sharding as sharding
-
-        sharding.reducer = lambda x: None  # every sum over experts stays on this rank's experts
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    variants = [os.environ["SDMOE_TEST_VARIANT"]] if os.environ.get(BROKEN) else list(VARIANTS)
-    result = {v: run(world, rank, v) for v in variants}
-    if not os.environ.get(BROKEN):
-        result["default-from-meta"] = run(world, rank, "default", meta_from)
-    every = [None] * world
-    dist.all_gather_object(every, result)
-    if rank == 0:
-        Path(out).write_text(json.dumps(every))
-    dist.destroy_process_group()
-
-
-def _launch(tmp_path, **env) -> list[dict]:
+def _launch(tmp_path, broken: str | None = None) -> list[dict]:
+    """Both ranks' records; a one-process model's weights saved first, for the run built on the meta device."""
     from safetensors.torch import save_file
 
-    out, saved = tmp_path / "ep.json", tmp_path / "saved"
+    saved = tmp_path / "saved"
     saved.mkdir()
     save_file({k: v.contiguous() for k, v in TinyTitanEP(ep=False).state_dict().items()},
               str(saved / "model.safetensors"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tests.integrations.test_torchtitan_ep", str(out), str(saved)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return launch("tests.integrations.test_torchtitan_ep", [str(saved)], tmp_path / "ep.json", broken=broken)
 
 
 @pytest.mark.distributed
@@ -196,23 +166,23 @@ def test_torchtitan_expert_parallel_matches_one_process(tmp_path):
     ranks = _launch(tmp_path)
     assert ranks[0]["baseline"]["local_experts"] == E // 2
     for variant in VARIANTS:
-        gaps = _compare(run(1, 0, variant), [r[variant] for r in ranks])
+        gaps = compare(run(1, 0, variant), [r[variant] for r in ranks])
         assert all(gap < TOL[key] for key, gap in gaps.items()), (variant, gaps)
         assert len(ranks[0][variant]["split_grads"]) == STEPS
     assert len({tuple(ranks[0][v]["losses"]) for v in VARIANTS}) == len(VARIANTS)
     # from the meta device: their parallelize on meta tensors, each rank's experts read from the checkpoint
-    gaps = _compare(run(1, 0, "default"), [r["default-from-meta"] for r in ranks])
+    gaps = compare(run(1, 0, "default"), [r["default-from-meta"] for r in ranks])
     assert all(gap < TOL[key] for key, gap in gaps.items()), ("default-from-meta", gaps)
 
 
 @pytest.mark.distributed
 def test_a_local_only_reducer_is_caught_on_torchtitan_ep(tmp_path):
     torch.set_num_threads(1)
-    ranks = _launch(tmp_path, **{BROKEN: "1", "SDMOE_TEST_VARIANT": "default"})
-    gaps = _compare(run(1, 0, "default"), [r["default"] for r in ranks])
+    ranks = _launch(tmp_path, broken="default")
+    gaps = compare(run(1, 0, "default"), [r["default"] for r in ranks])
     assert gaps["q"] > 1e-2 and gaps["shared"] > 1e-3, gaps
-    assert _gap(ranks[0]["default"]["shared"], ranks[1]["default"]["shared"]) > 1e-3
+    assert gap(ranks[0]["default"]["shared"], ranks[1]["default"]["shared"]) > 1e-3
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+if __name__ == "__main__":  # argv: SAVED OUT
+    worker(sys.argv[2], run, {"default-from-meta": lambda world, rank: run(world, rank, "default", sys.argv[1])})

@@ -11,31 +11,17 @@ weight; all equal the one-process run to 1e-6.
 A reducer that sums over the local experts only (each rank splitting in a basis of its own
 experts, nothing crashing) fails this test: `test_a_local_only_reducer_is_caught` runs it.
 
-The file is also the worker: `torchrun --standalone --nproc-per-node N tests/train/test_expert_parallel.py EP OUT`.
+The file is also the worker: `torchrun --standalone --nproc-per-node N -m tests.train.test_expert_parallel EP OUT`.
 """
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, worker
+
 STEPS, BATCH, VOCAB = 4, 4, 128
-# Gradients after the split, shared parts and weights: 1e-6 absolute; losses (about 4.8): 1e-6 relative;
-# the tracked subspace (Q_r Q_r^T): 1e-4, as its float32 subspace iteration moves the span by the sums'
-# rounding (~1e-9) over the gap between the r-th and the next singular value of the gradients.
-TOL = {"losses": 5e-6, "split_grads": 1e-6, "shared": 1e-6, "weights": 1e-6, "q": 1e-4}
-VARIANTS = {
-    "baseline": None,
-    "default": dict(split_step=0, rank=4, tracker_oversample=2),
-    # the paper's split (experiments.grid's `paper`), refreshed every 2 steps so a refresh runs on the shards
-    "paper": dict(split_step=0, form="full", gradient_split="fixed", projection_sides="two", basis_source="shared",
-                  basis_method="randomized", refresh_every=2, rank=8),
-    "control": dict(split_step=0, rank=4, gradient_split="none"),
-}
-BROKEN = "SDMOE_TEST_LOCAL_ONLY_REDUCER"  # the worker sums over its own experts only (the bug this file guards)
 
 
 def _model():
@@ -91,52 +77,8 @@ def run(world: int, rank: int, ep: int, variant: str) -> dict:
     return record
 
 
-def _worker(ep: int, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if os.environ.get(BROKEN):
-        import sdmoe.method.sharding as sharding
-
-        sharding.reducer = lambda x: None  # every sum over experts stays on this rank's experts
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    variants = [os.environ["SDMOE_TEST_VARIANT"]] if os.environ.get("SDMOE_TEST_VARIANT") else list(VARIANTS)
-    result = {v: run(world, rank, ep, v) for v in variants}
-    every = [None] * world
-    dist.all_gather_object(every, result)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(every, f)
-    dist.destroy_process_group()
-
-
-def _launch(tmp_path, world: int, ep: int, **env) -> list[dict]:
-    out = tmp_path / f"ep-{world}-{ep}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), __file__,
-           str(ep), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
-def _gap(a, b) -> float:
-    """The largest absolute difference of two nested lists of numbers (ragged ones item by item)."""
-    try:
-        return float((torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)).abs().max())
-    except ValueError:
-        return max(_gap(x, y) for x, y in zip(a, b, strict=True))
-
-
-def _compare(one: dict, many: list[dict]) -> dict[str, float]:
-    """{what: the largest gap to the one-process run over ranks and steps}; also checks the ranks agree."""
-    gaps = {"losses": _gap(one["losses"], many[0]["losses"])}
-    for key in ("split_grads", "q", "shared"):
-        if one[key] and one[key][0]:
-            gaps[key] = max(_gap(one[key], r[key]) for r in many)
-    gaps["weights"] = max(_gap(one["weights"][n], r["weights"][n]) for r in many for n in one["weights"])
-    return gaps
+def _launch(tmp_path, world: int, ep: int, broken: str | None = None) -> list[dict]:
+    return launch("tests.train.test_expert_parallel", [str(ep)], tmp_path / f"ep-{world}-{ep}.json", world, broken)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +92,7 @@ def one_process() -> dict:
 def test_expert_parallel_matches_one_process(tmp_path, one_process, world, ep):
     ranks = _launch(tmp_path, world, ep)
     for variant in VARIANTS:
-        gaps = _compare(one_process[variant], [r[variant] for r in ranks])
+        gaps = compare(one_process[variant], [r[variant] for r in ranks])
         assert all(gap < TOL[key] for key, gap in gaps.items()), (variant, gaps)
         assert len(ranks[0][variant]["split_grads"]) == STEPS
     # every variant trains differently: none is a no-op
@@ -161,11 +103,11 @@ def test_expert_parallel_matches_one_process(tmp_path, one_process, world, ep):
 def test_a_local_only_reducer_is_caught(tmp_path, one_process):
     """The bug this file exists for: each rank's sums over its own experts only. The ranks then split in
     bases of their own experts and their shared parts drift apart, and the comparison above sees it."""
-    ranks = _launch(tmp_path, 2, 2, **{BROKEN: "1", "SDMOE_TEST_VARIANT": "default"})
-    gaps = _compare(one_process["default"], [r["default"] for r in ranks])
+    ranks = _launch(tmp_path, 2, 2, broken="default")
+    gaps = compare(one_process["default"], [r["default"] for r in ranks])
     assert gaps["q"] > 1e-2 and gaps["shared"] > 1e-3, gaps
-    assert _gap(ranks[0]["default"]["shared"], ranks[1]["default"]["shared"]) > 1e-3  # the ranks disagree
+    assert gap(ranks[0]["default"]["shared"], ranks[1]["default"]["shared"]) > 1e-3  # the ranks disagree
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), sys.argv[2])
+    worker(sys.argv[2], lambda world, rank, variant: run(world, rank, int(sys.argv[1]), variant))
