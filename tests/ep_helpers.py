@@ -31,6 +31,15 @@ ONLY = "SDMOE_TEST_VARIANT"  # with BROKEN: the one variant the worker runs
 Run = Callable[[int, int, str], dict]  # (world, rank, variant) -> that run's records
 
 
+def record_split_state(record: dict, controller) -> None:
+    """After a step: the tracked subspace the split uses (its top-r columns, Q_r Q_r^T: the oversampled
+    ones may swap places) and the shared parts, as lists, appended to record["q"] and record["shared"]."""
+    layers = controller.layers
+    record["q"].append([((q := layer.q_PDX[..., :layer.r]) @ q.mT).tolist() for layer in layers
+                        if layer.q_PDX is not None])
+    record["shared"].append([s.tolist() for layer in layers for s in layer.shared.values()])
+
+
 def gap(a, b) -> float:
     """The largest absolute difference of two nested lists of numbers (ragged ones item by item)."""
     try:

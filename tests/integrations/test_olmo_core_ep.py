@@ -24,7 +24,7 @@ pytest.importorskip("olmo_core.nn.moe", reason='needs the OLMo-core extra: pip i
 from olmo_core.nn.moe import MoEConfig, MoEType  # noqa: E402
 from olmo_core.nn.moe.router import MoERouterConfig  # noqa: E402
 
-from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, worker  # noqa: E402
+from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, record_split_state, worker  # noqa: E402
 
 # the shapes of the transformers EP test's model; at D=16, F=24 the paper's split (rank 8, refreshed from
 # the shared weight) met 1e-6 everywhere but in the weights, 2.8e-6 apart: its basis sat in a spectral gap
@@ -147,10 +147,7 @@ def run(world: int, variant: str, meta_from: str | None = None) -> dict:
             cb.post_train_batch()
         record["losses"].append(float(loss.detach()))
         if cb is not None:
-            layers = cb.controller.layers
-            record["q"].append([((q := layer.q_PDX[..., :layer.r]) @ q.mT).tolist() for layer in layers
-                                if layer.q_PDX is not None])
-            record["shared"].append([s.tolist() for layer in layers for s in layer.shared.values()])
+            record_split_state(record, cb.controller)
     record["weights"] = {n: whole(p.detach()).tolist() for n, p in model.named_parameters()}
     record["local_rows"] = tuple(model.blocks["0"]["feed_forward_moe"].experts.mlp.w1.to_local().shape) \
         if world > 1 else None

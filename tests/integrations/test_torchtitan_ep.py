@@ -35,7 +35,7 @@ from torchtitan.models.common.moe_sharding import set_moe_sharding_config  # noq
 from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher  # noqa: E402
 from torchtitan.models.qwen3.sharding import _GROUPED_EXPERTS_PARAM_LAYOUT  # noqa: E402
 
-from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, worker  # noqa: E402
+from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, record_split_state, worker  # noqa: E402
 
 STEPS, BATCH, V, D, F, E, K = 4, 4, 64, 32, 32, 4, 2  # the transformers EP test's shapes
 
@@ -139,10 +139,7 @@ def run(world: int, rank: int, variant: str, meta_from: str | None = None) -> di
         optimizers.step()
         record["losses"].append(float(value))
         if sd is not None:
-            layers = sd.controller.layers
-            record["q"].append([((q := layer.q_PDX[..., :layer.r]) @ q.mT).tolist() for layer in layers
-                                if layer.q_PDX is not None])
-            record["shared"].append([s.tolist() for layer in layers for s in layer.shared.values()])
+            record_split_state(record, sd.controller)
     record["weights"] = {n: whole(p.detach()).tolist() for n, p in model.named_parameters()}
     w1 = model.layers["0"]["moe"].routed_experts.inner_experts.w1_EFD
     record["local_experts"] = local(w1.detach()).shape[0]

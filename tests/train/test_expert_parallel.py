@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, worker
+from tests.ep_helpers import TOL, VARIANTS, compare, gap, launch, record_split_state, worker
 
 STEPS, BATCH, VOCAB = 4, 4, 128
 
@@ -67,12 +67,7 @@ def run(world: int, rank: int, ep: int, variant: str) -> dict:
             value /= world
         record["losses"].append(float(value))
         if handle.controller is not None:
-            layers = handle.controller.layers
-            # the tracked subspace the split uses (its top-r columns; the oversampled ones may swap places)
-            record["q"].append([(q := layer.q_PDX[..., :layer.r]) @ q.mT for layer in layers
-                                if layer.q_PDX is not None])
-            record["q"][-1] = [t.tolist() for t in record["q"][-1]]
-            record["shared"].append([s.tolist() for layer in layers for s in layer.shared.values()])
+            record_split_state(record, handle.controller)
     record["weights"] = {n: whole(p.detach()).tolist() for n, p in model.named_parameters()}
     return record
 
