@@ -7,8 +7,11 @@ becomes `sdmoe: error: <message>` and exit code 2, like argparse's own errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from sdmoe import __version__
@@ -413,13 +416,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        return COMMANDS[args.command](args)
+        with _sigterm_as_interrupt():
+            return COMMANDS[args.command](args)
     except UserError as e:
         from sdmoe.files import printable
 
         # A path in the message may hold bytes that are not UTF-8 (surrogates): printed as \xNN, never a crash.
         print(f"sdmoe: error: {printable(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sdmoe: interrupted; a training run continues with --resume from its last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"sdmoe: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; nothing half-written was "
+              "left; a training run continues with --resume from its last checkpoint", file=sys.stderr)
+        return 128 + signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's time limit, torchrun stopping its workers) raised as an exception, so the
+    clean-up of Ctrl-C runs for it too: temp directories removed, locks released, the partial output gone."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Turn SIGTERM into `Terminated` while a command runs (main thread only; a handler someone else
+    installed is left alone), and restore the previous handler after."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

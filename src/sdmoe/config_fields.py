@@ -39,6 +39,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from sdmoe.errors import UserError
 
 Resume = Literal["same", "any", "grow"]
+MAX_SEED = 2**32 - 1  # numpy's and every seeded generator's range: a seed anywhere is 0..MAX_SEED
 _META = "sdmoe"
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
@@ -329,15 +330,16 @@ def check_range(value: Any, tp: Any, rule: Rule, key: str) -> None:
 # -- the dataclass tree -------------------------------------------------------------------------------
 
 
-def check_tree(obj: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+def check_tree(obj: Any, prefix: str = "", skip: tuple[str, ...] = (), flags: bool = False) -> None:
     """Check every field of dataclass `obj` (and its sections) against its declaration; normalise in place.
 
-    `prefix` names `obj` in messages ("optim" -> "optim.lr"); `skip` lists field names to leave alone."""
+    `prefix` names `obj` in messages ("optim" -> "optim.lr"); `skip` lists field names to leave alone;
+    `flags`: the fields are a command's options, named as the user typed them (`drop_ratio` -> `--drop-ratio`)."""
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         if f.name in skip:
             continue
-        key = f"{prefix}.{f.name}" if prefix else f.name
+        key = f"--{f.name.replace('_', '-')}" if flags else f"{prefix}.{f.name}" if prefix else f.name
         tp, value = hints[f.name], getattr(obj, f.name)
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, tp):

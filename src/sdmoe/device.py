@@ -16,6 +16,7 @@ docs/performance.md section 2: a run may ask for it).
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
@@ -96,3 +97,18 @@ def describe(device: "torch.device") -> dict:
 
         out.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return out
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can get without swapping (Linux `MemAvailable`: free memory plus
+    the page cache the kernel can drop); None where the system does not say."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

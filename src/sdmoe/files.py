@@ -119,18 +119,95 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def make_dirs(path: str | Path) -> list[Path]:
+    """`mkdir -p path`, returning the directories this call created, outermost first, so that a job
+    that fails can take them back (`remove_made`) and leave the disk as it found it."""
+    made: list[Path] = []
+    try:
+        for d in [*reversed(Path(path).parents), Path(path)]:
+            if not d.exists():
+                try:
+                    d.mkdir()
+                except FileExistsError:  # another process made it meanwhile: theirs, not ours to remove
+                    continue
+                made.append(d)
+    except BaseException:  # half a chain made: take it back before the caller hears of the failure
+        remove_made(made)
+        raise
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the directories `make_dirs` created, innermost first, each only if it is empty (what another
+    process put there meanwhile stays)."""
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def refuse_enclosing_cwd(target: str | Path, flag: str = "--out") -> None:
+    """A directory the job replaces must not be the working directory or hold it: replacing `.` removes
+    everything in it, and the shell that ran the job is left in a deleted directory."""
+    here, where = Path.cwd().resolve(), Path(target).expanduser().resolve()
+    if where == here or where in here.parents:
+        name = "the working directory" if where == here else f"a directory that holds the working directory ({here})"
+        raise UserError(f"{flag} {shown(target)} is {name}, which the output would replace; choose a new "
+                        "directory for it")
+
+
+def remove_stale_tmp_dirs(target: str | Path) -> list[Path]:
+    """Remove the temp directories `atomic_dir` left beside `target` in a process that was killed (SIGKILL,
+    OOM): `.tmp-<name>-XXXXXXXX` that no live process holds. `atomic_dir` holds a lock on its temp dir
+    while it fills it, so a second job writing the same target meanwhile keeps its own. Returns those removed."""
+    target = Path(target)
+    prefix = f"{TMP_DIR_PREFIX}{target.name}-"
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.iterdir():
+        if not (p.name.startswith(prefix) and len(p.name) == len(prefix) + len(_RANDOM)) or not p.is_dir() \
+                or p.is_symlink():
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: nobody is writing it
+        except OSError:  # held by a live job (or a file system without locks: leave it)
+            os.close(fd)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        os.close(fd)
+        removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_dir(target: str | Path, replace: bool = True) -> Iterator[Path]:
     """A temp directory `.tmp-<name>-XXXXXXXX` beside `target` to fill; renamed to `target` in one
-    `os.replace` when the block ends, removed (with whatever is in it) when the block raises.
+    `os.replace` when the block ends, removed (with whatever is in it, and the parent directories this
+    created) when the block raises, SIGTERM included once the CLI has turned it into an exception.
 
     A reader sees the old `target` or the whole new one, never half of it. `replace=True`
     removes an existing `target` first; `replace=False` keeps it (another process made the
-    same thing first, e.g. a shared cache entry) and discards the new one.
+    same thing first, e.g. a shared cache entry) and discards the new one. Temp directories a
+    killed process left beside `target` are removed first; the live one is locked so that
+    another job's clean-up leaves it alone.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TMP_DIR_PREFIX}{target.name}-"))
+    target = Path(target).absolute()  # "." has no parent of its own to put the temp dir beside
+    if replace:
+        refuse_enclosing_cwd(target, "the output")
+    made = make_dirs(target.parent)
+    try:
+        remove_stale_tmp_dirs(target)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TMP_DIR_PREFIX}{target.name}-"))
+    except BaseException:
+        remove_made(made)
+        raise
+    lock = DirLock(tmp).acquire()
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; results and caches are meant to be shared
@@ -144,7 +221,10 @@ def atomic_dir(target: str | Path, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)  # theirs stands
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
         raise
+    finally:
+        lock.release()
 
 
 def write_failure(e: BaseException) -> str | None:
@@ -190,10 +270,7 @@ def probe_writable(root: str | Path, relpaths: Iterable[str], flag: str = "--out
     for rel in relpaths:
         target, made = root / rel, []
         try:
-            for d in reversed(target.parents):  # outermost first
-                if not d.exists():
-                    d.mkdir()
-                    made.append(d)
+            made = make_dirs(target.parent)
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
             target.unlink()
         except OSError as e:
@@ -201,11 +278,44 @@ def probe_writable(root: str | Path, relpaths: Iterable[str], flag: str = "--out
             fix = f"choose a shorter {flag}" if e.errno == errno.ENAMETOOLONG else f"choose a writable {flag}"
             raise UserError(f"cannot write to {shown(where)} ({e.strerror}); {fix}") from None
         finally:
-            for d in reversed(made):
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
+            remove_made(made)
+
+
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: 512 B, 3.4 MiB, 1.2 TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def existing_ancestor(path: str | Path) -> Path:
+    """`path` itself, or its nearest ancestor that exists (where a new directory would be made)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_new_output_dir(out: str | Path, need_bytes: int, longest_file: str, flag: str = "--out") -> None:
+    """`out` as the target of a job that writes a whole directory (`atomic_dir`): absent or an empty
+    directory, not the working directory, writable (the temp dir beside it and its longest file can be
+    made), on a file system with room for `need_bytes`. One line naming the fix; nothing left behind."""
+    out = Path(out).expanduser()
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"{flag} {shown(out)} is a broken symlink; choose a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a file" if not out.is_dir() else "a directory that is not empty"
+        raise UserError(f"{flag} {shown(out)} is {what}; choose a new {flag} (nothing was written)")
+    refuse_enclosing_cwd(out, flag)
+    absolute = out.absolute()
+    probe_writable(absolute.parent, [f"{tmp_dir_name(absolute.name)}/{longest_file}"], flag)
+    where = existing_ancestor(absolute.parent)
+    free = shutil.disk_usage(where).free
+    if need_bytes > free:
+        raise UserError(f"the output needs about {size_text(need_bytes)} but {shown(where)} has {size_text(free)} "
+                        f"free; free space, or choose a {flag} on a larger disk")
 
 
 # -- reading ------------------------------------------------------------------------

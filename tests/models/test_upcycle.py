@@ -14,7 +14,7 @@ from sdmoe.errors import UserError
 from sdmoe.models.upcycle import upcycle
 from sdmoe.moe import find_moe_blocks
 
-VOCAB = 96
+VOCAB = 512  # the tiny tokenizer's size: every id it makes has an embedding row
 DENSE = {
     "qwen3": dict(head_dim=8),
     "qwen2": dict(),
@@ -140,7 +140,7 @@ def test_bad_checkpoints_say_one_line(tmp_path, tokenizer_dir, capsys):
     assert "custom code" in _error(capsys, ["upcycle", str(path), *out])
     # weights that disagree with config.json: one line, before transformers prints a load report
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
-    assert "the weights and config.json disagree" in _error(capsys, ["upcycle", str(path), *out])
+    assert "has shape [32, 48] but config.json gives [32, 64]" in _error(capsys, ["upcycle", str(path), *out])
     # a FIFO where the weights file should be: one line, never a read that blocks
     (path / "config.json").write_text(json.dumps(config))
     (path / "model.safetensors").unlink()
@@ -152,7 +152,7 @@ def test_bad_checkpoints_say_one_line(tmp_path, tokenizer_dir, capsys):
     (tmp_path / "full" / "keep.txt").write_text("mine")
     (tmp_path / "b").mkdir()
     _, other = _dense(tmp_path / "b", tokenizer_dir)
-    assert "not an empty directory" in _error(capsys, ["upcycle", str(other), "--experts", "4", "--top-k", "2",
+    assert "is a directory that is not empty" in _error(capsys, ["upcycle", str(other), "--experts", "4", "--top-k", "2",
                                                        "--out", str(tmp_path / "full")])
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 

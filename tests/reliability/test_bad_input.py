@@ -91,7 +91,7 @@ CASES = [
     ("wrong_type_int", lambda w, o: [*TRAIN, "--set", "model.hidden_size=3.5", "--out", o], "model.hidden_size takes an integer"),
     ("set_without_equals", lambda w, o: [*TRAIN, "--set", "optim.lr", "--out", o], "--set takes key=value"),
     ("config_not_json", lambda w, o: [*TRAIN, "--config", str(w.text / "bad.json"), "--out", o], "is not valid JSON"),
-    ("parallel_unknown", lambda w, o: [*TRAIN, "--set", "loop.parallel=zero3", "--out", o], "loop.parallel must be ddp or fsdp"),
+    ("parallel_unknown", lambda w, o: [*TRAIN, "--set", "loop.parallel=zero3", "--out", o], "loop.parallel must be one of auto, ddp, fsdp"),
     ("fsdp_split_later", lambda w, o: [*TRAIN, "--method", "sd-moe", "--set", "loop.parallel=fsdp", "--out", o], "set sdmoe.split_step=0"),
     ("fsdp_reestimate", lambda w, o: [*TRAIN, "--method", "sd-moe", "--set", "loop.parallel=fsdp", "--set", "sdmoe.split_step=0", "--set", "sdmoe.reestimate_every=5", "--out", o], "set sdmoe.reestimate_every=0"),
     ("meta_init_without_fsdp", lambda w, o: [*TRAIN, "--set", "loop.meta_init=true", "--out", o], "set loop.parallel=fsdp"),

@@ -86,12 +86,16 @@ def test_a_second_compare_on_a_held_out_is_refused(tmp_path, hold, capsys):
 
 def test_the_lock_is_released_when_train_fails(tmp_path, capsys):
     out = tmp_path / "run"
+    out.mkdir()  # an empty --out the run locks before it reads the text
     assert main([*TRAIN, "--text", str(tmp_path / "nope.txt"), "--out", str(out)]) == 2  # fails after locking
     capsys.readouterr()
+    from sdmoe.errors import UserError
     from sdmoe.files import DirLock
 
-    with DirLock(out) as lock:  # free again in this very process
-        assert lock._fd is not None
+    with DirLock(out):  # free again in this very process: taking it raises nothing ...
+        with pytest.raises(UserError, match="another process"):
+            DirLock(out).acquire()  # ... and it is really held now (a second taker is refused)
+    assert list(out.iterdir()) == []  # the run wrote nothing into it
 
 
 def test_dirlock_is_exclusive_and_reentrant_for_its_holder(tmp_path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,15 @@ from sdmoe.experiments.grid import CompareConfig, RunSpec, plan
 from sdmoe.files import (
     DirLock,
     json_safe,
+    make_dirs,
     probe_writable,
     read_json_or_none,
     read_json_strict,
+    remove_made,
     tmp_file_name,
     write_json_atomic,
 )
+from sdmoe.train.config import validate
 from sdmoe.train.run_record import read_run_record
 
 COMPARE_FILE = "compare.json"
@@ -52,33 +55,37 @@ class CompareResult:
         return self.text
 
 
-def claim_out_dir(out: Path, cfg: CompareConfig) -> None:
-    """Write out/compare.json, or check that the one there holds the same settings."""
-    saved_file = out / COMPARE_FILE
+def claim_out_dir(out: Path, cfg, record: str = COMPARE_FILE, what: str = "compare") -> None:
+    """Write out/<record> (the experiment's settings), or check that the one there holds the same settings:
+    an --out holds one experiment, and re-running the same one resumes it. Any other non-empty --out is
+    refused before anything is written into it."""
+    saved_file = out / record
     if saved_file.is_file():
         # A setting saved before it existed counts as its default; one no run depends on may change.
-        changed = changed_settings(_saved_config(out), cfg)
+        changed = changed_settings(_saved_config(out, record, what), cfg)
         if any(rule.resume != "any" for _key, rule, _old, _new in changed):
-            raise UserError(f"{out} holds a compare with other settings; use another --out "
+            raise UserError(f"{out} holds a {what} with other settings; use another --out "
                             "(or the same settings to resume it)")
         if changed:
-            write_json_atomic(saved_file, {"version": 1, "config": cfg.to_dict()})
+            write_json_atomic(saved_file, {"version": 1, "config": asdict(cfg)})
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} is not empty and holds no compare; choose an empty or new --out")
+        raise UserError(f"{out} is not empty and holds no {what}; choose an empty or new --out")
+    made: list[Path] = []
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(saved_file, {"version": 1, "config": cfg.to_dict()})
+        made = make_dirs(out)
+        write_json_atomic(saved_file, {"version": 1, "config": asdict(cfg)})
     except OSError as e:
+        remove_made(made)
         raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
 
 
-def _saved_config(out: Path) -> dict | None:
-    """The config in out/compare.json; None when there is none; a UserError when it is corrupt."""
-    fix = "restore it, or start the compare again in another --out"
-    saved = read_json_strict(out / COMPARE_FILE, fix=fix)
+def _saved_config(out: Path, record: str = COMPARE_FILE, what: str = "compare") -> dict | None:
+    """The config in out/<record>; None when there is none; a UserError when it is corrupt."""
+    fix = f"restore it, or start the {what} again in another --out"
+    saved = read_json_strict(out / record, fix=fix)
     if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
-        raise UserError(f"{out / COMPARE_FILE} holds no compare config; {fix}")
+        raise UserError(f"{out / record} holds no {what} config; {fix}")
     return saved["config"] if saved is not None else None
 
 
@@ -234,6 +241,8 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
     resolve_device(device)  # "cuda" on a machine without one fails before anything is written
     out = Path(out_dir)
     specs = plan(cfg)
+    for spec in specs:  # every run's settings before the first write: a bad --set must not wait for its run
+        validate(spec.run_config(cfg))
     # One compare per --out: a second one would remove the runs the first is training
     # (a "new" run's directory is cleared before it starts). Held until the report is written.
     with DirLock(out, "is being written by another `sdmoe compare`") as lock:

@@ -20,11 +20,12 @@ from sdmoe.config_fields import check_tree, setting
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
 from sdmoe.experiments.claims import ONE_PAIR_FIX, gain_figure, interval_figure, judge
-from sdmoe.experiments.compare import _Datasets
+from sdmoe.experiments.compare import _Datasets, claim_out_dir
 from sdmoe.experiments.upcycle import train_if_needed
 from sdmoe.files import read_json_or_none, write_json_atomic, write_text_atomic
 
 METHODS = ("baseline", "sd-moe")
+FINETUNE_FILE = "finetune_compare.json"  # the compare's settings, written first: a rerun resumes, another is refused
 
 
 @dataclass
@@ -49,11 +50,17 @@ def finetune_preset(name: str) -> FinetuneConfig:
     raise UserError(f"unknown fine-tuning preset {name!r}; choose finetune or finetune-tiny")
 
 
-def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, method: str, init: str | None):
-    from sdmoe.train.config import apply_overrides, preset, set_value, start_from_checkpoint
+def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, method: str, init: str | None,
+                model=None):
+    """One run's config. `model`: the model section of a start `init` not written yet (the base's, for the
+    checks before the first write); without it, `init` is read as `train --init` reads it."""
+    from sdmoe.train.config import apply_overrides, preset, refuse_model_settings, set_value, start_from_checkpoint
 
     rc = preset(cfg.preset)
-    if init:
+    if init and model is not None:
+        refuse_model_settings(list(cfg.overrides))
+        rc.model, rc.init = model, init
+    elif init:
         start_from_checkpoint(rc, init, list(cfg.overrides))
     else:
         set_value(rc, "model.style", "qwen3_moe")
@@ -68,12 +75,24 @@ def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, 
     return rc
 
 
-def run_finetune_compare(cfg: FinetuneConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def check_finetune_compare(cfg: FinetuneConfig, out: Path) -> None:
+    """Every check before the first write: the settings, and every run's config (the --set values of the
+    base and of every adapted run)."""
+    from sdmoe.train.config import validate
+
     check_tree(cfg, "finetune")
     if cfg.new in cfg.old:
         raise UserError(f"the new domain {cfg.new!r} is one of the base's ({', '.join(cfg.old)}); choose another")
+    base = _run_config(cfg, list(cfg.old), cfg.base_steps, 0, "baseline", None)
+    validate(base)
+    for method in METHODS:
+        validate(_run_config(cfg, [cfg.new], cfg.steps, 0, method, str(out / "base" / "model"), base.model))
+
+
+def run_finetune_compare(cfg: FinetuneConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_finetune_compare(cfg, out)
+    claim_out_dir(out, cfg, FINETUNE_FILE, "finetune compare")
     datasets = _Datasets()
     base = out / "base"
     train_if_needed(_run_config(cfg, list(cfg.old), cfg.base_steps, 0, "baseline", None), base, datasets, progress)

@@ -25,13 +25,14 @@ from sdmoe.config_fields import check_tree, setting
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
 from sdmoe.experiments.claims import ONE_PAIR_FIX, gain_figure, interval_figure, judge, load_run, steps_ratio
-from sdmoe.experiments.compare import _Datasets, analyze_run, run_state
+from sdmoe.experiments.compare import _Datasets, analyze_run, claim_out_dir, run_state
 from sdmoe.files import write_json_atomic, write_text_atomic
 
 # arm -> (upcycling method or None for the dense parent, training method)
 ARMS = {"copy": ("copy", "baseline"), "copy+sd-moe": ("copy", "sd-moe"), "drop": ("drop", "baseline"),
         "drop+sd-moe": ("drop", "sd-moe"), "dense": (None, "baseline")}
 REFERENCE = "copy"  # every gain is over the copy baseline, the upcycling everyone does
+UPCYCLE_FILE = "upcycle_compare.json"  # the compare's settings, written first: a rerun resumes, another is refused
 
 
 @dataclass
@@ -61,11 +62,16 @@ def upcycle_preset(name: str) -> UpcycleConfig:
     raise UserError(f"unknown upcycle preset {name!r}; choose upcycle or upcycle-tiny")
 
 
-def _run_config(cfg: UpcycleConfig, steps: int, seed: int, method: str, init: str | None):
-    from sdmoe.train.config import apply_overrides, preset, set_value, start_from_checkpoint
+def _run_config(cfg: UpcycleConfig, steps: int, seed: int, method: str, init: str | None, model=None):
+    """One run's config. `model`: the model section of a start `init` that is not written yet (the checks
+    before the first write); without it, `init` is read as `train --init` reads it."""
+    from sdmoe.train.config import apply_overrides, preset, refuse_model_settings, set_value, start_from_checkpoint
 
     rc = preset(cfg.preset)
-    if init:
+    if init and model is not None:
+        refuse_model_settings(list(cfg.overrides))
+        rc.model, rc.init = model, init
+    elif init:
         start_from_checkpoint(rc, init, list(cfg.overrides))
     else:  # the parent: a dense qwen3 as a one-expert MoE
         for key, value in {"model.style": "qwen3_moe", "model.hidden_size": cfg.hidden_size,
@@ -80,6 +86,49 @@ def _run_config(cfg: UpcycleConfig, steps: int, seed: int, method: str, init: st
     if cfg.text:
         set_value(rc, "data.text", list(cfg.text))
     return rc
+
+
+def check_upcycle_compare(cfg: UpcycleConfig, out: Path) -> None:
+    """Every check of the compare before its first write: its settings, the user's dense parent (config.json
+    against every tensor, every tensor finite, its tokenizer, what upcycle asks of it), every run's config
+    (the --set values of every arm), and the output directory."""
+    from dataclasses import replace
+
+    from sdmoe.models.upcycle import UpcycleRequest, check_request
+    from sdmoe.moe.checkpoint import check_model_dir
+    from sdmoe.train.config import validate
+
+    check_tree(cfg, "upcycle")
+    if cfg.top_k > cfg.experts:
+        raise UserError(f"top_k={cfg.top_k} exceeds experts={cfg.experts}")
+    if cfg.init:  # what upcycle and `train --init` would refuse of the parent, named by the user's path
+        from sdmoe.models.checks import check_checkpoint, check_tokenizer_fits
+        from sdmoe.models.pretrained import load_tokenizer
+
+        family = check_request(check_model_dir(cfg.init), Path(cfg.init),
+                               UpcycleRequest(cfg.experts, cfg.top_k, "drop", drop_ratio=cfg.drop_ratio))
+        checked = check_checkpoint(cfg.init, read_values=True)
+        check_tokenizer_fits(load_tokenizer(cfg.init), checked.embedding_rows, cfg.init)
+        parent = _upcycled_model(checked.config, family.moe, 1, 1)
+        moe = _upcycled_model(checked.config, family.moe, cfg.experts, cfg.top_k)
+    else:
+        own = _run_config(cfg, cfg.parent_steps, 0, "baseline", None)
+        validate(own)
+        parent, moe = own.model, replace(own.model, num_experts=cfg.experts, top_k=cfg.top_k)
+    for s in range(cfg.seeds):
+        for arm, (method, train_method) in ARMS.items():
+            validate(_run_config(cfg, cfg.steps, s, train_method, str(out / "checkpoints" / arm),
+                                 moe if method else parent))
+
+
+def _upcycled_model(config, style: str, experts: int, top_k: int):
+    """The model section `train --init` will read from the upcycled checkpoint of the dense `config`."""
+    from sdmoe.models.config import ModelConfig
+
+    return ModelConfig(style=style, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+                       num_heads=config.num_attention_heads,
+                       num_kv_heads=getattr(config, "num_key_value_heads", 0) or 0, num_experts=experts, top_k=top_k,
+                       expert_ffn=config.intermediate_size, max_seq_len=config.max_position_embeddings)
 
 
 def train_if_needed(rc, run_dir: Path, datasets: _Datasets, progress: bool) -> None:
@@ -100,17 +149,9 @@ def run_upcycle_compare(cfg: UpcycleConfig, out: str | Path, progress: bool = Tr
     """Train the parent, upcycle it, train every arm and seed, write upcycle.md / upcycle.json."""
     from sdmoe.models.upcycle import densify, upcycle
 
-    check_tree(cfg, "upcycle")
-    if cfg.top_k > cfg.experts:
-        raise UserError(f"top_k={cfg.top_k} exceeds experts={cfg.experts}")
-    if cfg.init:  # a parent upcycle refuses (an MoE, another family) is refused before anything is written
-        from sdmoe.models.upcycle import check_request
-        from sdmoe.moe.checkpoint import check_model_dir
-
-        check_request(check_model_dir(cfg.init), Path(cfg.init), cfg.experts, cfg.top_k, "drop", 1, False,
-                      cfg.drop_ratio, 0.01)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_upcycle_compare(cfg, out)
+    claim_out_dir(out, cfg, UPCYCLE_FILE, "upcycle compare")
     datasets = _Datasets()
     if cfg.init:  # the user's dense parent; the dense arm trains on it as a one-expert model of its MoE family
         dense, parent = Path(cfg.init), out / "checkpoints" / "dense-one-expert"

@@ -41,15 +41,19 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from sdmoe.config_fields import MAX_SEED, check_tree, setting
+from sdmoe.device import available_memory
 from sdmoe.errors import UserError
-from sdmoe.files import atomic_dir
+from sdmoe.files import atomic_dir, check_new_output_dir, size_text, write_failure
+from sdmoe.models.checks import CheckedCheckpoint, check_checkpoint, check_tokenizer_file_fits
 from sdmoe.moe.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, SafetensorsWeights, check_model_dir
+from sdmoe.moe.quantized import refuse_quantized
 
 Method = Literal["copy", "noise", "drop"]
 METHODS = ("copy", "noise", "drop")
@@ -106,9 +110,25 @@ class UpcycleResult:
                 f"granularity {self.granularity} ({self.parameters:,} parameters); saved to {self.out_dir}")
 
 
-def check_request(config: dict, path: Path, experts: int, top_k: int, method: str, granularity: int,
-                  shared_expert: bool, drop_ratio: float, noise: float, min_experts: int = 2) -> Family:
-    """Every refusal before any weight is read: one line each, naming the fix."""
+@dataclass
+class UpcycleRequest:
+    """What the user asked for: the options of `sdmoe upcycle`, each declared with its range (checked by
+    `config_fields.check_tree`, the way every config value is: finite numbers, seeds a generator takes)."""
+
+    experts: int = setting(8, ge=1)
+    top_k: int = setting(2, ge=1)
+    method: Method = "copy"
+    granularity: int = setting(1, ge=1)
+    shared_expert: bool = False
+    drop_ratio: float = setting(0.5, gt=0, le=1)
+    noise: float = setting(0.01, gt=0)
+    seed: int = setting(0, ge=0, le=MAX_SEED)
+
+
+def check_request(config: dict, path: Path, request: UpcycleRequest, min_experts: int = 2) -> Family:
+    """Every refusal of the request itself (its options, and what they ask of this model's family and
+    FFN), before any weight is read: one line each, naming the fix."""
+    check_tree(request, flags=True)
     model_type = config.get("model_type")
     if any(k in config for k in _MOE_KEYS) or str(model_type).endswith("moe") or model_type == "mixtral":
         raise UserError(f"{path} is already an MoE ({model_type}); upcycle takes a dense model, and "
@@ -119,26 +139,22 @@ def check_request(config: dict, path: Path, experts: int, top_k: int, method: st
     if model_type not in FAMILIES:
         raise UserError(f"{path} is a {model_type!r} model, which upcycle does not map onto an MoE; supported: "
                         f"{SUPPORTED}")
+    experts, top_k, granularity = request.experts, request.top_k, request.granularity
     if experts < min_experts:
         raise UserError(f"--experts {experts}: an MoE needs at least 2 experts")
     if not 1 <= top_k <= experts:
         raise UserError(f"--top-k {top_k}: choose 1 to --experts ({experts})")
-    if method not in METHODS:
-        raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     ffn = config.get("intermediate_size")
-    if not isinstance(ffn, int) or ffn < 1:
-        raise UserError(f"{path / 'config.json'} names no intermediate_size; re-save the dense model")
-    if granularity < 1 or ffn % granularity:
+    if not isinstance(ffn, int) or isinstance(ffn, bool) or ffn < 1:
+        raise UserError(f"{path / 'config.json'} names no intermediate_size (the dense FFN's width); fix config.json "
+                        "or re-save the dense model")
+    if ffn % granularity:
         raise UserError(f"--granularity {granularity} does not divide the FFN width {ffn}; choose a divisor of {ffn}")
     if experts % granularity:
         raise UserError(f"--experts {experts} is not a multiple of --granularity {granularity}: each of the "
                         f"{granularity} segments needs the same number of experts")
-    if shared_expert and model_type != "qwen2":
+    if request.shared_expert and model_type != "qwen2":
         raise UserError(f"--shared-expert: {FAMILIES[model_type].moe} has no shared expert; only qwen2 -> qwen2_moe")
-    if method == "drop" and not 0 < drop_ratio <= 1:
-        raise UserError(f"--drop-ratio {drop_ratio}: choose a fraction in (0, 1]")
-    if method == "noise" and not noise > 0:
-        raise UserError(f"--noise {noise}: choose a positive std (relative to each weight's own)")
     if model_type == "llama" and (config.get("attention_bias") or config.get("mlp_bias")):
         raise UserError("this llama model has attention or MLP biases, which mixtral has not; only bias-free llama "
                         "models map onto mixtral")
@@ -164,6 +180,72 @@ def moe_config(dense: dict, family: Family, experts: int, top_k: int, granularit
     return AutoConfig.for_model(family.moe, **fields)
 
 
+@dataclass
+class UpcyclePlan:
+    """An upcycle that passed every check: what will be written where, and how large it is."""
+
+    src: Path
+    out: Path
+    request: UpcycleRequest
+    family: Family
+    checked: CheckedCheckpoint
+    config: Any  # the MoE's transformers config
+    groups: list[tuple[int | None, list[str]]]  # the output's shards: (decoder layer or None, dense keys)
+    output_bytes: int
+    largest_shard_bytes: int  # in memory at once while writing
+
+    @property
+    def layers(self) -> int:
+        return int(self.checked.config.num_hidden_layers)
+
+
+def plan_upcycle(dense_dir: str | Path, out_dir: str | Path, request: UpcycleRequest, min_experts: int = 2,
+                 read_values: bool = True, flag: str = "--out") -> UpcyclePlan:
+    """Every check `upcycle` makes, nothing written: the request, the dense checkpoint (config.json against
+    every tensor; with `read_values`, every tensor finite), and the output (a new directory on a writable
+    disk with room for it, one layer's experts within the memory available)."""
+    src = Path(dense_dir).expanduser()
+    family = check_request(check_model_dir(src), src, request, min_experts)
+    refuse_quantized(src, "upcycle")  # it copies the weights as they are: FP8 / MXFP4 ones are refused
+    checked = check_checkpoint(src, read_values=read_values)
+    check_tokenizer_file_fits(src, checked.embedding_rows)  # the MoE keeps the embedding and the tokenizer
+    config = checked.config
+    n_layers = int(config.num_hidden_layers)
+    # the sizes as transformers reads them (a field config.json leaves out has its default, which the weights
+    # were just checked against)
+    dense = {**checked.raw, **{k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers",
+                                                                "num_attention_heads", "intermediate_size")}}
+    moe = moe_config(dense, family, request.experts, request.top_k, request.granularity, request.shared_expert)
+    groups = _shard_groups(checked.weights.keys(), n_layers)
+    shard_bytes = [sum(_output_bytes(checked, key, layer, family, request) for key in keys)
+                   + (request.experts * int(config.hidden_size) * 4 if layer is not None else 0)
+                   for layer, keys in groups]
+    out = Path(out_dir).expanduser()
+    need = sum(shard_bytes)
+    check_new_output_dir(out, need, f"model-00001-of-{len(groups):05d}.safetensors", flag)
+    memory = available_memory()
+    # one shard's tensors, plus the generator's temporaries for one expert tensor (a fraction of it)
+    if memory is not None and max(shard_bytes) * 1.25 > memory:
+        raise UserError(f"one layer of {request.experts} experts takes about {size_text(max(shard_bytes))} in memory "
+                        f"(the whole output {size_text(need)}) but {size_text(memory)} is available; choose fewer "
+                        "--experts or a larger --granularity")
+    return UpcyclePlan(src, out, request, family, checked, moe, groups, need, max(shard_bytes))
+
+
+def _output_bytes(checked: CheckedCheckpoint, key: str, layer: int | None, family: Family,
+                  request: UpcycleRequest) -> int:
+    """The bytes dense tensor `key` becomes in the MoE: itself, or its experts (and a shared expert)."""
+    size = checked.tensor_bytes(key)
+    prefix = f"model.layers.{layer}.mlp."
+    if layer is None or not key.startswith(prefix) or key[len(prefix):].split(".")[0] not in _DENSE_FFN:
+        return size
+    g = request.granularity
+    out = request.experts * size // g
+    if family.moe == "qwen2_moe":
+        out += size if request.shared_expert else size // g
+    return out
+
+
 def upcycle(dense_dir: str | Path, out_dir: str | Path, experts: int, top_k: int, method: Method = "copy",
             granularity: int = 1, shared_expert: bool = False, drop_ratio: float = 0.5, noise: float = 0.01,
             seed: int = 0, progress: bool = True, min_experts: int = 2) -> UpcycleResult:
@@ -171,62 +253,50 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, experts: int, top_k: int
 
     min_experts=1 allows a one-expert "MoE": the dense model itself in the MoE family's classes (the
     router of one expert weighs it 1), which `sdmoe train` can train on as the dense anchor."""
-    src = Path(dense_dir).expanduser()
-    dense = check_model_dir(src)
-    family = check_request(dense, src, experts, top_k, method, granularity, shared_expert, drop_ratio, noise,
-                           min_experts)
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an empty directory; choose a new --out (nothing was written)")
-    weights = SafetensorsWeights(src)
-    n_layers = int(dense["num_hidden_layers"])
-    d, ffn = int(dense["hidden_size"]), int(dense["intermediate_size"])
-    _check_shapes(weights, src, n_layers, d, ffn)
-    cfg = moe_config(dense, family, experts, top_k, granularity, shared_expert)
-    std = float(dense.get("initializer_range", 0.02))
-    gen = torch.Generator().manual_seed(seed)
-    groups = _shard_groups(weights.keys(), n_layers)
+    request = UpcycleRequest(experts, top_k, method, granularity, shared_expert, drop_ratio, noise, seed)
+    return write_upcycle(plan_upcycle(dense_dir, out_dir, request, min_experts), progress)
+
+
+def write_upcycle(plan: UpcyclePlan, progress: bool = True) -> UpcycleResult:
+    """Write what `plan_upcycle` checked: one shard a decoder layer, into a temp directory renamed to the
+    output at the end (whole or nothing; SIGTERM and a full disk leave nothing behind)."""
+    req, family, weights = plan.request, plan.family, plan.checked.weights
+    d = int(plan.checked.config.hidden_size)
+    std = float(plan.checked.raw.get("initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(req.seed)
     weight_map, total, size = {}, 0, 0
-    with atomic_dir(out) as tmp:  # an empty or absent --out (checked above): whole or nothing
-        cfg.save_pretrained(tmp)
-        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-        bar = tqdm(zip(names, groups), total=len(groups), desc="upcycle", unit="shard", disable=not progress)
-        for name, (layer, keys) in bar:
-            tensors = {}
-            for key in keys:
-                tensors.update(_convert(key, weights.get(key), layer, family, experts, granularity, method,
-                                        shared_expert, drop_ratio, noise, gen, seed))
-            if layer is not None:  # the router
-                tensors[f"model.layers.{layer}.{family.block}.gate.weight"] = (
-                    torch.randn(experts, d, generator=gen) * std).to(tensors[next(iter(tensors))].dtype)
-            total += sum(t.numel() for t in tensors.values())
-            size += sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_map.update({k: name for k in tensors})
-            save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / name), metadata={"format": "pt"})
-            del tensors
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
-                                                 indent=1), encoding="utf-8")
-        for f in _KEPT_FILES:
-            if (src / f).is_file():
-                shutil.copyfile(src / f, tmp / f)
+    try:
+        with atomic_dir(plan.out) as tmp:
+            plan.config.save_pretrained(tmp)
+            names = [f"model-{i + 1:05d}-of-{len(plan.groups):05d}.safetensors" for i in range(len(plan.groups))]
+            bar = tqdm(zip(names, plan.groups), total=len(plan.groups), desc="upcycle", unit="shard",
+                       disable=not progress)
+            for name, (layer, keys) in bar:
+                tensors = {}
+                for key in keys:
+                    tensors.update(_convert(key, weights.get(key), layer, family, req.experts, req.granularity,
+                                            req.method, req.shared_expert, req.drop_ratio, req.noise, gen, req.seed))
+                if layer is not None:  # the router
+                    tensors[f"model.layers.{layer}.{family.block}.gate.weight"] = (
+                        torch.randn(req.experts, d, generator=gen) * std).to(tensors[next(iter(tensors))].dtype)
+                total += sum(t.numel() for t in tensors.values())
+                size += sum(t.numel() * t.element_size() for t in tensors.values())
+                weight_map.update({k: name for k in tensors})
+                save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp / name), metadata={"format": "pt"})
+                del tensors
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                                     indent=1), encoding="utf-8")
+            for f in _KEPT_FILES:
+                if (plan.src / f).is_file():
+                    shutil.copyfile(plan.src / f, tmp / f)
+    except Exception as e:  # safetensors and tokenizers raise their own types for a full or read-only disk
+        if (why := write_failure(e)) is None:
+            raise
+        raise UserError(f"could not write the upcycled model to {plan.out} ({why}); nothing was kept: free space or "
+                        "choose another --out") from None
     dense_n = sum(math.prod(weights.shape(k)) for k in weights.keys())
-    return UpcycleResult(out, family, experts, top_k, method, granularity, n_layers, total, dense_n)
-
-
-def _check_shapes(weights: SafetensorsWeights, src: Path, n_layers: int, d: int, ffn: int) -> None:
-    """The FFN weights of every layer, in the shapes config.json names: one line for the first that is not."""
-    want = {"gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
-    keys = set(weights.keys())
-    for layer in range(n_layers):
-        for proj, shape in want.items():
-            key = f"model.layers.{layer}.mlp.{proj}.weight"
-            if key not in keys:
-                raise UserError(f"{src} has no {key} though config.json names {n_layers} layers; the weights and "
-                                "config.json disagree: re-save the model")
-            if weights.shape(key) != shape:
-                raise UserError(f"{key} has shape {list(weights.shape(key))} but config.json (hidden_size {d}, "
-                                f"intermediate_size {ffn}) says {list(shape)}; the weights and config.json disagree: "
-                                "re-save the model")
+    return UpcycleResult(plan.out, family, req.experts, req.top_k, req.method, req.granularity, plan.layers, total,
+                         dense_n)
 
 
 def _shard_groups(keys: list[str], n_layers: int) -> list[tuple[int | None, list[str]]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from sdmoe.config_fields import assign, check_tree, parse_value, setting
+from sdmoe.config_fields import MAX_SEED, assign, check_tree, parse_value, setting
 from sdmoe.data.config import DataConfig
 from sdmoe.device import check_device_name
 from sdmoe.errors import UserError
@@ -28,11 +28,10 @@ from sdmoe.models.config import validate as validate_model
 
 Method = Literal["baseline", "sd-moe"]
 NanPolicy = Literal["stop", "skip"]
-Parallel = Literal["ddp", "fsdp"]
+Parallel = Literal["auto", "ddp", "fsdp"]
 Precision = Literal["auto", "fp32", "bf16"]
 PresetName = Literal["tiny", "demo", "small", "gpu"]
 METHODS = get_args(Method)
-MAX_SEED = 2**32 - 1
 MAX_THREADS = 1024
 # A config file is a few hundred bytes; reading is bounded so a wrong path (a huge file) fails fast.
 MAX_CONFIG_BYTES = 1 << 20
@@ -55,7 +54,7 @@ class OptimConfig:
 
 # `resume="any"`: the setting changes what is logged, evaluated or kept, never the numbers of
 # training (evaluation and the monitor run under no_grad, count no router load, draw no
-# random numbers), so a resume may change it. loop.steps may grow: see prepare_out_dir.
+# random numbers), so a resume may change it. loop.steps may grow: see check_out_dir.
 @dataclass
 class LoopConfig:
     steps: int = setting(300, ge=1, resume="grow")
@@ -78,9 +77,9 @@ class LoopConfig:
     deterministic: bool = True
     # what a NaN/Inf loss or gradient does; a resume may change it (it acts only at such a step)
     nan_policy: NanPolicy = setting("stop", resume="any")
-    # under torchrun: "ddp" (replicate the model) or "fsdp" (FSDP2: shard every decoder layer;
-    # SD-MoE then splits at step 0). Ignored in a single process.
-    parallel: Parallel = "ddp"
+    # "auto": DDP under torchrun, one process otherwise; "ddp" (replicate the model) and "fsdp" (FSDP2: shard
+    # every decoder layer; SD-MoE then splits at step 0) promise several processes and need a torchrun launch.
+    parallel: Parallel = "auto"
     # under loop.parallel=fsdp, a new model (no --init) built on the meta device, each rank drawing only its
     # shards (sdmoe.train.fsdp.build_sharded): no rank holds it whole. The same seed gives the same model on
     # any number of ranks, but not build_model's (DDP's, one process's) draws. With --init it is always so.
@@ -242,38 +241,93 @@ def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConf
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Rebuild a config saved with `to_dict` (checkpoints, compare grids)."""
     cfg = RunConfig()
-    for key, value in raw.items():
-        if key == "sdmoe" and isinstance(value, dict):
-            value = upgrade_saved(value)
-        elif key == "loop" and isinstance(value, dict):
-            value = _upgrade_loop(value)
+    for key, value in upgraded(raw).items():
         set_value(cfg, key, value)
     return cfg
 
 
-def _upgrade_loop(section: dict) -> dict:
-    """A saved `loop` section in today's keys: before 0.2, `bf16` (true | false) chose the precision."""
-    if "bf16" not in section:
-        return section
-    out = {k: v for k, v in section.items() if k != "bf16"}
-    out.setdefault("precision", "bf16" if section["bf16"] is True else "fp32")
+def upgraded(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier version (run.json, a compare grid) in today's keys and values."""
+    out = dict(raw)
+    if isinstance(out.get("sdmoe"), dict):
+        out["sdmoe"] = upgrade_saved(out["sdmoe"])
+    if isinstance(out.get("loop"), dict):
+        out["loop"] = _upgrade_loop(out["loop"])
     return out
+
+
+def _upgrade_loop(section: dict) -> dict:
+    """A saved `loop` section in today's keys: before 0.2, `bf16` (true | false) chose the precision; before
+    0.3, `parallel` "ddp" was the default and meant what "auto" means now (DDP under torchrun, else one process)."""
+    out = {k: v for k, v in section.items() if k != "bf16"}
+    if "bf16" in section:
+        out.setdefault("precision", "bf16" if section["bf16"] is True else "fp32")
+    if out.get("parallel") == "ddp":
+        out["parallel"] = "auto"
+    return out
+
+
+def refuse_model_settings(overrides: list[str] = (), style: str | None = None) -> None:
+    """A run that starts from a checkpoint takes its model from it: a model setting could not apply."""
+    changed = [o.split("=", 1)[0].strip() for o in overrides if o.strip().startswith("model.")]
+    if changed or style:
+        what = f"--set {changed[0]}" if changed else f"--style {style}"
+        raise UserError(f"{what} with --init: the model is the checkpoint's (its config.json); drop it, or "
+                        "train a new model without --init")
 
 
 def start_from_checkpoint(cfg: RunConfig, path: str, overrides: list[str] = (), style: str | None = None) -> None:
     """`train --init PATH`: the run starts from the checkpoint, whose config.json is its model section
     (read now, without the weights); a setting of the model section is refused, as it could not apply."""
-    from pathlib import Path
+    from sdmoe.models.checks import check_checkpoint, check_tokenizer_fits
+    from sdmoe.models.pretrained import load_tokenizer, model_config_of
 
-    from sdmoe.models.pretrained import model_config_of
-
-    changed = [o.split("=", 1)[0] for o in overrides if o.strip().startswith("model.")]
-    if changed or style:
-        what = f"--set {changed[0]}" if changed else f"--style {style}"
-        raise UserError(f"{what} with --init: the model is the checkpoint's (its config.json); drop it, or "
-                        "train a new model without --init")
-    cfg.model = model_config_of(path)
+    refuse_model_settings(overrides, style)
+    # every check that needs no weights, before a command writes anything (a compare, its first run)
+    checked = check_checkpoint(path)
+    cfg.model = model_config_of(path)  # a dense model, a family sdmoe does not train: named before the tokenizer
+    check_tokenizer_fits(load_tokenizer(path), checked.embedding_rows, path)
     cfg.init = str(Path(path).expanduser().resolve())
+
+
+# What torchrun sets in every worker: all of them, or none (one process).
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_world() -> int:
+    """The number of processes this one was launched among (1 outside torchrun); a one-line error for a
+    torchrun environment that is only partly set or holds values torchrun never writes."""
+    import os
+
+    env = {k: os.environ.get(k) for k in TORCHRUN_ENV}
+    if env["WORLD_SIZE"] in (None, "1") and env["RANK"] in (None, "0"):
+        return 1  # one process, launched by hand or by `torchrun --nproc-per-node 1`
+    missing = [k for k, v in env.items() if v is None]
+    if missing:
+        given = [k for k, v in env.items() if v is not None]
+        raise UserError(f"a partial torchrun environment: {', '.join(given)} set but {', '.join(missing)} not; launch "
+                        "with `torchrun --standalone --nproc-per-node N -m sdmoe train ...`, or unset "
+                        f"{', '.join(given)} for one process")
+    try:
+        world, rank, local = int(env["WORLD_SIZE"]), int(env["RANK"]), int(env["LOCAL_RANK"])
+        port = int(env["MASTER_PORT"])
+    except ValueError:
+        raise UserError("the torchrun environment holds a value that is not an integer (RANK, LOCAL_RANK, "
+                        f"WORLD_SIZE, MASTER_PORT: {env['RANK']}, {env['LOCAL_RANK']}, {env['WORLD_SIZE']}, "
+                        f"{env['MASTER_PORT']}); launch with torchrun, which sets them") from None
+    if not (world >= 1 and 0 <= rank < world and 0 <= local <= rank and 0 < port < 65536):
+        raise UserError(f"the torchrun environment is inconsistent (RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE="
+                        f"{world}, MASTER_PORT={port}); launch with torchrun, which sets them")
+    return world
+
+
+def check_launch(parallel: str) -> None:
+    """`loop.parallel=ddp|fsdp` promise several processes: refused in one, rather than silently training a
+    one-process run that run.json would record as distributed."""
+    if parallel != "auto" and launched_world() == 1:
+        raise UserError(f"loop.parallel={parallel} needs several processes, but this is one (not launched by "
+                        f"torchrun); run `torchrun --standalone --nproc-per-node 2 -m sdmoe train ...`, or drop "
+                        "loop.parallel for one process")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -306,3 +360,4 @@ def validate(cfg: RunConfig) -> None:
                 f"sdmoe.split_step={cfg.sdmoe.split_step} is not before loop.steps={cfg.loop.steps}: the run would end "
                 "before SD-MoE splits the experts; lower sdmoe.split_step or raise --steps"
             )
+    check_launch(cfg.loop.parallel)  # last: a rule between fields names the field to fix first

@@ -22,6 +22,7 @@ from torch import nn
 
 from sdmoe.device import resolve_device
 from sdmoe.errors import UserError
+from sdmoe.train.config import launched_world
 
 
 @dataclass
@@ -44,7 +45,7 @@ def setup(device: str = "auto") -> DistContext:
 
     `device` is `loop.device`: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N. Under
     torchrun each rank takes the GPU of its local rank (NCCL), or the CPU (gloo) for `cpu`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()  # a partial or inconsistent torchrun environment: one line, not a KeyError
     chosen = resolve_device(device)
     if world <= 1:
         return DistContext(device=chosen)

@@ -32,16 +32,16 @@ from sdmoe.data import prepare_dataset
 from sdmoe.data.dataset import passes_over_data
 from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import evaluate_loss
-from sdmoe.files import DirLock, atomic_dir, probe_writable, write_failure
+from sdmoe.files import DirLock, atomic_dir, make_dirs, probe_writable, remove_made, write_failure
 from sdmoe.method.driver import first_nonfinite_grad
 from sdmoe.method.export import with_kv_cache
 from sdmoe.models import count_parameters
+from sdmoe.models.checks import check_checkpoint, check_finite_parameters, check_tokenizer_fits
 from sdmoe.models.pretrained import for_training, load_init_model, load_tokenizer
-from sdmoe.moe.checkpoint import check_model_dir
 from sdmoe.train import checkpoint as ckpt
 from sdmoe.train import distributed as dist
 from sdmoe.train import fsdp as fsdp_train
-from sdmoe.train.config import RunConfig, from_dict, validate
+from sdmoe.train.config import RunConfig, from_dict, upgraded, validate
 from sdmoe.train.metrics import MetricsLog, NullLog, read_metrics, truncate_after
 from sdmoe.train.optim import build_optimizer, lr_scale, set_learning_rates
 from sdmoe.train.run_record import read_run_record, run_record_path, write_run_record
@@ -82,15 +82,15 @@ class TrainResult:
 # -- output directory ----------------------------------------------------------
 
 
-def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
-    """Refuse to mix runs or write where we cannot, before any work is done."""
+def check_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
+    """Refuse to mix runs: a resume of another config, a new run into a used directory (nothing written)."""
     run_file = run_record_path(out)
     if resume:
         record = read_run_record(out, strict=True, fix="it records the run's settings: restore it, or start a new "
                                                         "run in another --out")
         if record is None:
             raise UserError(f"nothing to resume in {out}: it holds no run.json; drop --resume to start a new run")
-        saved = record["config"]
+        saved = upgraded(record["config"])
         method = saved.get("method")
         if method != cfg.method:
             raise UserError(f"--resume with method {cfg.method!r} but {out} holds a {method!r} run")
@@ -112,12 +112,6 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
         if run_file.is_file():
             raise UserError(f"output directory {out} holds a previous run; pass --resume to continue it or choose another --out")
         raise UserError(f"output directory {out} is not empty and holds no sdmoe run; choose an empty or new --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
 
 
 def _as_set_value(value: Any) -> str:
@@ -177,24 +171,30 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
     # FSDP2 from a checkpoint (or a new model with loop.meta_init): built on the meta device, each rank
     # reads (draws) only its slices, no rank ever holds the whole model; the split then runs on the shards
     sharded_init = fsdp and (bool(cfg.init) or cfg.loop.meta_init)
+    if cfg.init:  # config.json against every tensor's header, top-k against the experts: one line each
+        check_checkpoint(cfg.init)
     if sharded_init and cfg.init:
-        check_model_dir(cfg.init)
         init_model = for_training(fsdp_train.from_pretrained_sharded(cfg.init), ctx.device)
     else:
         init_model = load_init_model(cfg.init, ctx.device) if cfg.init else None
+    if init_model is not None:  # a NaN in the checkpoint, or ids past its embedding: refused before any write
+        check_finite_parameters(init_model, cfg.init)
+        check_tokenizer_fits(tokenizer, init_model.get_input_embeddings().num_embeddings, cfg.init)
+    lc = cfg.loop
+    lock = _check_out_dir(out, cfg, resume, held) if ctx.is_main else None
+    # the text is read (and refused) before the output directory exists
+    data = dataset or prepare_dataset(cfg.data, seed=lc.seed, tokenizer=tokenizer)
     if ctx.is_main:
-        _claim_out_dir(out, cfg, resume, held)
+        _make_out_dir(out, lock, held)
     dist.barrier(ctx)
     started = time.perf_counter()
 
-    lc = cfg.loop
     if lc.threads > 0:
         torch.set_num_threads(lc.threads)
     if lc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(lc.seed)
     device = ctx.device
-    data = dataset or prepare_dataset(cfg.data, seed=lc.seed, tokenizer=tokenizer)
     if init_model is not None:
         model = init_model
     elif sharded_init:
@@ -218,8 +218,10 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
         model_state, optim_state, state = ckpt.load_checkpoint(found[-1])
         written_by = state.get("parallel", "ddp")  # the optimizer state's format: by tensor (ddp) or by name (fsdp)
         if written_by != ("fsdp" if fsdp else "ddp"):
-            raise UserError(f"the checkpoint in {found[-1]} was written with loop.parallel={written_by}; resume with "
-                            f"--set loop.parallel={written_by}" + (" under torchrun" if written_by == "fsdp" else ""))
+            how = ("with --set loop.parallel=fsdp under torchrun" if written_by == "fsdp"
+                   else "without loop.parallel=fsdp (it was a DDP or one-process run)")
+            raise UserError(f"the checkpoint in {found[-1]} was written with loop.parallel={written_by}; resume it "
+                            f"{how}")
         # before the optimizer's state: a split run's optimizer has the split's groups
         handle.load_state_dict(_sdmoe_state(found[-1], state))
         if sharded_init:  # every rank has the whole state; each keeps its slices
@@ -368,8 +370,9 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
                        time.perf_counter() - started, count_parameters(model), rank=ctx.rank, skipped=skipped)
 
 
-def _claim_out_dir(out: Path, cfg: RunConfig, resume: bool, held: ExitStack) -> None:
-    """Lock `out` for this process, check a resume's run.json, probe that every path the run writes fits."""
+def _check_out_dir(out: Path, cfg: RunConfig, resume: bool, held: ExitStack) -> DirLock:
+    """Lock `out` for this process, check a resume's run.json, probe that every path the run writes fits:
+    every refusal about the output before the data is read, and nothing written."""
     # One process per run directory: a second one's start-up clean-up would delete the first's temp files.
     # Taken before anything looks inside, and again once a new directory exists (a no-op when held).
     lock = held.enter_context(DirLock(out, "is being trained by another process"))
@@ -378,7 +381,22 @@ def _claim_out_dir(out: Path, cfg: RunConfig, resume: bool, held: ExitStack) -> 
     # Every directory the run writes can take its longest name: a path that cannot hold the final model
     # fails now, not after all the training.
     probe_writable(out, ckpt.run_dir_probes(cfg.loop.steps))
-    prepare_out_dir(out, cfg, resume)
+    check_out_dir(out, cfg, resume)
+    return lock
+
+
+def _make_out_dir(out: Path, lock: DirLock, held: ExitStack) -> None:
+    """Create `out` (and its parents) once every check has passed; a run that then fails before it writes
+    anything (its run.json) takes back the directories it made."""
+    made: list[Path] = []
+    try:
+        made = make_dirs(out)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        remove_made(made)
+        raise UserError(f"cannot write to {out} ({e.strerror}); choose a writable --out") from None
+    held.push(lambda failed, *_: remove_made(made) if failed else None)
     lock.acquire()
 
 
