@@ -13,12 +13,25 @@ from typing import Literal, get_args
 from sdmoe.config_fields import check_tree, setting
 from sdmoe.errors import UserError
 
-# Architectures whose MoE blocks we know and test; the first two are the
-# defaults of `compare` (softmax router + gated shared expert; sigmoid router
-# with score-correction bias + fine-grained shared experts).
-Style = Literal["qwen2_moe", "deepseek_v3", "qwen3_moe", "deepseek_v2", "olmoe", "mixtral"]
+# Architectures `build_model` builds (a new model's `style`); the first two are the defaults of `compare`
+# (softmax router + gated shared expert; sigmoid router with score-correction bias + fine-grained shared experts).
+BuildStyle = Literal["qwen2_moe", "deepseek_v3", "qwen3_moe", "deepseek_v2", "olmoe", "mixtral"]
+# The other transformers MoE families `train --init` continues (a checkpoint's `model_type` is its style):
+# those docs/families.md shows taken through attach, training, export, reload, analysis and --init.
+# tests/moe/test_families.py checks this list against the families discovered in the installed transformers.
+CONTINUED_STYLES = (
+    "afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "dbrx", "deepseek_v32",
+    "deepseek_v4", "dots3_note_text", "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "glm4_moe",
+    "glm4_moe_lite", "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid",
+    "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling2_loop_text", "inkling2_text", "jamba",
+    "jetmoe", "kimi_linear", "kolibri1", "kolibri1_1", "laguna", "lara_mini", "lfm2_moe", "llama4_text", "mellum",
+    "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2", "minimax_m3_vl_text", "phimoe", "qwen3_5_moe_text",
+    "qwen3_next", "qwen4_exp_text", "solar_open",
+)
+Style = Literal[BuildStyle, Literal[CONTINUED_STYLES]]
 ExpertsImplementation = Literal["auto", "eager", "batched_mm", "grouped_mm"]
-STYLES = get_args(Style)
+STYLES = get_args(BuildStyle)  # what a new model may be
+STYLE_CHOICES = get_args(Style)  # what a run's model may be: a new model's, or a continued checkpoint's
 EXPERTS_IMPLEMENTATIONS = get_args(ExpertsImplementation)
 
 
@@ -47,6 +60,9 @@ class ModelConfig:
 def validate(cfg: ModelConfig, vocab_size: int) -> None:
     """Reject configs that cannot build, with the fix in the message."""
     check_tree(cfg, "model")
+    if cfg.style not in STYLES:
+        raise UserError(f"model.style={cfg.style} is a family sdmoe continues from a checkpoint, not one it builds; "
+                        f"continue one with `sdmoe train --init PATH`, or build {', '.join(STYLES)}")
     if cfg.top_k > cfg.num_experts:
         raise UserError(
             f"model.top_k={cfg.top_k} exceeds model.num_experts={cfg.num_experts}; "

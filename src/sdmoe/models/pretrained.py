@@ -17,38 +17,75 @@ from pathlib import Path
 import torch
 
 from sdmoe.errors import UserError
-from sdmoe.models.config import STYLES, ModelConfig
+from sdmoe.models.config import STYLE_CHOICES, ModelConfig
 from sdmoe.moe.checkpoint import check_model_dir
 
-_EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts")
-_EXPERT_FFN = ("moe_intermediate_size", "intermediate_size")
+# Where a config names top-k, for a router that does not say it itself (`top_k` on the router or its block).
+_TOP_K = ("num_experts_per_tok", "moe_top_k", "moe_topk", "moe_k", "num_experts_per_token", "top_k")
 
 
-def _first(config, names: tuple[str, ...]):
-    return next((v for n in names if isinstance(v := getattr(config, n, None), int) and v > 0), None)
+def _int(config, name: str, default: int = 0) -> int:
+    """A positive integer field of a transformers config, or `default`: absent, None, a per-layer list, or a
+    field the config refuses to give globally (a per-layer attribute) is no value here."""
+    try:
+        v = getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - transformers' per-layer configs raise their own error types
+        return default
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else default
+
+
+def _meta_blocks(config, p: Path, model_type: str):
+    """The checkpoint's MoE blocks, read off its model built on the meta device (no memory, no weights):
+    the experts' count and widths are what the model holds, whatever its config calls them."""
+    from transformers import AutoModelForCausalLM
+
+    from sdmoe.moe import find_moe_blocks
+    from sdmoe.moe.families import declares_experts
+
+    try:
+        with _quiet_transformers(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a config it cannot build
+        raise UserError(f"transformers cannot build the {model_type} model {p / 'config.json'} describes "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); fix config.json or re-save "
+                        "the model") from None
+    try:
+        return find_moe_blocks(model)
+    except UserError:
+        if not declares_experts(config):
+            raise UserError(f"{p} is a dense {model_type} model (no experts in config.json); upcycle it into an "
+                            f"MoE first: sdmoe upcycle {p} --experts 8 --top-k 2 --out {p.name}-moe") from None
+        raise
 
 
 def model_config_of(path: str | Path) -> ModelConfig:
-    """The `model` section of a run that starts from the checkpoint in `path` (reads config.json only)."""
+    """The `model` section of a run that starts from the checkpoint in `path` (config.json, no weights read).
+
+    Experts, top-k and widths come from the model itself, built on the meta device (`find_moe_blocks`),
+    so every family sdmoe finds experts in is described alike; the rest (layers, heads, ...) from the config."""
     from transformers import AutoConfig
 
     p = Path(path).expanduser()
     model_type = check_model_dir(p)["model_type"]
     config = AutoConfig.from_pretrained(p, trust_remote_code=False)
-    if _first(config, _EXPERTS) is None:
-        raise UserError(f"{p} is a dense {model_type} model (no experts in config.json); upcycle it into "
-                        f"an MoE first: sdmoe upcycle {p} --experts 8 --top-k 2 --out {p.name}-moe")
-    if model_type not in STYLES:
-        raise UserError(f"{p} is a {model_type!r} MoE; --init trains the styles {', '.join(STYLES)}")
-    heads = config.num_attention_heads
-    ffn = _first(config, _EXPERT_FFN)
-    shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
-    return ModelConfig(style=model_type, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-                       num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", 0) or 0,
-                       num_experts=_first(config, _EXPERTS), top_k=config.num_experts_per_tok, expert_ffn=ffn,
-                       shared_expert_ffn=shared, max_seq_len=config.max_position_embeddings,
+    blocks = _meta_blocks(config, p, model_type)
+    if model_type not in STYLE_CHOICES:
+        raise UserError(f"{p} is a {model_type!r} MoE, a family this sdmoe has not been tested with (docs/families.md "
+                        f"lists those it continues); --init trains {', '.join(STYLE_CHOICES)}")
+    block = blocks[0]
+    top_k = next((k for m in (block.router, block.module) if isinstance(k := getattr(m, "top_k", None), int)),
+                 None) or next((k for n in _TOP_K if (k := _int(config, n))), 0)
+    if not top_k:
+        raise UserError(f"{p / 'config.json'} names no top-k (experts per token) and its router keeps none; set "
+                        "num_experts_per_tok in it")
+    heads = _int(config, "num_attention_heads", 1)
+    return ModelConfig(style=model_type, hidden_size=block.hidden_size, num_layers=_int(config, "num_hidden_layers", 1),
+                       num_heads=heads, num_kv_heads=_int(config, "num_key_value_heads"),
+                       num_experts=block.num_experts, top_k=top_k, expert_ffn=block.expert_ffn,
+                       shared_expert_ffn=_int(config, "shared_expert_intermediate_size"),
+                       max_seq_len=_int(config, "max_position_embeddings", 2048),
                        aux_loss_coef=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0),
-                       init_std=float(getattr(config, "initializer_range", 0.02)),
+                       init_std=float(getattr(config, "initializer_range", 0.02) or 0.02),
                        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 

@@ -37,12 +37,20 @@ from .projections import PROJECTIONS
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-_FUSED = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+_FUSED = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)$"
+                    # Aria's (fc1, fc2), Inkling 2's (w13_weight, w2_weight); JetMoE's and Granite MoE's experts on
+                    # the block itself (not JetMoE's attention experts nor Granite's `shared_mlp`, 2-D, named alike)
+                    r"|^(?P<block2>.+)\.experts\.(?P<proj2>fc1\.weight|fc2\.weight|w13_weight|w2_weight)$"
+                    r"|^(?P<block3>.+\.(?:mlp|block_sparse_moe))\.(?P<proj3>input_linear|output_linear)\.weight$")
+# the saved name of a fused tensor -> the in-memory one it is
+_FUSED_NAME = {"fc1.weight": "gate_up_proj", "w13_weight": "gate_up_proj", "input_linear": "gate_up_proj",
+               "fc2.weight": "down_proj", "w2_weight": "down_proj", "output_linear": "down_proj"}
 _LISTED = re.compile(r"^(?P<block>.+)\.experts\.(?P<i>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 # canonical role of each per-expert projection name
 _ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
-_ROUTER_NAMES = ("gate.weight", "router.weight")
+_ROUTER_NAMES = ("gate.weight", "router.weight", "router.gate.weight", "gate.wg.weight", "router.layer.weight",
+                 "router.classifier.weight")
 # Files one of which a saved tokenizer always has (fast, sentencepiece, BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # Where a transformers checkpoint can name Python modules of its own (`auto_map`).
@@ -367,8 +375,9 @@ class ExpertCheckpoint:
         for key in sorted(keys):
             m = _FUSED.match(key)
             if m:
-                spec = specs.setdefault(m["block"], _LayerSpec(0, m["block"], "fused", {}, None))
-                spec.tensors[m["proj"]] = key
+                block, proj = (next(g for g in m.groups()[i::2] if g) for i in (0, 1))  # whichever alternative
+                spec = specs.setdefault(block, _LayerSpec(0, block, "fused", {}, None))
+                spec.tensors[_FUSED_NAME.get(proj, proj)] = key
                 continue
             m = _LISTED.match(key)
             if m:
