@@ -20,7 +20,11 @@ Sections:
   5. step time the plain MoE, the default SD-MoE and the paper's own split, stepped in turn (A B C A B C
                ...) in this process; the device is synchronised at each phase boundary. Paired ratios
                (median and quartiles over the rounds), tokens/s, and the split's share of the step
-  6. training  baseline, default and `paper` trained by `sdmoe train`'s own loop from the same seed on
+  6. compile   `torch.compile(model)` of the whole model after `sdmoe.attach` (the split inside the compiled
+               run) against the same steps eager: loss and weight gaps, graphs, each step's seconds. The tiny
+               preset's shapes on every device (a check that the method stays outside the graph, not a speed
+               figure at scale); inductor on CUDA, aot_eager on the CPU (inductor's C++ build is minutes)
+  7. training  baseline, default and `paper` trained by `sdmoe train`'s own loop from the same seed on
                the bundled corpora, as many steps as the time left allows (at most --train-steps);
                validation loss curves. A speed and sanity check at an untuned rate, one seed: not evidence
                of a gain (docs/results.md says what is)
@@ -44,10 +48,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_method import Side, interleave, median_ms, shapes, split_breakdown  # noqa: E402
+from bench_method import Side, build, forward_backward, interleave, median_ms, shapes, split_breakdown  # noqa: E402
 
 from sdmoe.device import describe, resolve_device, synchronize, uses_bf16  # noqa: E402
 from sdmoe.experiments.grid import variant_sdmoe_config  # noqa: E402
+from sdmoe.method import SDMoEConfig  # noqa: E402
 from sdmoe.models import ModelConfig, build_model  # noqa: E402
 from sdmoe.moe import find_moe_blocks  # noqa: E402
 
@@ -216,6 +221,48 @@ def step_time_section(sides: dict, s: dict, warmup: int, rounds: int) -> dict:
     return out
 
 
+def compile_section(device: torch.device, steps: int = 6, split_step: int = 2) -> dict:
+    """SD-MoE in a plain loop, the whole model compiled after `attach`, against the same loop eager (float32)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import sdmoe
+
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    s = shapes("tiny")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, s["vocab"], (s["batch"], s["seq"]), generator=g).to(device) for _ in range(steps)]
+    runs: dict = {}
+    for mode in ("eager", "compiled"):
+        torch._dynamo.reset()  # the compiled run compiles from scratch
+        counters.clear()
+        model = build(s, device)
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        handle = sdmoe.attach(model, opt, SDMoEConfig(split_step=split_step), max_norm=1.0)
+        run = torch.compile(model, backend=backend) if mode == "compiled" else model
+        losses, seconds = [], []
+        for ids in batches:
+            synchronize(device)
+            t = time.perf_counter()
+            losses.append(float(forward_backward(run, ids, "fp32")))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            synchronize(device)
+            seconds.append(time.perf_counter() - t)
+        runs[mode] = {"losses": losses, "seconds": seconds, "split": handle.controller.split_done,
+                      "weights": [p.detach() for p in model.parameters()], "start": start}
+    eager, comp = runs["eager"], runs["compiled"]
+    weight_gap = max(float((a - b).norm() / (b - s0).norm().clamp_min(1e-30))
+                     for a, b, s0 in zip(comp["weights"], eager["weights"], eager["start"]))
+    # each step's seconds: the compiled run's first steps compile, and transformers' experts recompile while the
+    # tokens per expert change shape (the plain model's graphs as well): a path check, not a speed figure
+    return {"backend": backend, "steps": steps, "split_step": split_step, "split_in_compiled_run": comp["split"],
+            "max_rel_loss_gap": max(abs(a - b) / abs(b) for a, b in zip(comp["losses"], eager["losses"])),
+            "weight_gap_over_change": weight_gap, "graphs": counters["stats"]["unique_graphs"],
+            "step_s": {m: [round(t, 3) for t in r["seconds"]] for m, r in runs.items()}}
+
+
 def training_section(check: Check, device: torch.device, kernel: str, max_steps: int, step_s: float) -> dict:
     """Baseline, default and `paper` trained by the real loop from one seed; as many steps as time allows."""
     from sdmoe.experiments.grid import variant_overrides
@@ -324,6 +371,12 @@ def markdown(data: dict) -> str:
                 lines.append(f"| {side} | {m:.1f} | {res['tokens_per_s'][side]:,} | {ratio} | {share} |")
             lines.append("\nthe default's split, each part alone: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in res["sd-moe/split_parts_ms"].items()))
+        elif name == "compile":
+            lines.append(f"`torch.compile(model)` ({res['backend']}, {res['graphs']} graphs) after `sdmoe.attach`, "
+                         f"split at step {res['split_step']} of {res['steps']} (split: {res['split_in_compiled_run']})"
+                         f": largest relative loss gap to eager {res['max_rel_loss_gap']:.1e}, weights' gap over "
+                         f"their change {res['weight_gap_over_change']:.1e}; seconds a step, compiled "
+                         f"{res['step_s']['compiled']}, eager {res['step_s']['eager']}")
         elif name == "training":
             lines.append(f"`{res['preset']}` preset, {res['steps']} steps of {res['tokens_per_step']} tokens, lr "
                          f"{res['lr']:g} (untuned), one seed: a speed and sanity check, not evidence of a gain")
@@ -347,6 +400,7 @@ def main() -> int:
     ap.add_argument("--train-steps", type=int, default=0,
                     help="the training section's steps at most (default 300, 40 with --tiny)")
     ap.add_argument("--no-tests", action="store_true", help="skip the gpu test subset")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
     args = ap.parse_args()
     device = resolve_device(args.device)
     out = Path(args.out)
@@ -375,6 +429,8 @@ def main() -> int:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if not args.no_compile:
+        check.run("compile", lambda: compile_section(device), need_s=20 if args.tiny else 90)
     max_steps = args.train_steps or (40 if args.tiny else 300)
     check.run("training", lambda: training_section(check, device, s["kernel"], max_steps, step_s),
               need_s=10 if args.tiny else 60)

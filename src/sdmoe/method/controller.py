@@ -47,7 +47,7 @@ from . import core, schedule, sharding
 from .basis import Collector, choose_bases
 from .config import SDMoEConfig
 from .export import export
-from .hooks import SPLIT_BY
+from .hooks import SPLIT_BY, uncompiled
 from .layer import LayerState
 from .probe import ChangeProbe, forward_logits, input_ids
 from .router import ResidualRouterInput, fold
@@ -64,6 +64,7 @@ class SDMoE:
         if not isinstance(cfg, SDMoEConfig):
             raise UserError(f"cfg must be an SDMoEConfig, got {type(cfg).__name__}")
         cfg.validate()
+        model = uncompiled(model)  # a torch.compile wrapper: the module under it (its blocks' names, no _orig_mod.)
         if model in SPLIT_BY:
             raise UserError("this model is already split by another SDMoE; use that one, or export(model) first to "
                             "split it again")

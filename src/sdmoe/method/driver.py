@@ -24,6 +24,11 @@ with `register_step_pre_hook` on the optimizer):
 paired comparison runs the very same loop. `cfg` may also be an `SDMoE` already built (and split)
 elsewhere, as the Trainer callback's split at `on_init_end` is.
 
+torch.compile. `model` may be compiled before `attach` (an `OptimizedModule`: the driver works on the module
+under it) or after; blocks compiled one by one (torchtitan's way) never see the model's hook. The forward
+pre-hook is excluded from dynamo (`torch.compiler.disable`): the split and the windows run eagerly, at a graph
+break before the compiled forward; the optimizer hooks run outside any compiled forward anyway.
+
 The handle counts the optimizer steps it saw (`step`, skipped ones included); a caller whose own
 counter may move without an optimizer step (a GradScaler that skipped one) sets `handle.step`.
 """
@@ -42,7 +47,7 @@ from sdmoe.moe.sharding import clip_, local, total_norm
 from .config import SDMoEConfig
 from .controller import SDMoE
 from .export import export
-from .hooks import ATTACHED
+from .hooks import ATTACHED, uncompiled
 
 NonFinite = Literal["apply", "skip"]
 EVENTS = ("split", "reestimate", "step")
@@ -60,6 +65,7 @@ class Attached:
             raise UserError(f"max_norm={max_norm!r}: give a positive norm to clip to, or None for no clipping")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"sdmoe.attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        model = uncompiled(model)  # torch.compile's wrapper: drive the module under it, with eager names
         if model in ATTACHED:
             raise UserError("this model is already attached to an optimizer; use that handle, or call its detach() "
                             "(or sdmoe.export(model)) before attaching again")
@@ -79,7 +85,13 @@ class Attached:
             self.controller.bind_optimizer(self.host_optimizer())
         # last: a refusal above leaves no hook behind
         ATTACHED[model] = self
-        self._handles = [model.register_forward_pre_hook(self._before_forward),
+        # torch.compile(model), before or after this, traces the model's hooks into its graph (dynamo inlines
+        # Module._call_impl). The split and the windows must run eagerly: they build tensors, an optimizer and
+        # hooks, and an optimizer built under tracing comes out `capturable`, which the CPU refuses at the first
+        # step. Disabling dynamo on this one hook (recursively: the split's own forwards too) is the narrowest
+        # cut: one graph break before the forward, which compiles as it would without SD-MoE; the hook stays
+        # registered all run, so its presence never changes and never recompiles the model.
+        self._handles = [model.register_forward_pre_hook(torch.compiler.disable(self._before_forward)),
                          optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .hooks import ATTACHED, SPLIT_BY, remove_hooks, sdmoe_hooks
+from .hooks import ATTACHED, SPLIT_BY, remove_hooks, sdmoe_hooks, uncompiled
 from .router import ResidualRouterInput, fold
 
 
 def export(model: nn.Module) -> nn.Module:
-    """In place: residual routers folded into their weights, no SD-MoE hook left, KV cache on."""
+    """In place: residual routers folded into their weights, no SD-MoE hook left, KV cache on. Returns the
+    plain model (the module under a `torch.compile` wrapper: its state_dict has no `_orig_mod.` prefix)."""
+    model = uncompiled(model)
     if (handle := ATTACHED.get(model)) is not None:
         handle.detach()  # the driver's hooks on the model and its optimizer
     for module, hook in sdmoe_hooks(model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 
+import torch
 from torch import nn
 
 # model -> the SDMoE that split it: a second controller would transform the same gradients twice.
@@ -18,6 +19,18 @@ from torch import nn
 SPLIT_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> the `sdmoe.attach` handle whose hooks drive it (on the model and its optimizer): `export` detaches it
 ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module under `torch.compile(model)`'s wrapper (`OptimizedModule._orig_mod`), or `model` itself.
+
+    SD-MoE keys its state on the plain module, so a compiled and an eager run name the same blocks and
+    parameters (no `_orig_mod.` prefix), and `export` returns the module whose state_dict is a checkpoint's."""
+    if "_orig_mod" not in getattr(model, "_modules", {}):  # cheap: no torch._dynamo import for a plain model
+        return model
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 class SDMoEHook:
