@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -67,7 +68,9 @@ class Check:
     def __init__(self, out: Path, budget_s: float, tiny: bool):
         self.out, self.budget_s, self.tiny = out, budget_s, tiny
         self.t0 = time.perf_counter()
-        self.data: dict = {"tiny": tiny, "budget_s": budget_s, "sections": {}}
+        # an infinite budget (`--budget-s inf`: the CPU test's way, where a loaded machine must not turn a slow
+        # section into a skip or a timeout) is recorded as none
+        self.data: dict = {"tiny": tiny, "budget_s": budget_s if math.isfinite(budget_s) else None, "sections": {}}
 
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.t0)
@@ -126,8 +129,9 @@ def tests_section(check: Check, device: torch.device) -> dict:
     cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     if check.tiny:  # CI's dry run in under a minute: the step-match test on two styles (the same code for all six)
         cmd += ["-k", "not test_step_matches_cpu_in_float32 or qwen2_moe or deepseek_v3"]
+    left = check.left()
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=max(30.0, check.left() - (15 if check.tiny else 240)))
+                         timeout=max(30.0, left - (15 if check.tiny else 240)) if math.isfinite(left) else None)
     output = res.stdout + res.stderr
     (check.out / "gpu_tests.log").write_text(output)
     lines = [line for line in output.strip().splitlines() if line.strip()]
@@ -271,7 +275,9 @@ def training_section(check: Check, device: torch.device, kernel: str, max_steps:
 
     base = preset("tiny" if check.tiny else "gpu")
     overhead_s = 5.0 if check.tiny else 40.0  # build, evaluation, checkpoint and final model per run
-    affordable = int((check.left() - (3 if check.tiny else 20) - 3 * overhead_s) / (3 * 1.2 * max(step_s, 1e-3)))
+    left = check.left()
+    affordable = (int((left - (3 if check.tiny else 20) - 3 * overhead_s) / (3 * 1.2 * max(step_s, 1e-3)))
+                  if math.isfinite(left) else max_steps)
     steps = min(max_steps, affordable)
     if steps < 20:
         return {"skipped": f"{check.left():.0f} s left: too little for 3 runs of 20 steps at {step_s:.2f} s a step"}
@@ -339,7 +345,8 @@ def markdown(data: dict) -> str:
     lines = [f"# GPU check{' (tiny sizes)' if data['tiny'] else ''}", "",
              f"{dev.get('name', '?')} ({dev.get('device', '?')}), torch {dev.get('torch', '?')}, CUDA "
              f"{dev.get('cuda', '-')}, transformers {dev.get('transformers', '?')}, sdmoe {dev.get('sdmoe', '?')} "
-             f"at {dev.get('commit', '?')}; {data.get('elapsed_s', 0):.0f} s of a {data['budget_s']:.0f} s budget.", ""]
+             f"at {dev.get('commit', '?')}; {data.get('elapsed_s', 0):.0f} s"
+             + (f" of a {data['budget_s']:.0f} s budget." if data["budget_s"] is not None else ", no time budget."), ""]
     for name, res in sec.items():
         if name == "device":
             continue
@@ -396,7 +403,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the `tiny` preset): the whole check on a CPU")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--budget-s", type=float, default=0,
-                    help="time for the whole check; later sections shrink or skip to fit (default 450, 60 with --tiny)")
+                    help="time for the whole check; later sections shrink or skip to fit (default 450, 60 with --tiny; "
+                         "inf: no budget, nothing skipped or timed out)")
     ap.add_argument("--train-steps", type=int, default=0,
                     help="the training section's steps at most (default 300, 40 with --tiny)")
     ap.add_argument("--no-tests", action="store_true", help="skip the gpu test subset")

@@ -287,13 +287,13 @@ def _compare(args) -> int:
     cfg = compare_preset(args.preset)
     # Each flag sets its compare setting through the setting's declaration (type, range, finite numbers).
     if args.init:  # every run starts from the checkpoint: its style is the compare's one style
-        from pathlib import Path
-
-        from sdmoe.models.pretrained import model_config_of
+        from sdmoe.train.config import RunConfig, start_from_checkpoint
 
         if args.styles:
             raise UserError("--styles with --init: the style is the checkpoint's; drop --styles")
-        cfg.styles, cfg.init = [model_config_of(args.init).style], str(Path(args.init).expanduser().resolve())
+        start = RunConfig()
+        start_from_checkpoint(start, args.init)  # every check `train --init` makes, before anything is written
+        cfg.styles, cfg.init = [start.model.style], start.init
     flags = {"styles": args.styles, "seeds": args.seeds, "steps": args.steps, "variants": args.variants,
              "ablations": args.ablations, "lr_multipliers": args.lr_multipliers, "text": list(args.text) or None}
     for key, value in flags.items():

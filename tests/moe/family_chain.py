@@ -35,21 +35,11 @@ REFUSED = {
 KNOWN_GAPS = {
     # ExpertCheckpoint reads fused or per-expert tensors; DBRX saves its experts flat, (E*F, D) each
     "dbrx": {"analyze": "no MoE layers found in .*experts.mlp", "weights-only": "no MoE layers found in .*experts.mlp"},
-    # sdmoe.models.checks (the pre-load check of `--init`) maps saved names to the model's through transformers'
-    # conversion rules, and these families' rules (renames with groups, convolution weights) it does not follow yet
-    **{t: {"--init": "tensor.s. that config.json does not describe"}
-       for t in ("bailing_hybrid", "deepseek_v4", "dots3_note_text", "inkling2_loop_text", "inkling2_text",
-                 "kimi_linear", "lara_mini")},
 }
 GAP_NOTES = (
     "dbrx, analyze and --weights-only: `sdmoe.moe.checkpoint.ExpertCheckpoint` reads experts saved fused "
     "(`experts.gate_up_proj`, ...) or one module per expert; DBRX saves them flat, `experts.mlp.w1/v1/w2` of "
     "(E*F, D) each, a storage layout it does not read yet (in memory, `sdmoe.moe.layout` reads it).",
-    "--init of bailing_hybrid, deepseek_v4, dots3_note_text, inkling2_text, inkling2_loop_text, kimi_linear, "
-    "lara_mini: the checks before a checkpoint loads (`sdmoe.models.checks`) map its saved tensor names to the "
-    "model's by transformers' conversion rules, and follow only renames and expert merges; these families' rules "
-    "(convolution weights, renames with groups, per-layer queries) are not followed yet, so the check refuses a "
-    "checkpoint transformers itself loads.",
 )
 STAGES = ("attach", "train", "export", "reload", "analyze", "weights-only", "--init")
 TRAIN = ["train", "--preset", "tiny", "--quiet", "--steps", "3", "--set", "loop.eval_every=3",

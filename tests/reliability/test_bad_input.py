@@ -110,7 +110,7 @@ CASES = [
     ("analyze_run_dir_not_model", lambda w, o: [*_analyze(w.run), "--out", o], "has no config.json"),
     ("analyze_rank_too_big", lambda w, o: ["analyze", str(w.good), "--rank", "32", "--out", o], "rank=32 does not fit hidden size D=32"),
     ("analyze_out_is_a_file", lambda w, o: [*_analyze(w.good), "--out", str(w.text / "a_file")], "is a file, not a directory"),
-    ("generate_truncated", lambda w, o: ["generate", str(w.truncated)], "check the weights are complete"),
+    ("generate_truncated", lambda w, o: ["generate", str(w.truncated)], "is truncated or corrupt"),
     ("generate_no_tokenizer", lambda w, o: ["generate", str(w.no_tokenizer)], "holds no tokenizer"),
     ("generate_not_a_directory", lambda w, o: ["generate", str(w.text / "a_file")], "is not a directory"),
     ("generate_run_dir_not_model", lambda w, o: ["generate", str(w.run)], "the trained model is in its model/ subdirectory"),

@@ -163,7 +163,7 @@ def test_transformers_is_told_not_to_run_code_either(which, evil, monkeypatch):
     (transformers refuses the unknown model type; it reads the tokenizer with its own classes)."""
     import sdmoe.models.generate as gen
 
-    monkeypatch.setattr(gen, "check_model_dir", lambda path: None)
+    monkeypatch.setattr(gen, "check_checkpoint", lambda path: None)
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 3))  # what transformers would read its answer from
     try:
         gen.load_pretrained(getattr(evil, which))

@@ -133,7 +133,7 @@ def test_bad_init_says_one_line(tmp_path, moe_ckpt, tiny_dataset, capsys):
     (moe_ckpt / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 24}))
     assert "has shape [4, 32, 16] but config.json gives [4, 32, 24]" in _error(
         capsys, [*TRAIN, "--init", str(moe_ckpt), *out])
-    assert "disagree with its config.json" in _error(capsys, ["generate", str(moe_ckpt), "--prompt", "The king"])
+    assert "but config.json gives [4, 32, 24]" in _error(capsys, ["generate", str(moe_ckpt), "--prompt", "The king"])
     (moe_ckpt / "config.json").write_text(json.dumps(config))
     # custom code is never run
     (moe_ckpt / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil.Model"}}))

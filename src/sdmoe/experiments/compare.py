@@ -34,7 +34,6 @@ from sdmoe.files import (
     tmp_file_name,
     write_json_atomic,
 )
-from sdmoe.train.config import validate
 from sdmoe.train.run_record import read_run_record
 
 COMPARE_FILE = "compare.json"
@@ -240,9 +239,7 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
     cfg.validate()
     resolve_device(device)  # "cuda" on a machine without one fails before anything is written
     out = Path(out_dir)
-    specs = plan(cfg)
-    for spec in specs:  # every run's settings before the first write: a bad --set must not wait for its run
-        validate(spec.run_config(cfg))
+    specs = plan(cfg)  # every run's config validated: a bad --set does not wait for its run
     # One compare per --out: a second one would remove the runs the first is training
     # (a "new" run's directory is cleared before it starts). Held until the report is written.
     with DirLock(out, "is being written by another `sdmoe compare`") as lock:

@@ -167,17 +167,42 @@ def _expected(model) -> dict[str, tuple[int, ...]]:
     return names
 
 
+def _loaded_names(model, keys: list[str]) -> dict[str, tuple[str, bool]]:
+    """Each saved key under the name transformers loads it as, by transformers' own conversion rules for this
+    model (`get_model_conversion_mapping`: renames, then at most one converter, as `from_pretrained` applies
+    them): {model name: (a saved key, whether a converter made it)}. A converter with several targets
+    (one tensor split into several) names them all."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    names: dict[str, tuple[str, bool]] = {}
+    for key in keys:
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if name not in meta and key in meta:  # as the loader does: a rule that should not have fired
+            name, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta)
+        names.setdefault(name, (key, pattern is not None))
+        converter = next((c for c in converters if pattern is not None and pattern in c.source_patterns), None)
+        for target in (converter.target_patterns[1:] if converter else ()):
+            names.setdefault(name.replace(converter.target_patterns[0], target), (key, True))
+    return names
+
+
 def _check_tensors(path: Path, raw: dict, config, model, weights: SafetensorsWeights) -> None:
     expected = _expected(model)
-    tensors = ModelTensors(weights, config.model_type)
     quantised = "quantization_config" in raw
-    saved = {n for n in tensors.names() if not (quantised and n.endswith(_QUANT_SUFFIXES))}
+    keys = [k for k in weights.keys() if not (quantised and k.endswith(_QUANT_SUFFIXES))]
+    loaded = _loaded_names(model, keys)
+    if quantised:  # a packed weight (`<name>_blocks`) stands for `<name>`; its reader checks its shapes
+        packed = {k for k in weights.keys() if k.endswith(_QUANT_SUFFIXES)}
+        loaded.update({n: (n, True) for n in expected if any(f"{n}{s}" in packed for s in _QUANT_SUFFIXES)})
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) \
         else set()
-    if quantised:  # a packed weight (`<name>_blocks`) stands for `<name>`; its reader checks its shapes
-        saved |= {n for n in expected if any(f"{n}{s}" in tensors.names() for s in _QUANT_SUFFIXES)}
     layers = config.num_hidden_layers
-    extra = sorted(saved - set(expected), key=_natural)
+    extra = sorted(set(loaded) - set(expected), key=_natural)
     beyond = [k for k in extra if (m := _LAYER.search(k)) and int(m.group(1)) >= layers]
     if beyond:
         last = max(int(_LAYER.search(k).group(1)) for k in beyond)
@@ -187,14 +212,16 @@ def _check_tensors(path: Path, raw: dict, config, model, weights: SafetensorsWei
     if extra:
         raise UserError(f"the weights in {path} hold {len(extra)} tensor(s) that config.json does not describe "
                         f"(e.g. {extra[0]}){_absent_hint(raw)}; fix config.json, or re-save the model")
-    missing = sorted(set(expected) - saved - tied, key=_natural)
+    missing = sorted(set(expected) - set(loaded) - tied, key=_natural)
     if missing:
         raise UserError(f"the weights in {path} lack {len(missing)} tensor(s) that config.json describes (e.g. "
                         f"{missing[0]}){_absent_hint(raw)}; download every shard, or fix config.json")
-    for name in sorted(expected.keys() & saved, key=_natural):
-        if quantised and any(f"{name}{s}" in tensors.names() for s in _QUANT_SUFFIXES):
-            continue
-        got = tuple(tensors.shape(name))
+    merged = ModelTensors(weights, config.model_type)  # the expert merges whose shape we can compute
+    for name in sorted(expected, key=_natural):
+        key, converted = loaded.get(name, (None, False))
+        if key is None or (converted and name not in merged.merged):
+            continue  # tied, packed, or made by a converter whose result shape only loading computes
+        got = tuple(merged.shape(name)) if converted else tuple(weights.shape(key))
         if got != expected[name]:
             raise UserError(f"tensor {name} in {path} has shape {list(got)} but config.json gives "
                             f"{list(expected[name])}{_absent_hint(raw)}; fix config.json, or re-save the model")

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 from sdmoe.errors import UserError
+from sdmoe.models.checks import check_checkpoint
 from sdmoe.models.pretrained import load_pretrained_model
-from sdmoe.moe.checkpoint import check_model_dir
 
 # Bounds of --max-new-tokens: a typo like 10**9 fails at once, not after hours of sampling.
 MAX_NEW_TOKENS = 4096
@@ -19,12 +19,12 @@ MAX_NEW_TOKENS = 4096
 def load_pretrained(path: str | Path):
     """Model and tokenizer from a local `save_pretrained` directory, with one-line errors.
 
-    The directory is checked before transformers reads it (`check_model_dir`: no custom code, a
+    The directory is checked before transformers reads it (`check_checkpoint`: no custom code, a
     known model type, tokenizer files), and trust_remote_code=False is passed as well, so no
     checkpoint's Python ever runs and transformers never asks on stdin whether to run it.
     """
     p = Path(path).expanduser()
-    check_model_dir(p)
+    check_checkpoint(p)  # config.json against the weights first: a bad field is named, not the tokenizer blamed
     try:
         tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here

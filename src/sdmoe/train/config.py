@@ -79,7 +79,9 @@ class LoopConfig:
     nan_policy: NanPolicy = setting("stop", resume="any")
     # "auto": DDP under torchrun, one process otherwise; "ddp" (replicate the model) and "fsdp" (FSDP2: shard
     # every decoder layer; SD-MoE then splits at step 0) promise several processes and need a torchrun launch.
-    parallel: Parallel = "auto"
+    # A resume may change it (as threads: the numbers differ by reduction order); a checkpoint's own format
+    # (FSDP2's optimizer state by name) is checked where it loads. Before 0.3 the default "ddp" meant "auto".
+    parallel: Parallel = setting("auto", resume="any")
     # under loop.parallel=fsdp, a new model (no --init) built on the meta device, each rank drawing only its
     # shards (sdmoe.train.fsdp.build_sharded): no rank holds it whole. The same seed gives the same model on
     # any number of ranks, but not build_model's (DDP's, one process's) draws. With --init it is always so.
@@ -257,13 +259,11 @@ def upgraded(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _upgrade_loop(section: dict) -> dict:
-    """A saved `loop` section in today's keys: before 0.2, `bf16` (true | false) chose the precision; before
-    0.3, `parallel` "ddp" was the default and meant what "auto" means now (DDP under torchrun, else one process)."""
+    """A saved `loop` section in today's keys: before 0.2, `bf16` (true | false) chose the precision."""
+    if "bf16" not in section:
+        return section
     out = {k: v for k, v in section.items() if k != "bf16"}
-    if "bf16" in section:
-        out.setdefault("precision", "bf16" if section["bf16"] is True else "fp32")
-    if out.get("parallel") == "ddp":
-        out["parallel"] = "auto"
+    out.setdefault("precision", "bf16" if section["bf16"] is True else "fp32")
     return out
 
 
