@@ -15,7 +15,7 @@ HERE = Path(__file__).parent
 BENCHMARKS = [("bench_method.py", ["--preset", "small", "--repeat", "3"]),
               ("bench_method.py", ["--preset", "demo", "--repeat", "3"]),
               ("bench_experts.py", []), ("bench_throughput.py", []), ("bench_spectral.py", []),
-              ("bench_analysis.py", []), ("bench_fsdp_memory.py", [])]
+              ("bench_analysis.py", []), ("bench_fsdp_memory.py", []), ("bench_quantized.py", [])]
 
 
 def main() -> int:

@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--style", help="model architecture: qwen2_moe, deepseek_v3, qwen3_moe, deepseek_v2, olmoe, mixtral")
     t.add_argument("--init", metavar="PATH",
                    help="start from a local transformers MoE checkpoint (safetensors, its own tokenizer.json; no code "
-                        "is run): continue training or fine-tune it; the model section comes from its config.json. "
-                        "A dense checkpoint: `sdmoe upcycle` it first")
+                        "is run): continue training or fine-tune it; the model section comes from its config.json, "
+                        "and SD-MoE splits at the first step (a trained model needs no warm-up; --set "
+                        "sdmoe.split_step=N to wait). A dense checkpoint: `sdmoe upcycle` it first")
     t.add_argument("--steps", type=int, help="training steps (overrides loop.steps)")
     t.add_argument("--seed", type=int, help="seed for weights and data order (overrides loop.seed)")
     _add_text(t)
@@ -229,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from pathlib import Path
 
-    from sdmoe.train.config import apply_overrides, load_config_file, preset, set_value, start_from_checkpoint, validate
+    from sdmoe.train.config import (apply_overrides, config_file_sets, load_config_file, preset, set_value,
+                                    start_from_checkpoint, validate)
     from sdmoe.train.loop import train
 
     cfg = load_config_file(args.config, preset(args.preset)) if args.config else preset(args.preset)
-    if args.init:
-        start_from_checkpoint(cfg, args.init, args.overrides, args.style)
+    if args.init:  # continued: SD-MoE splits at the first step, unless the config file or a --set says when
+        start_from_checkpoint(cfg, args.init, args.overrides, args.style,
+                              keep_split_step=bool(args.config) and config_file_sets(args.config, "sdmoe.split_step"))
     apply_overrides(cfg, args.overrides)
     # Flags set config keys the way --set does: one declaration checks the value of either.
     flags = {"method": args.method, "model.style": args.style, "loop.steps": args.steps, "loop.seed": args.seed,

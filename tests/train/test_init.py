@@ -150,3 +150,17 @@ def test_a_fifo_for_the_weights_never_blocks_a_loader(tmp_path, moe_ckpt, capsys
                  ["generate", str(moe_ckpt), "--prompt", "The king"],
                  [*TRAIN, "--init", str(moe_ckpt), "--out", str(tmp_path / "run")]):
         assert "not a regular file" in _error(capsys, argv)
+
+
+def test_a_continued_run_splits_at_the_first_step_unless_told_otherwise(tmp_path, moe_ckpt):
+    """From a trained model SD-MoE needs no warm-up: `--init` splits at step 0 (the tiny preset's own
+    split_step is 5, past these 4 steps); a --set or a config file that names the step still wins."""
+    def split_step(out, *extra):
+        assert main([*TRAIN, "--steps", "4", "--init", str(moe_ckpt), "--method", "sd-moe", "--out", str(out),
+                     *extra]) == 0
+        return next(r["step"] for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "split")
+
+    assert split_step(tmp_path / "default") == 0
+    assert split_step(tmp_path / "set", "--set", "sdmoe.split_step=2") == 2
+    (tmp_path / "c.json").write_text(json.dumps({"preset": "tiny", "sdmoe": {"split_step": 3}}))
+    assert split_step(tmp_path / "file", "--config", str(tmp_path / "c.json")) == 3

@@ -127,13 +127,16 @@ def load_pretrained_model(path: str | Path, dtype: torch.dtype = torch.float32, 
     `checked`: the caller ran `check_model_dir` already."""
     from transformers import AutoModelForCausalLM
 
+    from sdmoe.moe.quantized import dequantizing_loader
+
     p = Path(path).expanduser()
     if not checked:
         check_model_dir(p)
+    # FP8 / MXFP4 weights: transformers' loader given our dequantised tensors (sdmoe.moe.quantized: why not its own)
+    load = dequantizing_loader(p) or AutoModelForCausalLM.from_pretrained
     try:
         with _quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, trust_remote_code=False,
-                                                               use_safetensors=True, output_loading_info=True)
+            model, info = load(p, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         if "mismatch" in str(e).lower():  # its report of tensors whose shapes config.json does not give
             raise UserError(f"the weights in {p} disagree with its config.json (tensor shapes differ from the ones "

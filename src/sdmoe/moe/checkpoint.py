@@ -33,6 +33,7 @@ from sdmoe.errors import UserError
 
 from .layout import split_gate_up
 from .projections import PROJECTIONS
+from .quantized import QuantizedTensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,6 +52,10 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 _ROUTER_NAMES = ("gate.weight", "router.weight", "router.gate.weight", "gate.wg.weight", "router.layer.weight",
                  "router.classifier.weight")
+# Fused experts a model type stores transposed ((E, D, 2F), (E, F, D)) with gate and up interleaved
+# [g0, u0, g1, ...] (transformers' `use_experts_implementation(is_transposed=True, is_concatenated=False)`):
+# named by model type, since gpt-oss's D == F (2880) leaves the shapes ambiguous. model_type -> (transposed, interleaved)
+_FUSED_STORAGE = {"gpt_oss": (True, True)}
 # Files one of which a saved tokenizer always has (fast, sentencepiece, BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # Where a transformers checkpoint can name Python modules of its own (`auto_map`).
@@ -250,9 +255,12 @@ class SafetensorsWeights:
         self._handles: dict[Path, object] = {}
         self.key_file = self._index_keys()
         self._shapes: dict[str, tuple[int, ...]] = {}
+        # FP8 / MXFP4 (`quantized`): `keys()` are the model's names, each dequantised when read (scales hidden);
+        # `key_file` stays what the files hold
+        self.quantized: QuantizedTensors | None = QuantizedTensors.find(self)
 
     def keys(self) -> list[str]:
-        return list(self.key_file)
+        return list(self.quantized.name_file if self.quantized is not None else self.key_file)
 
     def _index_keys(self) -> dict[str, Path]:
         index = self.path / INDEX_FILE
@@ -303,21 +311,30 @@ class SafetensorsWeights:
             self._handles[file] = handle
         return handle
 
+    def stored(self, key: str):
+        """The safetensors slice of a tensor exactly as its file holds it (a quantised one's data or scales too)."""
+        return self._open(self.key_file[key]).get_slice(key)
+
+    def _dequantized(self, key: str) -> bool:
+        return getattr(self, "quantized", None) is not None and key in self.quantized.parts
+
     def shape(self, key: str) -> tuple[int, ...]:
         if key not in self._shapes:
-            self._shapes[key] = tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
+            self._shapes[key] = (self.quantized.shape(key) if self._dequantized(key)
+                                 else tuple(self._open(self.key_file[key]).get_slice(key).get_shape()))
         return self._shapes[key]
 
     def get(self, key: str) -> torch.Tensor:
         from safetensors import SafetensorError
 
-        file = self.key_file[key]
+        file = (self.quantized.name_file if self._dequantized(key) else self.key_file)[key]
         try:
-            t = self._open(file).get_tensor(key)
+            t = self.quantized.get(key) if self._dequantized(key) else self._open(file).get_tensor(key)
         except SafetensorError as e:
             raise UserError(f"file {file} is truncated or corrupt; re-download it (safetensors: {e})") from None
-        # A NaN would surface much later as a failed eigendecomposition; name the tensor now.
-        if t.dtype in _CHECKED_DTYPES and not torch.isfinite(t).all():
+        # A NaN would surface much later as a failed eigendecomposition; name the tensor now (a dequantised one's
+        # stored bytes were checked, more cheaply, by `quantized`)
+        if t.dtype in _CHECKED_DTYPES and not self._dequantized(key) and not torch.isfinite(t).all():
             raise UserError(
                 f"tensor {key} in {file} holds NaN or infinite values; the run that wrote it diverged or the file "
                 "is damaged: analyse an earlier checkpoint or re-download it"
@@ -328,6 +345,8 @@ class SafetensorsWeights:
         """The block of tensor `key` at offset `start` of size `shape`, read from disk alone (a shard of it)."""
         from safetensors import SafetensorError
 
+        if self._dequantized(key):
+            return self.quantized.get_part(key, start, shape)
         file = self.key_file[key]
         region = tuple(slice(o, o + n) for o, n in zip(start, shape))
         try:
@@ -370,7 +389,7 @@ class ExpertCheckpoint:
     # -- files -------------------------------------------------------------
     # -- structure ---------------------------------------------------------
     def _find_layers(self) -> list[_LayerSpec]:
-        keys = set(self.weights.key_file)
+        keys = set(self.weights.keys())
         specs: dict[str, _LayerSpec] = {}
         for key in sorted(keys):
             m = _FUSED.match(key)
@@ -464,14 +483,17 @@ class ExpertCheckpoint:
         if spec.layout == "fused":
             gate_up, down = self._get(spec.tensors["gate_up_proj"]), self._get(spec.tensors["down_proj"])
             d = int(self.config.get("hidden_size") or self._guess_fused_d(spec))
-            if gate_up.shape[2] != d and gate_up.shape[1] == d:  # transposed storage (E, D, 2F)
+            transposed, interleaved = _FUSED_STORAGE.get(self.config.get("model_type"), (None, False))
+            if transposed or (transposed is None and gate_up.shape[2] != d and gate_up.shape[1] == d):  # (E, D, 2F)
                 gate_up = gate_up.transpose(1, 2)
-            if down.shape[1] != d and down.shape[2] == d:  # transposed storage (E, F, D)
+            if transposed or (transposed is None and down.shape[1] != d and down.shape[2] == d):  # (E, F, D)
                 down = down.transpose(1, 2)
-            gate, up = split_gate_up(gate_up)  # saved checkpoints store [gate; up]
+            gate, up = split_gate_up(gate_up, interleaved)  # [gate; up] unless the model type interleaves them
             if dtype is not None:
-                gate, up = gate.to(dtype).contiguous(), up.to(dtype).contiguous()
-                down = down.transpose(1, 2).to(dtype).contiguous().transpose(1, 2)
+                # one copy each, straight into contiguous storage (`.to` alone keeps a transposed view's strides,
+                # and `.contiguous()` would copy it a second time)
+                gate, up = (t.to(dtype, memory_format=torch.contiguous_format) for t in (gate, up))
+                down = down.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).transpose(1, 2)
         elif dtype is None:
             e = len(spec.tensors["gate"])
             gate, up, down = (

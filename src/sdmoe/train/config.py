@@ -240,6 +240,13 @@ def load_config_file(path: str | Path, base: RunConfig | None = None) -> RunConf
     return cfg
 
 
+def config_file_sets(path: str | Path, key: str) -> bool:
+    """Whether the config file (read by `load_config_file` already) sets the dotted `key` itself."""
+    section, _, name = key.partition(".")
+    raw = json.loads(_read_config_text(Path(path)))
+    return isinstance(raw.get(section), dict) and name in raw[section]
+
+
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Rebuild a config saved with `to_dict` (checkpoints, compare grids)."""
     cfg = RunConfig()
@@ -276,9 +283,14 @@ def refuse_model_settings(overrides: list[str] = (), style: str | None = None) -
                         "train a new model without --init")
 
 
-def start_from_checkpoint(cfg: RunConfig, path: str, overrides: list[str] = (), style: str | None = None) -> None:
+def start_from_checkpoint(cfg: RunConfig, path: str, overrides: list[str] = (), style: str | None = None,
+                          keep_split_step: bool = False) -> None:
     """`train --init PATH`: the run starts from the checkpoint, whose config.json is its model section
-    (read now, without the weights); a setting of the model section is refused, as it could not apply."""
+    (read now, without the weights); a setting of the model section is refused, as it could not apply.
+
+    SD-MoE splits at the first step (`sdmoe.split_step=0`): the from-scratch warm-up waits for common
+    structure that a trained model has already, and the split of a trained model changes no logit. A
+    `--set sdmoe.split_step` applied after this wins; `keep_split_step` keeps one a config file set."""
     from sdmoe.models.checks import check_checkpoint, check_tokenizer_fits
     from sdmoe.models.pretrained import load_tokenizer, model_config_of
 
@@ -288,6 +300,8 @@ def start_from_checkpoint(cfg: RunConfig, path: str, overrides: list[str] = (), 
     cfg.model = model_config_of(path)  # a dense model, a family sdmoe does not train: named before the tokenizer
     check_tokenizer_fits(load_tokenizer(path), checked.embedding_rows, path)
     cfg.init = str(Path(path).expanduser().resolve())
+    if not keep_split_step:
+        cfg.sdmoe.split_step = 0
 
 
 # What torchrun sets in every worker: all of them, or none (one process).
