@@ -279,3 +279,28 @@ def test_per_pair_matrix_has_pairs_as_rows_and_claims_as_columns(tmp_path):
     body = html.split("<body>", 1)[1]
     assert body.startswith('<p class="headline">SD-MoE vs the plain MoE (train preset tiny')
     assert "<h3>Per pair</h3>" in html and "(g) loss, control - SD-MoE (nats)" in html
+
+
+def test_a_claim_that_states_a_number_is_reproduced_only_near_it():
+    sized = lambda lo, hi: stats.sized_verdict(lo, hi, 1.0, -1, 0.7, 0.1)  # noqa: E731 - claim (b)'s rule
+    assert sized(0.65, 0.75) == stats.REPRODUCED
+    assert sized(0.978, 0.999) == stats.NOT_AS_STATED  # the demo's 0.989x: fewer steps, not ~0.7x
+    assert sized(0.3, 0.5) == stats.NOT_AS_STATED  # far fewer: still not the stated number
+    assert sized(0.7, 0.9) == stats.INCONCLUSIVE  # reaches into the band and out of it
+    assert sized(0.9, 1.1) == stats.INCONCLUSIVE and sized(1.05, 1.2) == stats.NOT_REPRODUCED  # direction first
+    assert stats.BADGE[stats.NOT_AS_STATED] == "warn"
+
+
+def test_fewer_steps_far_from_the_papers_number_gets_its_own_words(tmp_path):
+    # the fake runs cross the baseline's final loss at ~0.9 of the steps (gain 0.04-0.06 nats)
+    s = fake_compare(tmp_path / "far", _cfg(), tails=[0.05, 0.06, 0.055])
+    b = _claim(s, "b")
+    assert b["verdict"] == stats.NOT_AS_STATED and 0.8 < b["lo"] < b["hi"] < 1.0, b["figure"]
+    assert "fewer steps, not ~0.7x" in b["reason"] and "(b: fewer steps, not ~0.7x)" in s["headline"]
+    assert "reproduced (a, c, g)" in s["headline"]  # b is not among them
+
+    def near(spec):  # SD-MoE 0.15 nats below: its curve crosses the baseline's final loss at ~0.7 of the steps
+        return 4.5 + 0.01 * spec.seed - (0.15 + 0.004 * (spec.seed - 1) if spec.variant == "sd-moe" else 0.0)
+
+    b = _claim(fake_compare(tmp_path / "near", _cfg(), final=near), "b")
+    assert b["verdict"] == stats.REPRODUCED and 0.6 <= b["lo"] < b["hi"] <= 0.8, b["figure"]

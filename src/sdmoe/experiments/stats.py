@@ -3,9 +3,11 @@
 No scipy: the two-sided 95% Student-t quantiles for df 1..30 are tabulated,
 beyond that a Cornish-Fisher expansion (error < 1e-4 at df > 30).
 
-Four verdicts: reproduced, not reproduced, inconclusive (measured, but the
-interval or the machine's noise reaches the threshold), and not measurable
-(this compare cannot test the claim; the claim's row says why).
+Five verdicts: reproduced, not reproduced, inconclusive (measured, but the
+interval or the machine's noise reaches the threshold), not as stated (a claim that
+states a number: the interval lies on the claimed side but away from that number,
+e.g. "fewer steps, not ~0.7x"), and not measurable (this compare cannot test the
+claim; the claim's row says why).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ T975 = (
 Z975 = 1.959964
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-NOT_MEASURABLE = "not measurable"
-VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_MEASURABLE)
-BADGE = {REPRODUCED: "pass", NOT_REPRODUCED: "fail", INCONCLUSIVE: "warn", NOT_MEASURABLE: "info"}
+NOT_AS_STATED, NOT_MEASURABLE = "not as stated", "not measurable"
+VERDICTS = (REPRODUCED, NOT_AS_STATED, NOT_REPRODUCED, INCONCLUSIVE, NOT_MEASURABLE)
+BADGE = {REPRODUCED: "pass", NOT_AS_STATED: "warn", NOT_REPRODUCED: "fail", INCONCLUSIVE: "warn",
+         NOT_MEASURABLE: "info"}
 
 
 def t975(df: int) -> float:
@@ -165,6 +168,21 @@ def verdict(lo: float, hi: float, threshold: float = 0.0, direction: int = +1) -
         return REPRODUCED
     if hi_ < 0:
         return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def sized_verdict(lo: float, hi: float, threshold: float, direction: int, stated: float, tolerance: float) -> str:
+    """A claim that states a number (`stated`, e.g. ~0.7x the steps) beyond a direction (below `threshold`,
+    1x): reproduced only when the whole interval lies within `stated` +- `tolerance`; not as stated when it
+    lies on the claimed side but wholly outside that band; inconclusive when it reaches into the band and out
+    of it; `verdict`'s answer when the direction itself is not established."""
+    direction_verdict = verdict(lo, hi, threshold, direction)
+    if direction_verdict != REPRODUCED:
+        return direction_verdict
+    if stated - tolerance <= lo and hi <= stated + tolerance:
+        return REPRODUCED
+    if lo > stated + tolerance or hi < stated - tolerance:
+        return NOT_AS_STATED
     return INCONCLUSIVE
 
 

@@ -107,11 +107,13 @@ def write_report(out: str | Path, summary: dict) -> Path:
                    for r in summary["per_text"]], floatfmt="{:.2f}")
 
     sec = doc.section("Claims", intro="Each verdict is computed from the runs: reproduced when the 95% t-interval "
-                                      "lies wholly on the claimed side, not reproduced when it lies wholly on the "
-                                      "other side, inconclusive otherwise (and for step time while the machine's "
-                                      "noise is wider than the distance to the threshold); not measurable when this "
-                                      "compare cannot test the claim, with the reason. Pairs share style, seed and "
-                                      "learning rate: same initial weights and data order.")
+                                      "lies wholly on the claimed side (and, for a claim that states a number, "
+                                      "within the stated tolerance of it), not as stated when it lies on the "
+                                      "claimed side but away from the stated number, not reproduced when it lies "
+                                      "wholly on the other side, inconclusive otherwise (and for step time while the "
+                                      "machine's noise is wider than the distance to the threshold); not measurable "
+                                      "when this compare cannot test the claim, with the reason. Pairs share style, "
+                                      "seed and learning rate: same initial weights and data order.")
     sec.table([{"claim": c["claim"], "paper's claim": c["statement"], "measured (mean [95% CI])": c["figure"],
                 "verdict": Raw(badge_html(c["verdict"], c["badge"])), "why": c.get("reason") or "", "n": c["n"],
                 "notes": c["note"]}
