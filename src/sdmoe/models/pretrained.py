@@ -103,6 +103,10 @@ def load_tokenizer(path: str | Path):
         raise UserError(f"cannot load the tokenizer in {p} ({type(e).__name__}); re-save it") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer in {p} has no end-of-text token (eos_token); set one and re-save it")
+    # an empty vocabulary turns any text into no tokens, which would be blamed on the text much later
+    if tokenizer.vocab_size == 0 or not tokenizer("The king said", add_special_tokens=False)["input_ids"]:
+        raise UserError(f"the tokenizer in {p} has an empty vocabulary (it turns text into no tokens); save the "
+                        "model's own tokenizer beside it (AutoTokenizer.from_pretrained(...).save_pretrained(PATH))")
     return tokenizer
 
 

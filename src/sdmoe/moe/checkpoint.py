@@ -55,7 +55,8 @@ _ROUTER_NAMES = ("gate.weight", "router.weight", "router.gate.weight", "gate.wg.
 # Fused experts a model type stores transposed ((E, D, 2F), (E, F, D)) with gate and up interleaved
 # [g0, u0, g1, ...] (transformers' `use_experts_implementation(is_transposed=True, is_concatenated=False)`):
 # named by model type, since gpt-oss's D == F (2880) leaves the shapes ambiguous. model_type -> (transposed, interleaved)
-_FUSED_STORAGE = {"gpt_oss": (True, True)}
+_FUSED_STORAGE = {"gpt_oss": (True, True), "llama4": (True, False), "llama4_text": (True, False), "aria": (True, False),
+                  "aria_text": (True, False), "inkling2_text": (False, True), "inkling2_loop_text": (False, True)}
 # Files one of which a saved tokenizer always has (fast, sentencepiece, BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # Where a transformers checkpoint can name Python modules of its own (`auto_map`).

@@ -180,6 +180,8 @@ def from_pretrained_sharded(path, mesh=None) -> nn.Module:
     if not (path / "config.json").is_file():
         raise UserError(f"{path} holds no config.json; pass a directory written by save_pretrained")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(config, "quantization_config"):  # our reader dequantises FP8 / MXFP4: the model is a float one
+        del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     materialize(model, mesh)
