@@ -44,7 +44,7 @@ test: install
 # extras into .venv (about 1 GB with Triton, which torchtitan imports), then runs their tests, which
 # `make test` skips without them. CI runs it after `make test`.
 test-integrations: install
-	$(BIN)/python -m pip install -q -e ".[test,olmo-core,torchtitan]"
+	$(BIN)/python -m pip install -q -e ".[test,olmo-core,torchtitan,mergekit]"
 	$(BIN)/python -m pytest tests/integrations
 
 test-slow: install

@@ -199,16 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(e, "the harness's model")
     e.add_argument("--out", help="write the scores here as JSON")
 
-    u = sub.add_parser("upcycle", help="turn a dense transformers checkpoint into an MoE checkpoint (copy, noise, drop)",
-                       description="Upcycle a dense checkpoint (qwen3 -> qwen3_moe, qwen2 -> qwen2_moe, mistral or "
-                                   "llama -> mixtral) into an ordinary transformers MoE checkpoint: every non-FFN "
-                                   "weight copied exactly, each FFN made into experts, routers initialised small. "
-                                   "`copy` at granularity 1 computes the dense model's logits exactly. Layer by "
-                                   "layer: the peak memory is the memory-mapped dense model plus one layer's "
-                                   "experts (Qwen-1.8B to 8 experts: 4.2 GiB for a 14 GiB output).",
-                       formatter_class=_Help)
+    u = sub.add_parser("upcycle", help="turn a dense transformers checkpoint into an MoE checkpoint (copy, noise, "
+                                       "drop; routers from prompts; BTX from fine-tunes)",
+                       description="Upcycle a dense checkpoint (qwen3 -> qwen3_moe, qwen2 -> qwen2_moe, mistral or llama\n"
+                                   "-> mixtral) into an ordinary transformers MoE checkpoint (config.json as save_pretrained\n"
+                                   "writes it; mergekit reads it): every non-FFN weight copied exactly, each FFN made into\n"
+                                   "experts, routers small and random or from prompts that describe each expert.\n"
+                                   "`copy` at granularity 1 computes the dense model's logits exactly, with or without\n"
+                                   "--shared-expert and whatever the routers. --experts-from builds Branch-Train-Mix\n"
+                                   "experts from dense fine-tunes of DENSE. Layer by layer: the peak memory is the\n"
+                                   "memory-mapped dense model plus one layer's experts (Qwen-1.8B to 8 experts: 4.5 GiB\n"
+                                   "for a 14 GiB output). Put DENSE first: --prompts and --experts-from take several values.",
+                       epilog="examples:\n"
+                              "  sdmoe upcycle dense/ --experts 8 --top-k 2 --out moe/\n"
+                              "  sdmoe upcycle dense/ --experts 3 --top-k 1 --router hidden \\\n"
+                              "      --prompts code.txt maths.txt chat.txt --out moe/      # one prompt a line\n"
+                              "  sdmoe upcycle dense/ --experts 3 --top-k 1 --router hidden \\\n"
+                              "      --prompts experts.yaml --out moe/    # {name: [prompts]} or mergekit-moe's config\n"
+                              "  sdmoe upcycle base/ --experts-from ft-code/ ft-maths/ --top-k 1 --out btx/   # BTX",
+                       # the examples and the description keep their lines; the options show their defaults
+                       formatter_class=type("_UpcycleHelp", (argparse.RawDescriptionHelpFormatter, _Help), {}))
     u.add_argument("dense", metavar="DENSE", help="a dense transformers checkpoint directory (safetensors, tokenizer)")
-    u.add_argument("--experts", type=int, required=True, help="routed experts per layer (>= 2)")
+    u.add_argument("--experts", type=int, help="routed experts per layer (>= 2; with --experts-from: default one per "
+                                               "fine-tune, or a multiple of their number)")
     u.add_argument("--top-k", type=int, required=True, help="experts each token is routed to (1 .. --experts)")
     u.add_argument("--out", required=True, help="the new MoE checkpoint directory (absent or empty)")
     u.add_argument("--method", default="copy", help="copy (identical experts) | noise (copy + Gaussian noise) | "
@@ -216,10 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--granularity", type=int, default=1,
                    help="split the FFN into G segments, each expert one of them (Qwen1.5-MoE's recipe)")
     u.add_argument("--shared-expert", action="store_true",
-                   help="qwen2 -> qwen2_moe: the shared expert a copy of the whole FFN (default: silent at the start)")
+                   help="qwen2 -> qwen2_moe: the shared expert a copy of the whole FFN, its gate zero (sigmoid 1/2), "
+                        "the routed experts' down projections halved: the two halves sum to the dense FFN (default: "
+                        "the shared expert silent at the start)")
     u.add_argument("--drop-ratio", type=float, default=0.5, help="drop: the share of each expert's neurons re-drawn")
     u.add_argument("--noise", type=float, default=0.01, help="noise: its std, relative to each weight's own")
-    u.add_argument("--seed", type=int, default=0, help="routers, noise and dropped neurons")
+    u.add_argument("--seed", type=int, default=0, help="routers (random), noise and dropped neurons")
+    u.add_argument("--router", default="random",
+                   help="random (small normal, seeded) | hidden (each expert's row: the dense model's hidden state "
+                        "entering each layer at its prompts' last token, averaged, unit length; mergekit-moe's "
+                        "gate_mode hidden) | hidden_avg (averaged over the prompts' tokens) | embed (the prompts' "
+                        "token embeddings; mergekit's cheap_embed)")
+    u.add_argument("--prompts", nargs="+", metavar="FILE",
+                   help="what each expert should take, for --router hidden/hidden_avg/embed: one UTF-8 text file "
+                        "per expert (one prompt a line), or one .json/.yaml file: {expert name: [prompts]}, a list "
+                        "of prompt lists, or mergekit-moe's config (experts: [{positive_prompts, negative_prompts}])")
+    u.add_argument("--experts-from", nargs="+", metavar="DIR",
+                   help="Branch-Train-Mix: dense fine-tunes of DENSE (same family, shapes, config, vocabulary); "
+                        "expert i's FFN from fine-tune i mod n")
+    u.add_argument("--non-expert-from", default="average",
+                   help="with --experts-from: attention, embeddings, norms and LM head as the fine-tunes' average "
+                        "(BTX's recipe) | base (DENSE's own)")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("report", help="rebuild a compare's report.html, summary.json and summary.csv from its run files")
@@ -387,7 +417,8 @@ def _upcycle(args) -> int:
 
     result = upcycle(args.dense, args.out, args.experts, args.top_k, method=args.method, granularity=args.granularity,
                      shared_expert=args.shared_expert, drop_ratio=args.drop_ratio, noise=args.noise, seed=args.seed,
-                     progress=not args.quiet)
+                     progress=not args.quiet, router=args.router, prompts=tuple(args.prompts or ()),
+                     experts_from=tuple(args.experts_from or ()), non_expert_from=args.non_expert_from)
     print(result.summary())
     return 0
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -31,9 +33,9 @@ def tokenizer_dir(tmp_path_factory, tiny_dataset):
 
 
 def _dense(tmp_path, tokenizer_dir, model_type="qwen3", seed=0, **over):
-    cfg = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, use_cache=False,
-                               **{**DENSE[model_type], **over})
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, use_cache=False)
+    cfg = AutoConfig.for_model(model_type, **{**sizes, **DENSE[model_type], **over})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     path = tmp_path / f"dense-{model_type}"
@@ -116,6 +118,9 @@ def _error(capsys, argv) -> str:
     (["--experts", "6", "--top-k", "2", "--granularity", "4"], "not a multiple of --granularity"),
     (["--experts", "4", "--top-k", "2", "--method", "merge"], "--method 'merge'"),
     (["--experts", "4", "--top-k", "2", "--shared-expert"], "qwen3_moe has no shared expert"),
+    (["--top-k", "2"], "--experts is missing: give the routed experts per layer"),
+    (["--experts", "4", "--top-k", "2", "--non-expert-from", "base"], "it needs --experts-from DIR"),
+    (["--experts", "4", "--top-k", "2", "--non-expert-from", "mean"], "--non-expert-from 'mean'"),
 ])
 def test_bad_requests_say_one_line_and_write_nothing(tmp_path, tokenizer_dir, capsys, extra, match):
     _, path = _dense(tmp_path, tokenizer_dir)
@@ -175,3 +180,151 @@ def test_densify_saves_a_one_expert_moe_as_the_dense_model_it_computes(tmp_path,
         torch.testing.assert_close(dense(ids).logits, moe(ids).logits, rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="not a one-expert qwen3_moe"):
         densify(tmp_path / "dense", tmp_path / "again")
+
+
+def _both_json(a, b, name):
+    return json.loads((a / name).read_text()), json.loads((b / name).read_text())
+
+
+@pytest.mark.parametrize("model_type, dtype", [("qwen3", torch.float32), ("qwen2", torch.float32),
+                                               ("mistral", torch.bfloat16), ("llama", torch.float32)])
+def test_config_json_is_what_save_pretrained_writes(tmp_path, tokenizer_dir, model_type, dtype):
+    dense, path = _dense(tmp_path, tokenizer_dir, model_type)
+    dense.to(dtype).save_pretrained(path)
+    (path / "generation_config.json").unlink()  # written as save_pretrained would, when the dense model has none
+    upcycle(path, tmp_path / "moe", experts=4, top_k=2, progress=False)
+    # the same config, through transformers' own save path: the model class built from it, save_pretrained
+    cfg = AutoConfig.from_pretrained(tmp_path / "moe")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "ref")
+    ours, ref = _both_json(tmp_path / "moe", tmp_path / "ref", "config.json")
+    assert ours == ref  # key for key: architectures, dtype, transformers_version included
+    assert ours["architectures"] == [type(AutoModelForCausalLM.from_config(cfg)).__name__]
+    assert ours["dtype"] == str(dtype).removeprefix("torch.")
+    assert _both_json(tmp_path / "moe", tmp_path / "ref", "generation_config.json")[0] == \
+        _both_json(tmp_path / "moe", tmp_path / "ref", "generation_config.json")[1]
+    # loaded as save_pretrained's own output is: in the weights' dtype
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype="auto").dtype == dtype
+
+
+def test_the_dense_generation_config_is_kept(tmp_path, tokenizer_dir):
+    _, path = _dense(tmp_path, tokenizer_dir)
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.25, "do_sample": True}))
+    upcycle(path, tmp_path / "moe", experts=4, top_k=2, progress=False)
+    assert json.loads((tmp_path / "moe" / "generation_config.json").read_text())["temperature"] == 0.25
+
+
+def test_the_shared_expert_and_the_routed_ones_sum_to_the_dense_ffn(tmp_path, tokenizer_dir):
+    dense, path = _dense(tmp_path, tokenizer_dir, "qwen2")
+    upcycle(path, tmp_path / "moe", experts=4, top_k=2, shared_expert=True, progress=False)
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(_ids()).logits, dense(_ids()).logits, rtol=0, atol=1e-5)
+    mlp, block = dense.model.layers[0].mlp, moe.model.layers[0].mlp
+    # the shared expert is the whole FFN (its gate zero: sigmoid 1/2), every routed expert half of it
+    assert torch.equal(block.shared_expert.down_proj.weight, mlp.down_proj.weight)
+    assert torch.equal(block.shared_expert_gate.weight, torch.zeros(1, 32))
+    down = find_moe_blocks(moe)[0].down_EDF()
+    assert all(torch.equal(down[i], 0.5 * mlp.down_proj.weight) for i in range(4))
+    # both halves carry the function: silencing either changes the logits
+    with torch.no_grad():
+        for silence in (block.shared_expert.down_proj.weight, block.experts.down_proj):
+            kept = silence.clone()
+            silence.zero_()
+            assert (moe(_ids()).logits - dense(_ids()).logits).abs().max() > 1e-3
+            silence.copy_(kept)
+
+
+def _fine_tune(base, path, tokenizer_dir, seed, ffn=True, rest=False):
+    """A 'fine-tune' of `base`: its FFNs (and with `rest` every other weight) moved by a seeded amount."""
+    ft = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if (".mlp." in name and ffn) or (".mlp." not in name and rest):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ft.save_pretrained(path)
+    for f in os.listdir(tokenizer_dir):
+        (path / f).write_bytes((tokenizer_dir / f).read_bytes())
+    return ft.eval()
+
+
+def _force_expert(moe, i):
+    """Route every token of every layer to expert i alone (weight 1)."""
+    def hook(module, args, out):
+        n = out[0].shape[0]
+        return out[0], torch.ones(n, 1, dtype=out[1].dtype), torch.full((n, 1), i, dtype=out[2].dtype)
+    return [layer.mlp.gate.register_forward_hook(hook) for layer in moe.model.layers]
+
+
+def test_btx_expert_i_computes_fine_tune_i(tmp_path, tokenizer_dir):
+    base, path = _dense(tmp_path, tokenizer_dir)
+    tunes = [_fine_tune(base, tmp_path / f"ft{i}", tokenizer_dir, seed=10 + i) for i in range(3)]
+    result = upcycle(path, tmp_path / "btx", None, top_k=1, experts_from=[tmp_path / f"ft{i}" for i in range(3)],
+                     non_expert_from="base", progress=False)
+    assert result.experts == 3 and "experts from 3 fine-tunes" in result.summary()
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "btx").eval()
+    with torch.no_grad():
+        for i, tune in enumerate(tunes):
+            hooks = _force_expert(moe, i)
+            got = moe(_ids()).logits
+            for h in hooks:
+                h.remove()
+            torch.testing.assert_close(got, tune(_ids()).logits, rtol=0, atol=1e-5)
+            assert (got - base(_ids()).logits).abs().max() > 1e-3  # the fine-tune's FFN, not the base's
+    # a multiple of the fine-tunes: expert i from fine-tune i mod 3
+    upcycle(path, tmp_path / "btx6", 6, top_k=2, experts_from=[tmp_path / f"ft{i}" for i in range(3)], progress=False)
+    gate = find_moe_blocks(AutoModelForCausalLM.from_pretrained(tmp_path / "btx6"))[0].gate_EFD()
+    assert torch.equal(gate[4], tunes[1].model.layers[0].mlp.gate_proj.weight)
+
+
+@pytest.mark.parametrize("non_expert_from", ["average", "base"])
+def test_btx_non_expert_weights_average_or_base(tmp_path, tokenizer_dir, non_expert_from):
+    base, path = _dense(tmp_path, tokenizer_dir)
+    tunes = [_fine_tune(base, tmp_path / f"ft{i}", tokenizer_dir, seed=20 + i, rest=True) for i in range(2)]
+    upcycle(path, tmp_path / "btx", None, top_k=1, experts_from=[tmp_path / "ft0", tmp_path / "ft1"],
+            non_expert_from=non_expert_from, progress=False)
+    msd = AutoModelForCausalLM.from_pretrained(tmp_path / "btx").state_dict()
+    bsd, sds = base.state_dict(), [t.state_dict() for t in tunes]
+    for k in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
+        want = (sds[0][k] + sds[1][k]) / 2 if non_expert_from == "average" else bsd[k]
+        torch.testing.assert_close(msd[k], want, rtol=0, atol=1e-6)
+        assert (msd[k] - bsd[k]).abs().max() > (1e-3 if non_expert_from == "average" else -1)
+
+
+def _mutate(path, tokenizer_dir, tmp_path, how):
+    if how == "family":  # a llama of the same shapes as the mistral base
+        _dense(tmp_path / "other", tokenizer_dir, "llama")
+        return tmp_path / "other" / "dense-llama"
+    if how == "shapes":
+        _dense(tmp_path / "other", tokenizer_dir, "mistral", intermediate_size=64)
+        return tmp_path / "other" / "dense-mistral"
+    ft = tmp_path / "ft"
+    shutil.copytree(path, ft)
+    if how == "config":
+        cfg = json.loads((ft / "config.json").read_text())
+        (ft / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+    if how == "vocabulary":
+        tok = json.loads((ft / "tokenizer.json").read_text())
+        vocab = tok["model"]["vocab"]
+        a, b = sorted(vocab, key=vocab.get)[300:302]
+        vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids: same size, other ids
+        (ft / "tokenizer.json").write_text(json.dumps(tok))
+    return ft
+
+
+@pytest.mark.parametrize("how, extra, match", [
+    ("family", [], "is a 'llama' model but"),
+    ("shapes", [], "has shape [32, 64] but"),
+    ("config", [], "config.json has rms_norm_eps=0.001 but"),
+    ("vocabulary", [], "vocabulary (tokenizer.json) differs from"),
+    ("same", ["--experts", "3"], "--experts 3 is not a multiple of the 2 --experts-from directories"),
+    ("same", ["--granularity", "2"], "--granularity 2 with --experts-from"),
+])
+def test_btx_refuses_fine_tunes_of_another_model_in_one_line(tmp_path, tokenizer_dir, capsys, how, extra, match):
+    _, path = _dense(tmp_path, tokenizer_dir, "mistral")
+    ft = _mutate(path, tokenizer_dir, tmp_path, how)
+    err = _error(capsys, ["upcycle", str(path), "--top-k", "1", "--out", str(tmp_path / "btx"), *extra,
+                          "--experts-from", str(path), str(ft)])
+    assert match in err, err
+    assert not (tmp_path / "btx").exists()

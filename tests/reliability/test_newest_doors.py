@@ -177,7 +177,48 @@ CASES = [
      ["is a directory that is not empty"]),
     ("upcycle_out_holds_the_working_directory", "dangerous", None, [*UP, ".."],
      ["is a directory that is not empty"]),
+    # -- upcycle's routers from prompts and BTX experts: every new input checked before the first write
+    ("upcycle_router_without_prompts", "new input", None, [*UP, "out", "--router", "hidden"],
+     ["--router hidden initialises each expert's router from prompts", "add --prompts"]),
+    ("upcycle_prompts_missing", "new input", lambda w: _prompt_files(w, 3),
+     [*UP, "a/out", "--router", "hidden", "--prompts", "p0.txt", "p1.txt", "p2.txt", "nowhere.txt"],
+     ["--prompts nowhere.txt does not exist"]),
+    ("upcycle_prompts_not_utf8", "new input", lambda w: _prompt_files(w, 4, latin1=2),
+     [*UP, "out", "--router", "embed", "--prompts", "p0.txt", "p1.txt", "p2.txt", "p3.txt"],
+     ["--prompts p2.txt is not UTF-8"]),
+    ("upcycle_prompts_count", "new input", lambda w: _prompt_files(w, 2),
+     [*UP, "out", "--router", "hidden", "--prompts", "p0.txt", "p1.txt"],
+     ["--prompts describes 2 experts but the MoE has 4"]),
+    ("upcycle_prompts_empty", "new input", lambda w: _prompt_files(w, 4, empty=3),
+     [*UP, "out", "--router", "hidden", "--prompts", "p0.txt", "p1.txt", "p2.txt", "p3.txt"],
+     ["holds no prompt for expert 3"]),
+    ("upcycle_prompts_a_directory", "new input", lambda w: (w / "pdir").mkdir(),
+     [*UP, "out", "--router", "hidden", "--prompts", "pdir"], ["pdir is a directory, not a regular file"]),
+    ("upcycle_experts_from_other_family", "new input", lambda w: _fine_tune_copy(w, model_type="llama"),
+     [*UP, "out", "--experts-from", "dense", "ft"], ["--experts-from ft is a 'llama' model but"]),
+    ("upcycle_experts_from_other_vocabulary", "new input", lambda w: _more_tokens(_fine_tune_copy(w)),
+     [*UP, "out", "--experts-from", "dense", "ft"], ["--experts-from ft's vocabulary (tokenizer.json) differs"]),
+    ("upcycle_experts_from_nan", "new input", lambda w: _nan_in_a_tensor(_fine_tune_copy(w)),
+     [*UP, "out", "--experts-from", "dense", "ft"], ["holds NaN or infinite values"]),
+    ("upcycle_experts_from_missing", "new input", None, [*UP, "out", "--experts-from", "dense", "nowhere"],
+     ["--experts-from nowhere is not a directory"]),
+    ("upcycle_nan_in_the_weights", "written first", lambda w: _nan_in_a_tensor(w / "dense"), [*UP, "a/out"],
+     ["holds NaN or infinite values", "upcycle an earlier checkpoint"]),
 ]
+
+
+def _prompt_files(world: Path, n: int, latin1: int | None = None, empty: int | None = None) -> None:
+    for i in range(n):
+        text = "" if i == empty else f"prompts of expert {i}\nthe {i}th kind of text\n"
+        (world / f"p{i}.txt").write_bytes(text.encode("latin-1" if i == latin1 else "utf-8") + (
+            "caf\xe9".encode("latin-1") if i == latin1 else b""))
+
+
+def _fine_tune_copy(world: Path, **config) -> Path:
+    shutil.copytree(world / "dense", world / "ft")
+    if config:
+        _edit_config(world / "ft", **config)
+    return world / "ft"
 
 
 @pytest.mark.parametrize("case, kind, breaks, argv, fragments", CASES, ids=[c[0] for c in CASES])
