@@ -1,11 +1,17 @@
-"""`sdmoe.moe.layout` on the families whose experts or router sit apart from transformers 5's usual
+"""`sdmoe.moe.layout` on every MoE family of the installed transformers (`sdmoe.moe.families`), through
+the layout adapters (`sdmoe.moe.adapters`; tests/moe/test_adapters.py has one case per way of keeping
+experts), and in detail on the families whose experts or router sit apart from transformers 5's usual
 `experts.gate_up_proj` + `gate`: Llama 4 (transposed storage without the flags, a router returning
 (scores, logits)), HunYuan (router weight in `gate.wg`), JetMoE (the block's own `input_linear` /
 `output_linear`, a router returning its dispatch plan) and DBRX (flat `w1/v1/w2`, router `router.layer`).
 
-Each block's output is recomputed from the canonical views and the router weight alone, the way the
-family's own forward computes it; the gradients of that recomputation are the canonical gradient views;
-a write lands where the host reads it; the router's forward hooks see (logits, scores, indices)."""
+Every family: canonical views read and written back leave the host tensors bit-identical; other weights
+written are read back bit for bit and the family's own experts compute with them (its experts module's
+forward, or the block's for the families above, recomputed from the canonical views and the router); what
+`save_pretrained` writes is read back by `ExpertCheckpoint` bit for bit (a few families in the default
+tier, every family in the slow one). The four above: each block's output is recomputed from the
+canonical views and the router weight alone, the gradients of that recomputation are the canonical
+gradient views, and the router's forward hooks see (logits, scores, indices)."""
 
 from __future__ import annotations
 
@@ -15,8 +21,10 @@ import torch.nn.functional as F
 
 from sdmoe.moe import find_moe_blocks
 from sdmoe.moe.checkpoint import ExpertCheckpoint
-from sdmoe.moe.families import build_tiny
+from sdmoe.moe.families import build_tiny, moe_model_types
 from sdmoe.moe.layout import RouterAdapter
+
+from .family_chain import REFUSED
 
 
 def expert(gate_FD, up_FD, down_DF, x_TD):
@@ -150,7 +158,7 @@ def test_adapted_routers_share_the_routing_modules_weight_and_attributes():
                                                          id(block.module.experts.down_proj)}
 
 
-@pytest.mark.parametrize("name", ["llama4_text", "hunyuan_v1_moe", "jetmoe"])
+@pytest.mark.parametrize("name", ["llama4_text", "hunyuan_v1_moe", "jetmoe", "gpt_oss"])
 def test_weights_only_reading_matches_the_live_views(name, tmp_path):
     # expert width 48 != hidden 64, as in the released checkpoints: the files' shapes alone say which is which
     # (where they are equal the reader goes by model type: the slow tests/moe/test_families.py covers that)
@@ -166,3 +174,94 @@ def test_weights_only_reading_matches_the_live_views(name, tmp_path):
             assert torch.equal(lw.gate_EFD, block.gate_EFD()) and torch.equal(lw.up_EFD, block.up_EFD())
             assert torch.equal(lw.down_EDF, block.down_EDF())
             assert lw.router_ED is not None and torch.equal(lw.router_ED, block.router_ED())
+
+
+# -- every family ------------------------------------------------------------------------------------------------
+READ = [t for t in moe_model_types() if t not in REFUSED]
+# Families whose experts module has no `experts(x, top_k_index, top_k_weights)` forward of its own: the block's
+# output is recomputed instead (the references above).
+BLOCK_LEVEL = {"llama4_text": llama4, "jetmoe": jetmoe, "dbrx": dbrx}
+# gpt-oss's gate reads the gate and up outputs interleaved, [g0, u0, g1, u1, ...], the order it stores them in
+GATE_INTERLEAVED = {"gpt_oss"}
+# Families whose checkpoints are read back in the default tier: one of each layout and storage the adapters
+# tell apart (every family in the slow tier)
+SAVED_FAST = {"aria_text", "dbrx", "gpt_oss", "granitemoe", "inkling2_text", "jetmoe", "llama4_text", "mixtral",
+              "qwen3_moe", "hunyuan_v1_moe"}
+
+
+def canonical_weights(block):
+    return tuple(t.detach().clone() for t in (block.gate_EFD(), block.up_EFD(), block.down_EDF()))
+
+
+def gated(experts, model_type, g_TF, u_TF):
+    """The family's own gated activation of the gate and up outputs (`_apply_gate`, else act_fn(g) * u)."""
+    if not hasattr(experts, "_apply_gate"):
+        return experts.act_fn(g_TF) * u_TF
+    interleaved = model_type in GATE_INTERLEAVED
+    return experts._apply_gate(torch.stack((g_TF, u_TF), -1).flatten(-2) if interleaved else torch.cat((g_TF, u_TF), -1))
+
+
+def experts_output(experts, model_type, w, x_TD, idx_TK, weight_TK):
+    """sum_k weight_k * expert_{idx_k}(x) from canonical weights w, with the family's own gate."""
+    out = torch.zeros_like(x_TD)
+    for k in range(idx_TK.shape[1]):
+        for e in idx_TK[:, k].unique().tolist():
+            rows = idx_TK[:, k] == e
+            h = gated(experts, model_type, x_TD[rows] @ w[0][e].T, x_TD[rows] @ w[1][e].T)
+            out[rows] += weight_TK[rows, k, None] * (h @ w[2][e].T)
+    return out
+
+
+def assert_computes_with(block, model_type, w):
+    """The family's own forward (its experts', or its block's) is the one recomputed from canonical weights w."""
+    x_TD = torch.randn(6, block.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for name, p in block.experts.named_parameters():
+            if name.endswith("_bias"):  # gpt-oss' expert biases: not weights the views hold
+                p.zero_()
+        if model_type in BLOCK_LEVEL:
+            want = BLOCK_LEVEL[model_type](block, w, block.router_ED(), x_TD)
+            got = block_output(block, x_TD[None])
+        else:
+            g = torch.Generator().manual_seed(4)
+            idx_TK = torch.stack([torch.randperm(block.num_experts, generator=g)[:2] for _ in range(6)])
+            weight_TK = torch.rand(6, 2, generator=g)
+            got = block.experts(x_TD, idx_TK, weight_TK)
+            got = got[0] if isinstance(got, tuple) else got
+            want = experts_output(block.experts, model_type, w, x_TD, idx_TK, weight_TK)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", READ)
+def test_every_family_round_trips_its_canonical_views(model_type):
+    model = build_tiny(model_type).float()
+    blocks = find_moe_blocks(model)
+    g = torch.Generator().manual_seed(2)
+    for block in blocks:
+        before = [p.detach().clone() for p in block.host_parameters()]
+        w = canonical_weights(block)
+        block.write(*w)  # read, written back: the host bit for bit
+        assert all(torch.equal(p, b) for p, b in zip(block.host_parameters(), before))
+        new = tuple(torch.randn(t.shape, generator=g) * 0.2 for t in w)
+        block.write(*new)
+        assert all(torch.equal(a, b) for a, b in zip(canonical_weights(block), new))
+        assert_computes_with(block, model_type, new)
+        block.write(*w)
+        assert all(torch.equal(p, b) for p, b in zip(block.host_parameters(), before))
+
+
+@pytest.mark.parametrize("model_type", [t if t in SAVED_FAST else pytest.param(t, marks=pytest.mark.slow) for t in READ])
+def test_every_familys_saved_experts_are_read_as_its_live_views(model_type, tmp_path):
+    model = build_tiny(model_type).float()
+    model.save_pretrained(tmp_path)
+    blocks = find_moe_blocks(model)
+    with ExpertCheckpoint(tmp_path) as ckpt:
+        assert ckpt.layers == [b.layer for b in blocks]
+        assert (ckpt.num_experts, ckpt.hidden_size, ckpt.expert_ffn) == (
+            blocks[0].num_experts, blocks[0].hidden_size, blocks[0].expert_ffn)
+        for block in blocks:
+            for dtype in (None, torch.float64):  # views of the tensors read; one converted copy each
+                lw = ckpt.read_layer(block.layer, dtype)
+                for got, live in zip((lw.gate_EFD, lw.up_EFD, lw.down_EDF, lw.router_ED),
+                                     (block.gate_EFD(), block.up_EFD(), block.down_EDF(), block.router_ED())):
+                    assert got is not None and torch.equal(got, live.detach().to(got.dtype))

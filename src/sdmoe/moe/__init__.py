@@ -1,4 +1,6 @@
-"""Where a transformers model keeps its experts and router (`layout`), checkpoints on disk, sharded reads."""
+"""Where a model keeps its experts and router: the MoE blocks (`layout`), the layout adapters that read each way
+of keeping experts (`adapters`: fused, stacked, module list) and routers (`routers`), checkpoints on disk
+(`checkpoint`, over `stored` files and `quantized` tensors), FSDP2-sharded reads (`sharding`)."""
 
 import importlib
 

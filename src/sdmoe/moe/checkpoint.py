@@ -8,15 +8,14 @@ time in the canonical shapes of `sdmoe.moe.layout`:
     gate_EFD, up_EFD : E x F x D      down_EDF : E x D x F      router_ED : E x D
 
 Only one layer's experts are ever stacked in memory, so a checkpoint far
-larger than RAM can be analysed. Recognised tensor names:
-
-- fused (transformers 5 in memory): `<block>.experts.gate_up_proj` (E, 2F, D)
-  [or transposed (E, D, 2F)] and `<block>.experts.down_proj` (E, D, F) [or (E, F, D)];
-- per-expert module lists (what `save_pretrained` writes, transformers 4,
-  remote-code models): `<block>.experts.<i>.{gate_proj,up_proj,down_proj}.weight`
-  or Mixtral's `<block>.experts.<i>.{w1,w3,w2}.weight`;
-
-with the router `<block>.gate.weight` (or `<block>.router.weight`) of shape (E, D).
+larger than RAM can be analysed. Which tensors are experts, and how each layout
+keeps them, the layout adapters say (`sdmoe.moe.adapters`: the names on disk are
+their names): fused `<block>.experts.gate_up_proj` / `down_proj` (plain or
+transposed, Aria's `fc1/fc2`, Inkling 2's `w13_weight/w2_weight`, the JetMoE and
+Granite MoE pair `input_linear/output_linear`), per-expert module lists
+(`<block>.experts.<i>.gate_proj.weight`, Mixtral's `w1/w3/w2`: what `save_pretrained`
+writes for most families) and DBRX's flat `<block>.experts.mlp.w1/v1/w2`, with the
+router `<block>.gate.weight` (or `router.weight`, a nested router's weight).
 """
 
 from __future__ import annotations
@@ -31,32 +30,11 @@ import torch
 
 from sdmoe.errors import UserError
 
-from .layout import split_gate_up
-from .projections import PROJECTIONS
+from .adapters import LayoutAdapter, router_names, saved_layout, saved_suffixes
 from .quantized import QuantizedTensors
+from .stored import INDEX_FILE, SINGLE_FILE, StoredTensors
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-_FUSED = re.compile(r"^(?P<block>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)$"
-                    # Aria's (fc1, fc2), Inkling 2's (w13_weight, w2_weight); JetMoE's and Granite MoE's experts on
-                    # the block itself (not JetMoE's attention experts nor Granite's `shared_mlp`, 2-D, named alike)
-                    r"|^(?P<block2>.+)\.experts\.(?P<proj2>fc1\.weight|fc2\.weight|w13_weight|w2_weight)$"
-                    r"|^(?P<block3>.+\.(?:mlp|block_sparse_moe))\.(?P<proj3>input_linear|output_linear)\.weight$")
-# the saved name of a fused tensor -> the in-memory one it is
-_FUSED_NAME = {"fc1.weight": "gate_up_proj", "w13_weight": "gate_up_proj", "input_linear": "gate_up_proj",
-               "fc2.weight": "down_proj", "w2_weight": "down_proj", "output_linear": "down_proj"}
-_LISTED = re.compile(r"^(?P<block>.+)\.experts\.(?P<i>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
-# canonical role of each per-expert projection name
-_ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
-_ROUTER_NAMES = ("gate.weight", "router.weight", "router.gate.weight", "gate.wg.weight", "router.layer.weight",
-                 "router.classifier.weight")
-# Fused experts a model type stores transposed ((E, D, 2F), (E, F, D)) with gate and up interleaved
-# [g0, u0, g1, ...] (transformers' `use_experts_implementation(is_transposed=True, is_concatenated=False)`):
-# named by model type, since gpt-oss's D == F (2880) leaves the shapes ambiguous. model_type -> (transposed, interleaved)
-_FUSED_STORAGE = {"gpt_oss": (True, True), "llama4": (True, False), "llama4_text": (True, False), "aria": (True, False),
-                  "aria_text": (True, False), "inkling2_text": (False, True), "inkling2_loop_text": (False, True)}
 # Files one of which a saved tokenizer always has (fast, sentencepiece, BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # Where a transformers checkpoint can name Python modules of its own (`auto_map`).
@@ -238,23 +216,20 @@ def weights_of_block(block) -> LayerWeights:
 
 
 @dataclass
-class _LayerSpec:
+class _Layer:
     layer: int
-    block: str
-    layout: str  # "fused" | "module_list"
-    tensors: dict  # fused: {"gate_up_proj": key, "down_proj": key}; list: {role: {i: key}}
-    router: str | None
+    block: str  # the block's prefix, e.g. "model.layers.3.mlp"
+    adapter: LayoutAdapter  # its experts, with tensor names for places
+    router: str | None  # the router weight's name
 
 
-class SafetensorsWeights:
+class SafetensorsWeights(StoredTensors):
     """A checkpoint directory's safetensors tensors, memory-mapped: which file holds each name (the single
     file, an index's shards, or every *.safetensors), their shapes, and the tensors, with one-line errors
     for a missing shard, a damaged file or a tensor holding NaN."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self._handles: dict[Path, object] = {}
-        self.key_file = self._index_keys()
+        super().__init__(path)
         self._shapes: dict[str, tuple[int, ...]] = {}
         # FP8 / MXFP4 (`quantized`): `keys()` are the model's names, each dequantised when read (scales hidden);
         # `key_file` stays what the files hold
@@ -262,59 +237,6 @@ class SafetensorsWeights:
 
     def keys(self) -> list[str]:
         return list(self.quantized.name_file if self.quantized is not None else self.key_file)
-
-    def _index_keys(self) -> dict[str, Path]:
-        index = self.path / INDEX_FILE
-        single = self.path / SINGLE_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise UserError(
-                    f"{index} is not a valid safetensors index (no weight_map); re-download the checkpoint"
-                ) from None
-            files = {name: self.path / name for name in set(weight_map.values())}
-            missing = sorted(n for n, p in files.items() if not p.is_file())
-            if missing:
-                raise UserError(
-                    f"{index.name} names {len(missing)} shard(s) missing from {self.path} (e.g. {missing[0]}); "
-                    "download every shard of the checkpoint"
-                )
-            return {k: files[v] for k, v in weight_map.items()}
-        if single.is_file():
-            return {k: single for k in self._open(single).keys()}
-        others = sorted(p.name for p in self.path.glob("*.safetensors"))
-        if others:  # unusual names, no index: read them all
-            keys = {}
-            for name in others:
-                for k in self._open(self.path / name).keys():
-                    keys[k] = self.path / name
-            return keys
-        bins = sorted(p.name for p in self.path.glob("*.bin"))
-        hint = (
-            f"it holds {bins[0]} (pickle); re-save it with save_pretrained(..., safe_serialization=True)"
-            if bins
-            else "download the model's *.safetensors files into it"
-        )
-        raise UserError(f"{self.path} holds no {SINGLE_FILE} or {INDEX_FILE}; {hint}")
-
-    def _open(self, file: Path):
-        from safetensors import SafetensorError, safe_open
-
-        handle = self._handles.get(file)
-        if handle is None:
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise UserError(
-                    f"file {file} is truncated or corrupt; re-download it (safetensors: {str(e).splitlines()[0]})"
-                ) from None
-            self._handles[file] = handle
-        return handle
-
-    def stored(self, key: str):
-        """The safetensors slice of a tensor exactly as its file holds it (a quantised one's data or scales too)."""
-        return self._open(self.key_file[key]).get_slice(key)
 
     def _dequantized(self, key: str) -> bool:
         return getattr(self, "quantized", None) is not None and key in self.quantized.parts
@@ -355,9 +277,6 @@ class SafetensorsWeights:
         except SafetensorError as e:
             raise UserError(f"file {file} is truncated or corrupt; re-download it (safetensors: {e})") from None
 
-    def close(self) -> None:
-        self._handles.clear()
-
 
 class ExpertCheckpoint:
     """A local checkpoint directory, opened for layer-by-layer expert reading.
@@ -385,76 +304,60 @@ class ExpertCheckpoint:
         check_weight_files(self.path)  # a FIFO where a weights file should be: one line, never a blocked read
         self.weights = SafetensorsWeights(self.path)
         self._shape, self._get = self.weights.shape, self.weights.get
-        self._specs = self._find_layers()
+        self._layers = self._find_layers()
 
-    # -- files -------------------------------------------------------------
     # -- structure ---------------------------------------------------------
-    def _find_layers(self) -> list[_LayerSpec]:
-        keys = set(self.weights.keys())
-        specs: dict[str, _LayerSpec] = {}
+    def _find_layers(self) -> list[_Layer]:
+        """Every block whose tensors a layout adapter reads, with its router; the names are the adapters'."""
+        keys = self.weights.keys()
+        experts = saved_suffixes()
+        blocks: dict[str, dict[str, str]] = {}  # block -> {name under the block: key}
         for key in sorted(keys):
-            m = _FUSED.match(key)
-            if m:
-                block, proj = (next(g for g in m.groups()[i::2] if g) for i in (0, 1))  # whichever alternative
-                spec = specs.setdefault(block, _LayerSpec(0, block, "fused", {}, None))
-                spec.tensors[_FUSED_NAME.get(proj, proj)] = key
-                continue
-            m = _LISTED.match(key)
-            if m:
-                spec = specs.setdefault(m["block"], _LayerSpec(0, m["block"], "module_list", {}, None))
-                spec.tensors.setdefault(_ROLE[m["proj"]], {})[int(m["i"])] = key
+            if m := experts.match(key):
+                blocks.setdefault(m["block"], {})[m["suffix"]] = key
+        have, routers = set(keys), router_names()
         out = []
-        for block, spec in specs.items():
-            if spec.layout == "fused" and set(spec.tensors) != {"gate_up_proj", "down_proj"}:
-                continue
-            if spec.layout == "module_list":
-                roles = spec.tensors
-                if set(roles) != set(PROJECTIONS):
-                    continue
-                ids = set(roles["gate"])
-                if ids != set(roles["up"]) or ids != set(roles["down"]) or ids != set(range(len(ids))):
-                    raise UserError(
-                        f"experts of {block} are incomplete in {self.path} (expert ids {sorted(ids)[:8]}...); "
-                        "re-download the checkpoint"
-                    )
-            spec.router = next((f"{block}.{r}" for r in _ROUTER_NAMES if f"{block}.{r}" in keys), None)
-            match = _LAYER_INDEX.search(f".{block}.")
-            spec.layer = int(match.group(1)) if match else 0
-            out.append(spec)
+        for block, names in blocks.items():
+            router = next((f"{block}.{r}" for r in routers if f"{block}.{r}" in have), None)
+            try:
+                adapter = saved_layout(names, self._shape, self.config.get("model_type"),
+                                       self._shape(router)[0] if router else None)
+            except UserError as e:  # the adapter says what is wrong with the experts; here, where
+                raise UserError(f"{block} in {self.path}: {e}") from None
+            if adapter is not None:
+                match = _LAYER_INDEX.search(f".{block}.")
+                out.append(_Layer(int(match.group(1)) if match else 0, block, adapter, router))
         if not out:
-            sample = sorted({_LAYER_INDEX.sub(".N.", k) for k in keys})[:6]
-            raise UserError(
-                f"no MoE layers found in {self.path} (tensor names look like {', '.join(sample)}); "
-                "sdmoe needs `*.experts.gate_up_proj/down_proj` or `*.experts.<i>.gate_proj|up_proj|down_proj"
-                "(.w1|w3|w2).weight` expert tensors"
-            )
+            raise UserError(f"no MoE layers found in {self.path} ({self._unread(keys, blocks)}); sdmoe needs "
+                            "`*.experts.gate_up_proj/down_proj`, `*.experts.<i>.gate_proj|up_proj|down_proj"
+                            "(.w1|w3|w2).weight` or DBRX's `*.experts.mlp.w1/v1/w2` expert tensors")
         return sorted(out, key=lambda s: s.layer)
+
+    def _unread(self, keys: list[str], blocks: dict[str, dict[str, str]]) -> str:
+        """What the checkpoint holds instead of experts a layout reads: expert-named tensors of shapes no layout
+        fits, or else a sample of its names."""
+        if blocks:
+            block, names = next(iter(blocks.items()))
+            shapes = ", ".join(f"{n} {list(self._shape(k))}" for n, k in list(names.items())[:4])
+            return f"the expert tensors of {block} ({shapes}) are no fused, stacked or per-expert gated MLP"
+        sample = sorted({_LAYER_INDEX.sub(".N.", k) for k in keys})[:6]
+        return f"tensor names look like {', '.join(sample)}"
 
     @property
     def layers(self) -> list[int]:
-        return [s.layer for s in self._specs]
+        return [s.layer for s in self._layers]
 
     @property
     def hidden_size(self) -> int:
-        spec = self._specs[0]
-        if spec.layout == "module_list":
-            return self._shape(spec.tensors["gate"][0])[1]
-        return int(self.config.get("hidden_size") or self._guess_fused_d(spec))
+        return self._layers[0].adapter.hidden_size
 
     @property
     def num_experts(self) -> int:
-        spec = self._specs[0]
-        if spec.layout == "module_list":
-            return len(spec.tensors["gate"])
-        return self._shape(spec.tensors["gate_up_proj"])[0]
+        return self._layers[0].adapter.num_experts
 
     @property
     def expert_ffn(self) -> int:
-        spec = self._specs[0]
-        if spec.layout == "module_list":
-            return self._shape(spec.tensors["gate"][0])[0]
-        _, a, b = self._shape(spec.tensors["gate_up_proj"])
-        return (a if b == self.hidden_size else b) // 2
+        return self._layers[0].adapter.expert_ffn
 
     @property
     def top_k(self) -> int | None:
@@ -463,56 +366,23 @@ class ExpertCheckpoint:
                 return self.config[name]
         return None
 
-    def _guess_fused_d(self, spec: _LayerSpec) -> int:
-        # down_proj (E, D, F): D is the dim shared with gate_up_proj that is not 2F
-        _, a, b = self._shape(spec.tensors["down_proj"])
-        _, c, _ = self._shape(spec.tensors["gate_up_proj"])
-        return a if c == 2 * b else b
-
     # -- reading -----------------------------------------------------------
     def read_layer(self, layer: int, dtype: torch.dtype | None = None) -> LayerWeights:
         """One MoE layer's canonical weights.
 
-        `dtype=None` keeps the disk dtype. With a `dtype`, each expert tensor
-        is converted while being copied into one preallocated buffer per
-        projection (no second full-size copy), and the down projection is
-        stored hidden-last, so `projections()["down"]` is contiguous.
+        `dtype=None` keeps the disk dtype (views of the tensors read where the layout allows). With a
+        `dtype`, each projection is one new contiguous tensor, hidden space last, converted while copied
+        (module lists: expert by expert, into one buffer per projection, no second full-size copy), so
+        `projections()["down"]` is contiguous.
         """
-        spec = next((s for s in self._specs if s.layer == layer), None)
+        spec = next((s for s in self._layers if s.layer == layer), None)
         if spec is None:
             raise UserError(f"layer {layer} holds no MoE block in {self.path}; MoE layers are {self.layers}")
-        if spec.layout == "fused":
-            gate_up, down = self._get(spec.tensors["gate_up_proj"]), self._get(spec.tensors["down_proj"])
-            d = int(self.config.get("hidden_size") or self._guess_fused_d(spec))
-            transposed, interleaved = _FUSED_STORAGE.get(self.config.get("model_type"), (None, False))
-            if transposed or (transposed is None and gate_up.shape[2] != d and gate_up.shape[1] == d):  # (E, D, 2F)
-                gate_up = gate_up.transpose(1, 2)
-            if transposed or (transposed is None and down.shape[1] != d and down.shape[2] == d):  # (E, F, D)
-                down = down.transpose(1, 2)
-            gate, up = split_gate_up(gate_up, interleaved)  # [gate; up] unless the model type interleaves them
-            if dtype is not None:
-                # one copy each, straight into contiguous storage (`.to` alone keeps a transposed view's strides,
-                # and `.contiguous()` would copy it a second time)
-                gate, up = (t.to(dtype, memory_format=torch.contiguous_format) for t in (gate, up))
-                down = down.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).transpose(1, 2)
-        elif dtype is None:
-            e = len(spec.tensors["gate"])
-            gate, up, down = (
-                torch.stack([self._get(spec.tensors[role][i]) for i in range(e)]) for role in PROJECTIONS
-            )
-        else:
-            e = len(spec.tensors["gate"])
-            f, d = self._shape(spec.tensors["gate"][0])
-            gate, up, down_T = (torch.empty(e, f, d, dtype=dtype) for _ in range(3))
-            for i in range(e):
-                gate[i].copy_(self._get(spec.tensors["gate"][i]))
-                up[i].copy_(self._get(spec.tensors["up"][i]))
-                down_T[i].copy_(self._get(spec.tensors["down"][i]).T)
-            down = down_T.transpose(1, 2)  # canonical (E, D, F) view of hidden-last storage
+        views = spec.adapter.views(self._get)[0] if dtype is None else spec.adapter.copies(self._get, dtype)
         router = self._get(spec.router) if spec.router else None
         if dtype is not None and router is not None:
             router = router.to(dtype)
-        return LayerWeights(spec.layer, spec.block, gate, up, down, router)
+        return LayerWeights(spec.layer, spec.block, views["gate"], views["up"], views["down"].transpose(1, 2), router)
 
     def iter_layers(self, layers: list[int] | None = None, dtype: torch.dtype | None = None) -> Iterator[LayerWeights]:
         """Every (or the listed) MoE layer in order, one at a time."""

@@ -33,6 +33,8 @@ import torch
 
 from sdmoe.errors import UserError
 
+from .stored import StoredTensors
+
 FP8, MXFP4 = "fp8", "mxfp4"
 METHODS = (FP8, MXFP4)
 SCALE_INV = "_scale_inv"
@@ -145,8 +147,8 @@ class QuantizedTensors:
             self._find_mxfp4()
 
     @classmethod
-    def find(cls, weights) -> QuantizedTensors | None:
-        """The quantised view of a `SafetensorsWeights` (None for an unquantised checkpoint)."""
+    def find(cls, weights: StoredTensors) -> QuantizedTensors | None:
+        """The quantised view of a checkpoint's stored tensors (None for an unquantised checkpoint)."""
         scheme = scheme_of(_read_config(weights.path), weights.path)
         if scheme is None:
             marked = next((k for k in weights.key_file if k.endswith((SCALE_INV, BLOCKS))), None)
@@ -316,18 +318,15 @@ def dequantizing_loader(path: Path):
     wrong (see `dequantize_fp8`), and its FP8 quantizer needs accelerate, which sdmoe does not require."""
     if scheme_of(_read_config(path), path) is None:
         return None
-    # SafetensorsWeights imports this module: imported here, when a model is loaded, not at import time
-    from .checkpoint import SafetensorsWeights
-
-    weights = SafetensorsWeights(path)  # here, so a missing or misshapen scale is one line before any load
-    q = weights.quantized
+    files = StoredTensors(path)
+    q = QuantizedTensors.find(files)  # here, so a missing or misshapen scale is one line before any load
 
     def load(path: Path, trust_remote_code: bool = False, **kwargs):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         del config.quantization_config
-        state = {k: _Dequantized(q, k) if k in q.parts else weights.stored(k) for k in q.name_file}
+        state = {k: _Dequantized(q, k) if k in q.parts else files.stored(k) for k in q.name_file}
         # from_pretrained(None, state_dict=...) is the concrete class's; the Auto class wants a path
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
         return model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
