@@ -207,7 +207,7 @@ def flop_share(base: Side, sd: Side) -> dict[str, float]:
     forward_backward(sd.model, ids)
     with FlopCounterMode(display=False) as split_count:
         for layer in sd.ctl.layers:
-            split_layer(layer, sd.ctl.cfg)
+            split_layer(layer)
     for side in (base, sd):
         side.opt.zero_grad(set_to_none=True)
     return {"model": float(model_count.get_total_flops()), "split": float(split_count.get_total_flops())}

@@ -4,6 +4,9 @@
     handle = sdmoe.attach(model, optimizer, sdmoe.SDMoEConfig(split_step=100), max_norm=1.0)  # hooks: a plain loop
     sdmoe.convert(model, sdmoe.SDMoEConfig(form="per_expert"))          # exact conversion now
     sdmoe.export(model)                                                  # ready to save: a plain checkpoint
+
+`sdmoe.SDMoETrainerCallback` does the same inside `transformers.Trainer`; OLMo-core's and
+torchtitan's are in `sdmoe.integrations.olmo_core` and `sdmoe.integrations.torchtitan`.
 """
 
 __version__ = "0.2.0.dev0"
@@ -18,7 +21,7 @@ _LAZY = {
     "SDMoEConfig": "sdmoe.method",
     "convert": "sdmoe.method",
     "export": "sdmoe.method",
-    "SDMoECallback": "sdmoe.integrations",
+    "SDMoETrainerCallback": "sdmoe.integrations",
     "analyze_model": "sdmoe.analysis",
     "analyze_path": "sdmoe.analysis",
 }

@@ -69,8 +69,8 @@ def test_paper_plan_has_every_ablation_and_valid_configs():
     cfg = compare_preset("paper")
     specs = plan(cfg)
     variants = {s.variant for s in specs}
-    assert {"baseline", "sd-moe", "control", "fixed-weights", "per-expert", "router-residual", "rank-4",
-            "rank-64", "tail-lr-2"} <= variants
+    assert {"baseline", "sd-moe", "control", "fixed-weights", "per-expert", "reestimate-50", "rank-4",
+            "rank-64", "shared-lr-2", "tracker-2"} <= variants
     assert cfg.seeds >= 3
     assert {s.style for s in specs if s.lr_mult == 4.0} == set(cfg.styles)
     for s in specs:
@@ -84,6 +84,9 @@ def test_paper_plan_has_every_ablation_and_valid_configs():
 def test_unknown_variant_and_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="unknown compare variant"):
         variant_overrides("sd-moe-turbo")
+    for removed in ("router-residual", "normalized-tails", "tracker-lag", "tail-lr-2"):  # 0.3, docs/CHANGELOG.md
+        with pytest.raises(UserError, match=f"unknown compare variant '{removed}'"):
+            variant_overrides(removed)
     with pytest.raises(UserError, match="baseline"):
         plan(CompareConfig(variants=["sd-moe"]))
     with pytest.raises(UserError, match="style"):

@@ -101,10 +101,10 @@ def _moe_ep(moe, x_BTD):
 
 
 def run(world: int, variant: str, meta_from: str | None = None) -> dict:
-    """STEPS SGD steps through `sdmoe.integrations.olmo_core.SDMoECallback`, in OLMo-core's `_fit_epoch` order.
+    """STEPS SGD steps through `sdmoe.integrations.olmo_core.SDMoEOlmoCoreCallback`, in OLMo-core's `_fit_epoch` order.
     meta_from: build on the meta device, apply their EP there, then read each rank's slices from this
     safetensors directory (`sdmoe.train.fsdp.load_shards`): no rank ever holds every expert."""
-    from sdmoe.integrations.olmo_core import SDMoECallback
+    from sdmoe.integrations.olmo_core import SDMoEOlmoCoreCallback
     from sdmoe.method import SDMoEConfig
     from sdmoe.moe.sharding import whole
     from sdmoe.train.fsdp import load_shards
@@ -124,7 +124,7 @@ def run(world: int, variant: str, meta_from: str | None = None) -> dict:
     settings = VARIANTS[variant]
     cb = None
     if settings is not None:
-        cb = SDMoECallback(cfg=SDMoEConfig(**settings))
+        cb = SDMoEOlmoCoreCallback(cfg=SDMoEConfig(**settings))
         cb.trainer = SimpleNamespace(global_step=0, record_metric=lambda *a, **k: None,
                                      train_module=SimpleNamespace(model=model, optim=opt, max_grad_norm=None))
         cb.pre_train()

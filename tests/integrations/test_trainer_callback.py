@@ -1,4 +1,4 @@
-"""SDMoECallback inside a real (tiny, CPU) transformers.Trainer run."""
+"""SDMoETrainerCallback inside a real (tiny, CPU) transformers.Trainer run."""
 
 import math
 
@@ -11,7 +11,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from sdmoe.integrations import SDMoECallback
+import sdmoe
+from sdmoe.integrations import SDMoETrainerCallback
 from sdmoe.method import SDMoEConfig
 from sdmoe.models import ModelConfig, build_model
 
@@ -31,7 +32,7 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 class Probe(TrainerCallback):
-    """Listed after SDMoECallback: sees the gradients it split and clipped, and the lrs it scheduled.
+    """Listed after SDMoETrainerCallback: sees the gradients it split and clipped, and the lrs it scheduled.
 
     An optimizer step pre-hook registered after the driver's (torch runs them in that order)."""
 
@@ -79,8 +80,8 @@ def _orthogonality(ctl):
 
 def test_trainer_splits_schedules_clips_and_exports(tmp_path):
     model = _model(256)
-    cb = SDMoECallback(SDMoEConfig(split_step=SPLIT, gradient_split="fixed", rank=4, lr_tail_mult=0.5),
-                       monitor_every=4)
+    cb = SDMoETrainerCallback(SDMoEConfig(split_step=SPLIT, gradient_split="fixed", rank=4, lr_shared_mult=0.5),
+                              monitor_every=4)
     probe = Probe(cb)
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=RandomTokens(256), callbacks=[cb, probe])
     trainer.train()
@@ -91,16 +92,16 @@ def test_trainer_splits_schedules_clips_and_exports(tmp_path):
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses) >= STEPS // 2 and all(math.isfinite(v) for v in losses)
 
-    # The Trainer's optimizer trains the experts in their own group (lr_tail_mult), the shared optimizer the rest...
+    # The Trainer's optimizer trains the experts (the tails) in the group it put them in, the shared optimizer
+    # the shared parts, on the scheduler's curve times lr_shared_mult, every step after the split.
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    tails = next(g for g in opt.param_groups if g.get("name") == "sdmoe.tails")
-    assert all(p in opt.state for p in tails["params"])
-    # ...on the scheduler's curve, with the tails' multiplier, every step after the split.
+    experts = {id(p) for b in ctl.blocks for p in b.host_parameters()}
+    assert all(p in opt.state for g in opt.param_groups for p in g["params"] if id(p) in experts)
     for step in range(SPLIT, STEPS):
         lrs = probe.lrs[step]
         ref = next(v for k, v in lrs.items() if not k.startswith("sdmoe"))
-        assert lrs["sdmoe.tails"] == pytest.approx(0.5 * ref, rel=1e-6) and lrs["sdmoe.shared"] == pytest.approx(ref)
-    assert probe.lrs[STEPS - 1]["sdmoe.tails"] < probe.lrs[SPLIT]["sdmoe.tails"]  # decays, not frozen
+        assert lrs["sdmoe.shared"] == pytest.approx(0.5 * ref, rel=1e-6)
+    assert probe.lrs[STEPS - 1]["sdmoe.shared"] < probe.lrs[SPLIT]["sdmoe.shared"]  # decays, not frozen
     # Clipping follows the split: the norm is exactly max_grad_norm (a clip before the split would leave it
     # below, the split being a projection); and the Trainer's own clipping is handed back afterwards.
     for step in range(SPLIT, STEPS):
@@ -117,7 +118,7 @@ def test_trainer_splits_schedules_clips_and_exports(tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         before = trainer.model(input_ids=ids).logits
-    SDMoECallback.export(trainer.model)
+    sdmoe.export(trainer.model)
     assert not any("sdmoe" in n for n, _ in trainer.model.named_parameters())
     trainer.model.save_pretrained(tmp_path / "export")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=False).eval()
@@ -130,7 +131,7 @@ def test_split_at_init_own_groups_and_per_step(tmp_path):
     """split_step=0 splits before the Trainer builds its optimizer (the multi-process path); the shared
     optimizer follows the scheduler's rate times its multiplier."""
     model = _model(256)
-    cb = SDMoECallback(SDMoEConfig(split_step=0, gradient_split="per_step", rank=4, lr_shared_mult=2.0))
+    cb = SDMoETrainerCallback(SDMoEConfig(split_step=0, gradient_split="per_step", rank=4, lr_shared_mult=2.0))
     probe = Probe(cb)
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=RandomTokens(256),
                       callbacks=[cb, probe])
@@ -147,7 +148,7 @@ def test_split_at_init_own_groups_and_per_step(tmp_path):
 
 def test_gradient_accumulation_and_split_step_counts_optimizer_steps(tmp_path):
     model = _model(256)
-    cb = SDMoECallback(SDMoEConfig(split_step=2, gradient_split="fixed", rank=4))
+    cb = SDMoETrainerCallback(SDMoEConfig(split_step=2, gradient_split="fixed", rank=4))
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4, gradient_accumulation_steps=2,
                                               per_device_train_batch_size=2),
                       train_dataset=RandomTokens(256), callbacks=[cb])
@@ -160,7 +161,7 @@ def test_multi_process_needs_split_at_init(monkeypatch):
 
     from sdmoe.errors import UserError
 
-    cb = SDMoECallback(SDMoEConfig(split_step=3))
+    cb = SDMoETrainerCallback(SDMoEConfig(split_step=3))
     args = SimpleNamespace(world_size=2, max_grad_norm=1.0, fp16=False)
     with pytest.raises(UserError, match="split_step=0"):
         cb.on_train_begin(args, None, None, model=_model(64))

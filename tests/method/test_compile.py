@@ -23,9 +23,9 @@ from transformers import Trainer, TrainingArguments
 
 import sdmoe
 from sdmoe.errors import UserError
-from sdmoe.integrations import SDMoECallback
+from sdmoe.integrations import SDMoETrainerCallback
 from sdmoe.method import SDMoE, SDMoEConfig
-from sdmoe.method.hooks import ATTACHED
+from sdmoe.method.hooks import attached
 
 from .method_helpers import VOCAB, batch, lm_loss, make_model
 
@@ -152,11 +152,11 @@ def test_inductor_trains_like_eager(kind, how, sd):
 
 
 @pytest.mark.slow
-def test_collection_windows_and_the_residual_router_under_compile():
-    """Activation bases (the routers' input moments collected over a window) and the residual router's hook:
-    both live in the MoE blocks, inside the compiled graph."""
+def test_collection_windows_under_compile():
+    """Activation bases: the routers' input moments, collected over a window by hooks in the MoE blocks,
+    inside the compiled graph."""
     def cfg():
-        return SDMoEConfig(split_step=3, basis_source="activations", basis_batches=2, router_input="residual")
+        return SDMoEConfig(split_step=3, basis_source="activations", basis_batches=2)
 
     eager_losses, eager, *_ = _train("qwen3_moe", cfg())
     losses, model, _, split_at = _train("qwen3_moe", cfg(), "after")
@@ -168,9 +168,9 @@ def test_collection_windows_and_the_residual_router_under_compile():
 def test_export_of_a_compiled_model_saves_a_plain_checkpoint(compiled_before_attach, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model, handle = compiled_before_attach["model"], compiled_before_attach["handle"]
-    plain = handle.export()
-    assert plain is model and model not in ATTACHED
+    model = compiled_before_attach["model"]
+    plain = sdmoe.export(model)
+    assert plain is model and attached(model) is None
     assert not any("_orig_mod" in k for k in plain.state_dict())
     plain.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -189,7 +189,7 @@ def test_attach_to_a_compiled_model_drives_the_module_under_it():
     with pytest.raises(UserError, match="already attached"):
         sdmoe.attach(model, opt, SDMoEConfig(split_step=SPLIT))  # the same model, eager or compiled
     assert sdmoe.export(compiled) is model  # the wrapper's export detaches the driver
-    assert model not in ATTACHED and not handle._handles and not opt._optimizer_step_pre_hooks
+    assert attached(model) is None and not handle._handles and not opt._optimizer_step_pre_hooks
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -205,7 +205,7 @@ class _Tokens(torch.utils.data.Dataset):
 
 def _trainer_run(tmp_path, compile_: bool):
     model = make_model("qwen3_moe")
-    cb = SDMoECallback(SDMoEConfig(split_step=SPLIT))
+    cb = SDMoETrainerCallback(SDMoEConfig(split_step=SPLIT))
     args = TrainingArguments(output_dir=str(tmp_path / f"out{int(compile_)}"), max_steps=4, logging_steps=1,
                              per_device_train_batch_size=4, learning_rate=1e-2, max_grad_norm=CLIP,
                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,

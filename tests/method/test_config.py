@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sdmoe.errors import UserError
 from sdmoe.method import SDMoE, SDMoEConfig
+from sdmoe.method.config import upgrade_saved
 
 from .method_helpers import make_model
 
@@ -25,7 +26,6 @@ from .method_helpers import make_model
     (SDMoEConfig(form="hybrid"), r"unknown form 'hybrid'; sdmoe\.form must be"),
     (SDMoEConfig(gradient_split="always"), r"unknown gradient_split 'always'; sdmoe\.gradient_split must be one of per_step, fixed, none"),
     (SDMoEConfig(form="diag"), r"sdmoe\.form must be"),
-    (SDMoEConfig(router_input="pca"), r"sdmoe\.router_input must be full or residual"),
     (SDMoEConfig(projections=("gate", "o_proj")), r"sdmoe\.projections\[1\] must be one of gate, up, down"),
     (SDMoEConfig(projections=()), r"sdmoe\.projections needs at least 1 entry"),
     (SDMoEConfig(projections=("up", "up")), r"sdmoe\.projections lists up twice"),
@@ -34,9 +34,8 @@ from .method_helpers import make_model
     (SDMoEConfig(tracker_iters=0), r"sdmoe\.tracker_iters=0 is out of range; use an integer >= 1"),
     (SDMoEConfig(split_step=-1), r"sdmoe\.split_step=-1 is out of range; use an integer >= 0 \(0 = split at once\)"),
     (SDMoEConfig(split_step="5"), r"sdmoe\.split_step takes an integer, got '5'"),  # built in code: no text parsing
-    (SDMoEConfig(lr_tail_mult=float("nan")), r"sdmoe\.lr_tail_mult=nan is not a finite number; use a number >= 0"),
+    (SDMoEConfig(lr_shared_mult=float("nan")), r"sdmoe\.lr_shared_mult=nan is not a finite number; use a number >= 0"),
     (SDMoEConfig(lr_shared_mult=-1.0), r"sdmoe\.lr_shared_mult=-1\.0 is out of range"),
-    (SDMoEConfig(normalize_tail_updates="yes"), r"sdmoe\.normalize_tail_updates takes true or false"),
 ])
 def test_bad_configs(cfg, match):
     with pytest.raises(UserError, match=match) as e:
@@ -72,11 +71,20 @@ def test_unsupported_expert_layout():
 
 
 def test_data_bases_need_data():
-    model = make_model("qwen3_moe")
     with pytest.raises(UserError, match=r"basis_source='activations'.*reference_batch"):
-        SDMoE(model, SDMoEConfig(basis_source="activations", split_step=0)).split()
-    with pytest.raises(UserError, match=r"router_input='residual'.*reference_batch"):
-        SDMoE(make_model("qwen3_moe"), SDMoEConfig(router_input="residual", split_step=0)).split()
+        SDMoE(make_model("qwen3_moe"), SDMoEConfig(basis_source="activations", split_step=0)).split()
+    with pytest.raises(UserError, match=r"basis_source='gradients'.*reference_batch"):
+        SDMoE(make_model("qwen3_moe"), SDMoEConfig(basis_source="gradients", split_step=0)).split()
+
+
+@pytest.mark.parametrize("key, off, on", [("lr_tail_mult", 1.0, 0.5), ("tracker_lag", 0, 1),
+                                          ("normalize_tail_updates", False, True), ("router_input", "full", "residual")])
+def test_a_saved_config_with_a_removed_option(key, off, on):
+    """0.2 saved every field: where a removed option was off, the run reads (and trains) the same without it;
+    where it was on, the run is refused in one line naming the option and the release that reads it."""
+    assert upgrade_saved({"rank": 8, key: off}) == {"rank": 8}
+    with pytest.raises(UserError, match=rf"sdmoe\.{key}={on!r}.* sdmoe 0\.2$"):
+        upgrade_saved({"rank": 8, key: on})
 
 
 def test_split_twice_is_an_error():

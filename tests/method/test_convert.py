@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdmoe.method import SDMoEConfig, convert, export
-from sdmoe.method.hooks import SDMoEHook
+from sdmoe.method.hooks import SDMoEHook, split_by
 from sdmoe.models import STYLES
 
 from .method_helpers import batch, make_model, rel, train_steps
@@ -54,18 +54,20 @@ def _assert_clean(model, hooks_too=False):
         for m in model.modules():
             for hooks in (m._forward_pre_hooks, m._forward_hooks):
                 assert not any(isinstance(h, SDMoEHook) for h in hooks.values())
+        assert split_by(model) is None
     assert not any("sdmoe" in n for n, _ in model.named_parameters())
     assert not any("sdmoe" in n for n in model.state_dict())
 
 
 def test_export_module_list_in_process():
     model, ids = make_model("module_list"), batch()
-    cfg = SDMoEConfig(router_input="residual", rank=8, gradient_split="fixed")
-    convert(model, cfg, reference_batch=ids)
+    ctl = convert(model, SDMoEConfig(rank=8, gradient_split="fixed"), reference_batch=ids)
+    assert split_by(model) is ctl
     before = _logits(model, ids)
     export(model)
     _assert_clean(model, hooks_too=True)
     assert rel(_logits(model, ids), before) < 1e-5
+    assert split_by(model) is None and convert(model, SDMoEConfig(rank=8)).split_done  # a new SDMoE may split it
 
 
 _RELOAD = r"""
@@ -84,23 +86,22 @@ assert not any(m.startswith("sdmoe") for m in sys.modules)
 
 
 def test_export_reloads_in_vanilla_transformers(tmp_path):
-    """Every style, with and without the residual router: save_pretrained -> a process without sdmoe."""
+    """Every style: save_pretrained -> a process without sdmoe."""
     ids = batch()
     jobs, expected = [], {}
     for style in STYLES:
-        for router in ("full", "residual"):
-            model = make_model(style)
-            cfg = SDMoEConfig(rank=8, router_input=router, split_step=0)
-            train_steps(model, convert(model, cfg, reference_batch=ids), ids)
-            model.eval()
-            want = _logits(model, ids)
-            export(model)
-            _assert_clean(model, hooks_too=True)
-            d = tmp_path / f"{style}-{router}"
-            model.save_pretrained(d)
-            out = tmp_path / f"{style}-{router}.pt"
-            jobs.append({"dir": str(d), "ids": ids.tolist(), "out": str(out)})
-            expected[str(out)] = want
+        model = make_model(style)
+        cfg = SDMoEConfig(rank=8, split_step=0)
+        train_steps(model, convert(model, cfg, reference_batch=ids), ids)
+        model.eval()
+        want = _logits(model, ids)
+        export(model)
+        _assert_clean(model, hooks_too=True)
+        d = tmp_path / style
+        model.save_pretrained(d)
+        out = tmp_path / f"{style}.pt"
+        jobs.append({"dir": str(d), "ids": ids.tolist(), "out": str(out)})
+        expected[str(out)] = want
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     script = tmp_path / "reload.py"
     script.write_text(_RELOAD)
@@ -113,9 +114,11 @@ def test_export_reloads_in_vanilla_transformers(tmp_path):
 
 def test_exporting_a_deepcopy_leaves_the_original_working():
     model, ids = make_model("qwen3_moe"), batch()
-    convert(model, SDMoEConfig(rank=8))
+    ctl = convert(model, SDMoEConfig(rank=8))
     want = _logits(model, ids)
     clone = copy.deepcopy(model)
+    assert split_by(clone) is None and split_by(model) is ctl  # the copy is a new model: not split by ctl
     export(clone)
+    assert split_by(model) is ctl
     assert rel(_logits(clone, ids), want) < 1e-5
     assert rel(_logits(model, ids), want) < 1e-6

@@ -51,13 +51,6 @@ def test_project_out_on_strided_views():
     assert torch.equal(fused[:, 24:], g)  # the other half is untouched
 
 
-def test_normalized_projection_keeps_each_norm():
-    g, _ = _planted()
-    x = g.clone()
-    core.project_out(x, exact_top(g, 6), normalize=True)
-    assert torch.allclose(x.norm(dim=(1, 2)), g.norm(dim=(1, 2)), rtol=1e-5)
-
-
 def test_per_step_split_decorrelates_the_tails():
     """The mechanism: with a planted common subspace, tails' gradient overlap falls below the plain one."""
     g, _ = _planted(noise=0.3)
@@ -130,28 +123,6 @@ def test_one_pass_split_matches_the_two_functions_on_strided_views():
         assert torch.allclose(shared_got, shared_want, atol=1e-4, rtol=1e-5), form
         for a, b in zip(got, want):
             assert torch.allclose(a, b, atol=1e-5)
-
-
-def test_one_pass_split_can_make_the_tracking_step():
-    """tracker_lag=1: tails cut in the basis given, and the next basis the one subspace iteration on the
-    whole (unsplit) gradients gives."""
-    g, _ = _planted()
-    start = torch.linalg.qr(torch.randn(3, 48, 8, generator=torch.Generator().manual_seed(3))).Q.contiguous()
-    want_q = core.track_basis(_host_like(g), start.clone(), iters=1, r=8, rayleigh_ritz=False)
-    track = start.clone()
-    got = _host_like(g)
-    core.split_gradient(got, track[..., :6], "full", track_PDX=track)
-    for p, t in enumerate(got):
-        assert torch.allclose(t, g - g @ start[p, :, :6] @ start[p, :, :6].T, atol=1e-5)  # the old basis
-    assert torch.allclose(track, want_q, atol=1e-5)  # the new one, for the next step
-
-
-def test_normalized_one_pass_split_keeps_each_norm():
-    g, _ = _planted()
-    views = _host_like(g)
-    core.split_gradient(views, exact_top(g, 6).expand(3, -1, -1), "full", normalize=True)
-    for v in views:
-        assert torch.allclose(v.norm(dim=(1, 2)), g.norm(dim=(1, 2)), rtol=1e-5)
 
 
 def test_adding_to_experts_in_either_orientation():

@@ -10,7 +10,7 @@ import torch
 import sdmoe
 from sdmoe.errors import UserError
 from sdmoe.method import SDMoE, SDMoEConfig
-from sdmoe.method.hooks import ATTACHED
+from sdmoe.method.hooks import attached
 
 from .method_helpers import batch, lm_loss, make_model
 
@@ -20,8 +20,8 @@ CONFIGS = {
     "paper": dict(split_step=2, gradient_split="fixed", projection_sides="two", basis_source="shared", rank=4,
                   refresh_every=2),
     "control": dict(split_step=2, gradient_split="none"),
-    "gradients, re-estimated, own tails' rate": dict(split_step=3, basis_source="gradients", reestimate_every=2,
-                                                     basis_batches=2, lr_tail_mult=0.5, lr_shared_mult=2.0),
+    "gradients, re-estimated, shared rate": dict(split_step=3, basis_source="gradients", reestimate_every=2,
+                                                 basis_batches=2, lr_shared_mult=2.0),
 }
 STEPS, CLIP = 7, 0.5
 
@@ -93,7 +93,7 @@ def test_without_a_config_the_driver_clips_like_torch():
 def test_skip_drops_a_non_finite_step_and_the_run_goes_on():
     model = make_model("qwen3_moe")
     opt = _opt(model)
-    handle = sdmoe.attach(model, opt, SDMoEConfig(split_step=0), max_norm=CLIP, nonfinite="skip")
+    handle = sdmoe.attach(model, opt, SDMoEConfig(split_step=0), max_norm=CLIP, nan_policy="skip")
     seen = []
     handle.on("step", lambda step, skipped: seen.append((step, skipped)))
     lm_loss(model, batch(0)).backward()
@@ -141,13 +141,13 @@ def test_events_state_and_export():
     resumed.load_state_dict(sd)
     assert resumed.step == 3 and resumed.controller.split_done
     sdmoe.export(model)  # detaches the driver too: the optimizer's steps are plain again
-    assert model not in ATTACHED and not opt._optimizer_step_pre_hooks
+    assert attached(model) is None and not opt._optimizer_step_pre_hooks
     with pytest.raises(UserError, match="already attached"):
         sdmoe.attach(twin, _opt(twin), SDMoEConfig())
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(nonfinite="ignore"), "nonfinite='ignore'"),
+    (dict(nan_policy="ignore"), "nan_policy='ignore'"),
     (dict(max_norm=0.0), "max_norm=0.0"),
     (dict(max_norm=-1.0), "max_norm=-1.0"),
 ])
@@ -155,7 +155,7 @@ def test_bad_arguments_say_one_line(kwargs, match):
     model = make_model("qwen3_moe")
     with pytest.raises(UserError, match=match):
         sdmoe.attach(model, _opt(model), SDMoEConfig(), **kwargs)
-    assert model not in ATTACHED
+    assert attached(model) is None
 
 
 def test_an_optimizer_without_the_experts_is_refused_at_the_split():

@@ -227,7 +227,7 @@ def test_config_modules_import_no_torch():
 
 def test_lazy_package_names_still_resolve():
     import sdmoe
-    import sdmoe.method.convert  # noqa: F401  (a submodule of the same name must not shadow the function)
+    import sdmoe.method.export  # noqa: F401  (a submodule of the same name must not shadow the function)
     from sdmoe.method import SDMoE, SDMoEConfig, convert, export  # noqa: F401
 
     assert callable(convert) and not isinstance(convert, type(sys)) and sdmoe.export is export

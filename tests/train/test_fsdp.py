@@ -17,10 +17,9 @@ VARIANTS = {
     "baseline": None,
     "none": dict(gradient_split="none"),
     "per_step": dict(gradient_split="per_step", exact_every=3, tracker_oversample=2),
-    "tracker_lag": dict(tracker_lag=1, exact_every=3, tracker_oversample=2),
     "fixed": dict(gradient_split="fixed"),
     "lowrank": dict(form="lowrank", gradient_split="fixed"),
-    "gate_only": dict(projections=("gate",), normalize_tail_updates=True),
+    "gate_only": dict(projections=("gate",)),
 }
 
 

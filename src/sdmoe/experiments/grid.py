@@ -37,8 +37,9 @@ from sdmoe.train.config import (
 _PAPER = {"method": "sd-moe", "sdmoe.form": "full", "sdmoe.gradient_split": "fixed", "sdmoe.projection_sides": "two",
           "sdmoe.basis_source": "shared", "sdmoe.basis_method": "randomized", "sdmoe.refresh_every": 16,
           "sdmoe.rank": 8, "sdmoe.split_step": 0}
-# Variants every compare knows by name; parametrised ones (rank-<r>, tail-lr-<m>,
-# shared-lr-<m>, reestimate-<k>, tracker-<n>) are parsed by `variant_overrides`.
+# Variants every compare knows by name; parametrised ones (rank-<r>, shared-lr-<m>, reestimate-<k>,
+# tracker-<n>) are parsed by `variant_overrides`. Removed in 0.3 (docs/CHANGELOG.md, with the figures that
+# decided): router-residual, normalized-tails, tracker-lag, tail-lr-<m>.
 FIXED_VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"method": "baseline"},
     # The same run as baseline seed 0, trained again: the same-seed noise every difference is read against.
@@ -60,19 +61,14 @@ FIXED_VARIANTS: dict[str, dict[str, Any]] = {
     "paper-no-refresh": {**_PAPER, "sdmoe.refresh_every": 0},
     "paper-rank-d4": {**_PAPER, "sdmoe.rank": 0},
     "paper-after-warmup": {k: v for k, v in _PAPER.items() if k != "sdmoe.split_step"},
-    "router-residual": {"method": "sd-moe", "sdmoe.router_input": "residual"},
-    "normalized-tails": {"method": "sd-moe", "sdmoe.normalize_tail_updates": True},
-    # the default, split in the basis tracked through the last step (one pass over the gradients)
-    "tracker-lag": {"method": "sd-moe", "sdmoe.tracker_lag": 1},
 }
 _PARAM_VARIANTS = {
     "rank": "sdmoe.rank",
-    "tail-lr": "sdmoe.lr_tail_mult",
     "shared-lr": "sdmoe.lr_shared_mult",
     "tracker": "sdmoe.tracker_iters",
     "reestimate": "sdmoe.reestimate_every",
 }
-_PARAM_RE = re.compile(r"^(rank|tail-lr|shared-lr|tracker|reestimate)-([0-9]+(?:\.[0-9]+)?)$")
+_PARAM_RE = re.compile(r"^(rank|shared-lr|tracker|reestimate)-([0-9]+(?:\.[0-9]+)?)$")
 
 
 def variant_overrides(name: str) -> dict[str, Any]:
@@ -92,8 +88,7 @@ def variant_overrides(name: str) -> dict[str, Any]:
             return {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.form": "lowrank",
                     "sdmoe.basis_source": "gradients", key: value}
         return {"method": "sd-moe", key: value}
-    known = ", ".join(list(FIXED_VARIANTS) + ["rank-<r>", "tail-lr-<m>", "shared-lr-<m>", "tracker-<n>",
-                                              "reestimate-<k>"])
+    known = ", ".join(list(FIXED_VARIANTS) + ["rank-<r>", "shared-lr-<m>", "tracker-<n>", "reestimate-<k>"])
     raise UserError(f"unknown compare variant {name!r}; choose from {known}")
 
 
@@ -197,8 +192,7 @@ def compare_preset(name: str) -> CompareConfig:
             lr_sweep_seeds=3,
             lr_sweep_variants=["baseline", "sd-moe", "control"],
             rank_sweep=[4, 8, 16, 64],  # d=128: 4..d/2; d/4 = 32 is the sd-moe row itself
-            ablations=["fixed-weights", "reestimate-50", "per-expert", "router-residual", "normalized-tails",
-                       "tail-lr-2", "shared-lr-2", "tracker-2"],
+            ablations=["fixed-weights", "reestimate-50", "per-expert", "shared-lr-2", "tracker-2"],
         )
     if name == "lab":
         # issue 18: 3 paired seeds of baseline, default, the paper's split and the control on the spec's lab

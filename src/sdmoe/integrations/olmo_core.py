@@ -1,8 +1,8 @@
 """SD-MoE inside OLMo-core (3.0), as one trainer callback.
 
-    from sdmoe.integrations.olmo_core import SDMoECallback
+    from sdmoe.integrations.olmo_core import SDMoEOlmoCoreCallback
     from sdmoe.method import SDMoEConfig
-    trainer_config = trainer_config.with_callback("sdmoe", SDMoECallback(cfg=SDMoEConfig(split_step=100)))
+    trainer_config = trainer_config.with_callback("sdmoe", SDMoEOlmoCoreCallback(cfg=SDMoEConfig(split_step=100)))
 
 The model stays OLMo-core's own Transformer (its MoE blocks' `experts.mlp.w1/w2/w3` are the experts'
 weights); SD-MoE runs in `sdmoe.attach`'s hooks on `train_module.optim` and the model, which the
@@ -30,7 +30,7 @@ and loads the model and optimizer before the callbacks' state, so the callback b
 optimizer without resetting the experts' moments.
 
 Limits: torch optimizers (`AdamWConfig`, `AdamConfig`; not the SkipStep ones, whose skip decision
-the shared optimizer would not see); lr_tail_mult = 1. OLMo-core's MoE forward needs its Triton
+the shared optimizer would not see). OLMo-core's MoE forward needs its Triton
 kernels (a GPU); on CPU only the expert MLPs and the router run (the tests do that).
 """
 
@@ -53,11 +53,11 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     raise UserError(f"sdmoe.integrations.olmo_core needs OLMo-core ({e.name} is missing); "
                     'pip install "sdmoe[olmo-core]"') from None
 
-__all__ = ["SDMoECallback"]
+__all__ = ["SDMoEOlmoCoreCallback"]
 
 
 @dataclass
-class SDMoECallback(Callback):
+class SDMoEOlmoCoreCallback(Callback):
     """Drives an `SDMoE` controller from OLMo-core's trainer (see the module doc).
 
     cfg: the method's config (`split_step` counts optimizer steps from 0).
@@ -73,9 +73,6 @@ class SDMoECallback(Callback):
 
     def __post_init__(self):
         self.cfg.validate()
-        if self.cfg.lr_tail_mult != 1.0:
-            raise UserError(f"lr_tail_mult={self.cfg.lr_tail_mult} with OLMo-core: set lr_tail_mult=1 (a separate "
-                            "tails' rate adds a param group OLMo-core's optimizer checkpoints do not know)")
         self.handle: Attached | None = None
         self.split_record: dict | None = None
         self._pending_state: dict | None = None

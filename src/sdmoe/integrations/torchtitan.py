@@ -30,9 +30,8 @@ under "sdmoe", so torchtitan's distributed checkpoint saves and resumes it with 
 optimizers and the data loader. The split happens at the first forward at or after split_step, after
 a resume has loaded, so a resumed run never splits twice.
 
-Limits: one model part (no pipeline parallelism); Adam/AdamW param groups; lr_tail_mult = 1
-(another multiplier adds a param group that torchtitan's schedulers and optimizer checkpoints do not
-know). Expert parallelism: see docs/integrations.md.
+Limits: one model part (no pipeline parallelism); Adam/AdamW param groups. Expert parallelism: see
+docs/integrations.md.
 """
 
 from __future__ import annotations
@@ -70,9 +69,6 @@ class SDMoETorchtitan(Stateful):
 
     def __init__(self, model: nn.Module, optimizers: torch.optim.Optimizer, cfg: SDMoEConfig,
                  max_norm: float = 0.0):
-        if cfg.lr_tail_mult != 1.0:
-            raise UserError(f"lr_tail_mult={cfg.lr_tail_mult} with torchtitan: set lr_tail_mult=1 (a separate tails' "
-                            "rate adds a param group torchtitan's LR schedulers and checkpoints do not know)")
         self.model, self.optimizers, self.cfg = model, optimizers, cfg
         self.max_norm = float(max_norm or 0.0)
         self.handle = driver.attach(model, optimizers, cfg, max_norm=self.max_norm or None)
@@ -92,7 +88,7 @@ class SDMoETorchtitan(Stateful):
         return self.handle.host_optimizer()
 
     def remove(self) -> None:
-        """Remove the hooks (the controller stays; `sdmoe.method.export(model)` ends it)."""
+        """Remove the hooks (the controller stays; `sdmoe.export(model)` ends it)."""
         self.handle.detach()
 
     # -- Stateful, for torchtitan's checkpointer -----------------------------------------------

@@ -1,8 +1,9 @@
 """SD-MoE inside `transformers.Trainer`, as one callback.
 
-    from sdmoe.integrations import SDMoECallback
-    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SDMoECallback(SDMoEConfig(split_step=100))])
-    trainer.train(); SDMoECallback.export(trainer.model)   # or sdmoe.method.export(model)
+    from sdmoe import SDMoEConfig, SDMoETrainerCallback, export
+    cb = SDMoETrainerCallback(SDMoEConfig(split_step=100))
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
+    trainer.train(); export(trainer.model)   # then trainer.save_model(...): a plain checkpoint
 
 The model stays the Trainer's plain model throughout; SD-MoE runs in hooks on the
 Trainer's (unwrapped) optimizer and model, `sdmoe.attach`, as in every other caller.
@@ -12,8 +13,7 @@ The callback only sets them up and reports (transformers 5.x events):
     on_train_begin        `sdmoe.attach` on the Trainer's optimizer (accelerate's
                           AcceleratedOptimizer unwrapped), the clipping taken over
     on_step_begin         the driver's step count follows `state.global_step`
-    [forward: at split_step the driver splits and binds the optimizer; with lr_tail_mult != 1
-     the LR scheduler is told about the experts' new group (base_lrs / lr_lambdas)]
+    [forward: at split_step the driver splits and binds the optimizer]
     [backward, optimizer.step(): the driver's hooks split the gradients, clip, fold the shared
      update into the experts, re-project tails, re-estimate bases]
     on_pre_optimizer_step the spectral monitor when due
@@ -46,26 +46,17 @@ from transformers import TrainerCallback
 
 from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.errors import UserError
-from sdmoe.method import SDMoE, SDMoEConfig
-from sdmoe.method import export as _export
+from sdmoe.method.config import SDMoEConfig
+from sdmoe.method.controller import SDMoE
 from sdmoe.method.driver import Attached, attach
 from sdmoe.method.hooks import SDMoEHook
-from sdmoe.method.shared_optimizer import SOURCE_KEY, TAILS_GROUP
-
-# Per-group lists a torch scheduler keeps (lr-valued ones are scaled by the new group's lr_mult).
-_SCHED_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs")
-_SCHED_COPY_LISTS = ("lr_lambdas",)
-_GROUP_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
 
 
-def _unwrap(obj, attr: str):
-    """accelerate's AcceleratedOptimizer / AcceleratedScheduler hold the real one as `.optimizer` / `.scheduler`."""
-    while obj is not None and getattr(obj, attr, None) is not None and not isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
-        inner = getattr(obj, attr)
-        if attr == "optimizer" and not isinstance(inner, torch.optim.Optimizer):
-            break
-        obj = inner
-    return obj
+def _unwrap_optimizer(opt):
+    """accelerate's AcceleratedOptimizer holds the real one as `.optimizer`."""
+    while opt is not None and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -88,7 +79,7 @@ class _RecordBatch(SDMoEHook):
             self.batch = {"input_ids": ids.detach()}
 
 
-class SDMoECallback(TrainerCallback):
+class SDMoETrainerCallback(TrainerCallback):
     """Drives an `SDMoE` controller from `transformers.Trainer`'s callback events (see module doc).
 
     cfg: the method's config (`split_step` counts optimizer steps, as `state.global_step`).
@@ -125,7 +116,7 @@ class SDMoECallback(TrainerCallback):
             self._model = model
             self.controller = SDMoE(model, self.cfg)
         elif model is not self._model:
-            raise UserError("this SDMoECallback already drives another model; create one SDMoECallback per Trainer")
+            raise UserError("this SDMoETrainerCallback already drives another model; create one per Trainer")
         return self.controller
 
     def _reference(self):
@@ -141,21 +132,19 @@ class SDMoECallback(TrainerCallback):
             # Before the optimizer exists and before accelerate wraps the model: nothing to rebind.
             self._record_split(0, ctl.split(self.reference_batch))
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         ctl = self._bind(model)
         if args.world_size > 1 and not ctl.split_done:
-            raise UserError(f"SDMoECallback with {args.world_size} processes needs SDMoEConfig(split_step=0): a later "
+            raise UserError(f"SDMoETrainerCallback with {args.world_size} processes needs SDMoEConfig(split_step=0): a later "
                             "split replaces parameters under the DDP/FSDP wrapper; or train with `sdmoe train`")
         if self.clip_after_split and args.max_grad_norm and args.max_grad_norm > 0 and not args.fp16:
             self._max_grad_norm = float(args.max_grad_norm)
             args.max_grad_norm = 0.0  # the Trainer skips its clip; the driver clips after the split
         if optimizer is not None and self.handle is None:
-            opt, scheduler = _unwrap(optimizer, "optimizer"), _unwrap(lr_scheduler, "scheduler")
-            self.handle = attach(self._model, opt, ctl, max_norm=self._max_grad_norm,
+            self.handle = attach(self._model, _unwrap_optimizer(optimizer), ctl, max_norm=self._max_grad_norm,
                                  reference_batch=self._reference, step=state.global_step)
-            self.handle.on("split", lambda step, record: self._on_split(step, record, opt, scheduler))
-            self.handle.on("reestimate", lambda step, record: self._on_reestimate(step, record))
-            _follow_scheduler(scheduler, opt)  # a model split at on_init_end is bound now
+            self.handle.on("split", self._on_split)
+            self.handle.on("reestimate", self._on_reestimate)
         needs_batch = self.reference_batch is None and (not ctl.split_done or self.cfg.reestimate_every)
         if needs_batch and self._recorder_handle is None:
             self._recorder = _RecordBatch()
@@ -200,8 +189,7 @@ class SDMoECallback(TrainerCallback):
         self._pending = {}
 
     # -- the driver's events ---------------------------------------------------------------
-    def _on_split(self, step: int, record: dict, opt: torch.optim.Optimizer, scheduler) -> None:
-        _follow_scheduler(scheduler, opt)
+    def _on_split(self, step: int, record: dict) -> None:
         self._record_split(step, record)
         # no more reference batches needed; dropped at the step's end, not inside the forward that split
         self._recorder_done = not self.cfg.reestimate_every and self.reference_batch is None
@@ -222,48 +210,6 @@ class SDMoECallback(TrainerCallback):
             self._recorder_handle.remove()
             self._recorder_handle = self._recorder = None
         self._recorder_done = False
-
-    @staticmethod
-    def export(model: nn.Module) -> nn.Module:
-        """Write W_i back into the host's own weights and remove every SD-MoE trace (in place)."""
-        return _export(_unwrap_model(model))
-
-
-def _follow_scheduler(scheduler, opt: torch.optim.Optimizer) -> None:
-    """The experts' own group (lr_tail_mult != 1), added by the binding, follows the scheduler."""
-    groups = opt.param_groups
-    if groups and groups[-1].get("name") == TAILS_GROUP:
-        _extend_scheduler(scheduler, opt, groups[-1][SOURCE_KEY], len(groups) - 1)
-
-
-def _extend_scheduler(scheduler, opt: torch.optim.Optimizer, src: int, n_before: int) -> None:
-    """Teach a torch LR scheduler built for `n_before` groups about the groups added after them.
-
-    Each new group follows group `src`'s schedule scaled by its `lr_mult`: per-group lists
-    (`base_lrs`, `lr_lambdas`, ...) are extended, and per-group keys the schedulers keep in
-    the groups (`initial_lr`, ...) copied. Without this a LambdaLR raises on its next step
-    (torch zips lambdas and groups strictly)."""
-    if scheduler is None:
-        return
-    for sub in getattr(scheduler, "_schedulers", None) or []:  # SequentialLR / ChainedScheduler
-        _extend_scheduler(sub, opt, src, n_before)
-    new = opt.param_groups[n_before:]
-    srcg = opt.param_groups[src]
-    for g in new:
-        mult = g.get("lr_mult", 1.0)
-        for key in _GROUP_LR_KEYS:
-            if key in srcg:
-                g.setdefault(key, srcg[key] * mult)
-        for name in _SCHED_LR_LISTS:
-            lst = getattr(scheduler, name, None)
-            if isinstance(lst, list) and len(lst) < len(opt.param_groups):
-                lst.append(lst[src] * mult)
-        for name in _SCHED_COPY_LISTS:
-            lst = getattr(scheduler, name, None)
-            if isinstance(lst, list) and len(lst) < len(opt.param_groups):
-                lst.append(lst[src])
-    if hasattr(scheduler, "_last_lr"):
-        scheduler._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def _flatten_monitor(mon: dict) -> dict[str, float]:

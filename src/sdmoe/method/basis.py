@@ -1,14 +1,16 @@
-"""Choosing the common basis U (and the router's data basis) of each MoE layer.
+"""Choosing the common basis U of each MoE layer.
 
 Sources (`basis_source`):
 - "weights":     top-R right singular vectors of the stacked experts [W_1; ...; W_E]
+- "shared":      the shared weight S's own singular vectors, both sides (the paper's)
 - "gradients":   top-R eigenvectors of sum over batches and experts of G_i^T G_i
-- "activations": top-R eigenvectors of E[x x^T] of the layer input (also the router basis)
+- "activations": top-R eigenvectors of E[x x^T] of the layer input
 
 `Collector` accumulates what the last two need over a window of training
 steps: gradient Gram matrices (from `.grad`, after backward) and the layer
 input's second moment (a forward pre-hook on the router, registered only
-while collecting, active only in forward passes with grad enabled).
+while collecting, active only in forward passes with grad enabled); or from
+a reference batch when the warm-up left it empty (`fill_from`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from sdmoe.errors import UserError
 from sdmoe.moe.layout import MoEBlock
 from sdmoe.spectral import SecondMoment, common_subspace, data_subspace
 
+from . import schedule
 from .hooks import SDMoEHook
+from .probe import forward_logits, input_ids
 
 
 class _InputMoment(SDMoEHook):
@@ -40,19 +44,30 @@ def gram(x_EFD: torch.Tensor) -> torch.Tensor:
 
 
 class Collector:
-    """Gradient Grams and layer-input second moments over a window of steps."""
+    """Gradient Grams and layer-input second moments over a window of steps, as `basis_source` needs them."""
 
-    def __init__(self, blocks: list[MoEBlock], need_grads: bool, need_inputs: bool):
+    def __init__(self, blocks: list[MoEBlock], basis_source: str):
         self.blocks = blocks
-        self.need_grads, self.need_inputs = need_grads, need_inputs
+        self.need_grads, self.need_inputs = basis_source == "gradients", basis_source == "activations"
         self.grads: dict[tuple[int, str], torch.Tensor] = {}
         self.grad_batches = 0
         self.inputs = [SecondMoment() for _ in blocks]
         self._handles: list = []
 
-    # hooks on the routers' inputs, only while collecting
-    def start(self, always: bool = False, inputs: bool = True) -> None:
-        if inputs and self.need_inputs and not self._handles:
+    # the collection windows (`schedule.in_window`): the hooks on the routers' inputs only while one is open
+    def in_window(self, cfg, step: int, split_done: bool) -> bool:
+        """Whether `step`'s gradients or layer inputs are collected (for a split not yet done, or a re-estimation)."""
+        return schedule.in_window(cfg, step, split_done, self.need_grads or self.need_inputs)
+
+    def sync(self, cfg, next_step: int, split_done: bool) -> None:
+        """Open or close the window for `next_step`'s forward."""
+        if self.in_window(cfg, next_step, split_done):
+            self.start()
+        else:
+            self.stop()
+
+    def start(self, always: bool = False) -> None:
+        if self.need_inputs and not self._handles:
             self._handles = [b.router.register_forward_pre_hook(_InputMoment(m, always), prepend=True)
                              for b, m in zip(self.blocks, self.inputs)]
 
@@ -88,10 +103,12 @@ class Collector:
         self.inputs = [SecondMoment() for _ in self.blocks]
 
     def state_dict(self) -> dict:
-        """JSON-serialisable (tensors as exact float lists); empty outside a collection window."""
+        """JSON-serialisable (tensors as exact float lists); empty outside a collection window. `open`: the
+        window is open for the next forward (after the split no event reopens it before the next step's)."""
         return {"grads": {f"{k[0]}.{k[1]}": encode(v) for k, v in self.grads.items()},
                 "grad_batches": self.grad_batches,
-                "inputs": [{"sum": encode(m._sum), "count": m.count} for m in self.inputs]}
+                "inputs": [{"sum": encode(m._sum), "count": m.count} for m in self.inputs],
+                "open": bool(self._handles)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore `state_dict()` onto the experts' device (a checkpoint written on a GPU resumes on a CPU)."""
@@ -100,6 +117,33 @@ class Collector:
         for m, s in zip(self.inputs, sd.get("inputs", [])):
             m._sum, m.count = decode(s["sum"]), int(s["count"])
         self.to(next(self.blocks[0].experts.parameters()).device)
+        if sd.get("open"):
+            self.start()
+        else:
+            self.stop()
+
+    def fill_from(self, model: nn.Module, batch) -> None:
+        """What the basis needs, from a reference batch, when the warm-up left it empty: the layer inputs
+        of one forward, or the gradients of its language-model loss (the model's own gradients kept)."""
+        if self.need_inputs and not self.has_inputs():
+            self.start(always=True)
+            try:
+                with torch.no_grad():
+                    forward_logits(model, batch)
+            finally:
+                self.stop()
+        if self.need_grads and not self.has_grads():
+            params = [t for b in self.blocks for t in b.host_parameters()]
+            saved = [p.grad for p in params]
+            logits = forward_logits(model, batch)
+            ids = input_ids(batch)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = torch.zeros_like(p) if g is None else g
+            self.add_grads()
+            for p, g in zip(params, saved):
+                p.grad = g
 
     def to(self, device: torch.device) -> None:
         """Move the sums collected so far to `device`."""
@@ -124,10 +168,10 @@ def decode(d: dict | None) -> torch.Tensor | None:
 
 
 def choose_bases(block: MoEBlock, li: int, projs, width: int, r: int, cfg, collector: Collector,
-                 shared: dict[str, torch.Tensor] | None = None,
-                 reduce=None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per decomposed projection of one block: (U, D x width) and, for a two-sided split, the ffn-side
-    basis (F x r); float32.
+                 shared: dict[str, torch.Tensor] | None = None, reduce=None,
+                 two_sided: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per decomposed projection of one block: (U, D x width) and, `two_sided`, the ffn-side basis (F x r);
+    float32.
 
     Sources (`cfg.basis_source`): the stacked experts' weights, the shared weight S (`shared`: F x D
     per projection; its own singular vectors, the paper's), the gradients or the layer inputs
@@ -137,9 +181,8 @@ def choose_bases(block: MoEBlock, li: int, projs, width: int, r: int, cfg, colle
     source = cfg.basis_source
     if source in ("weights", "shared"):
         w = block.canonical("data") if source == "weights" else {p: s.unsqueeze(0) for p, s in shared.items()}
-        two = cfg.projection_sides == "two"
         red = reduce if source == "weights" else None  # S is already the same on every rank
-        return {p: (_top(w[p], width, cfg, red), _top(w[p].transpose(1, 2), r, cfg, red) if two else None)
+        return {p: (_top(w[p], width, cfg, red), _top(w[p].transpose(1, 2), r, cfg, red) if two_sided else None)
                 for p in projs}
     if source == "gradients":
         if not collector.has_grads():
@@ -159,8 +202,3 @@ def _top(w_EFD: torch.Tensor, r: int, cfg, reduce=None) -> torch.Tensor:
         return common_subspace(w_EFD.float(), r, "randomized", oversample=cfg.range_oversample,
                                iters=cfg.range_power_iters, reduce=reduce)[0].float()
     return common_subspace(w_EFD.float(), r, reduce=reduce)[0].float()
-
-
-def ensure_on(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    ref = next(module.parameters())
-    return t.to(ref.device)

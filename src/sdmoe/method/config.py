@@ -3,7 +3,10 @@
 See docs/design (sd-moe-spec.md, "The method") for the math. Each field's type
 and range are declared next to it (`sdmoe.config_fields`); `validate` checks
 them and the rules between fields that need no model; `resolve_ranks` checks
-the ranks against the model's hidden size and layer count. Imports no torch.
+the ranks against the model's hidden size and layer count. The strings that
+choose the gradient split (`gradient_split`, `projection_sides`, `form`) are
+read once, by `split.split_rule`, into the rule object the rest of `method/`
+asks. Imports no torch.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ GradientSplit = Literal["per_step", "fixed", "none"]
 BasisSource = Literal["weights", "gradients", "activations", "shared"]
 ProjectionSides = Literal["one", "two"]
 BasisMethod = Literal["exact", "randomized"]
-RouterInput = Literal["full", "residual"]
 Projection = Literal["gate", "up", "down"]  # a type needs the literals: the same as PROJECTIONS (tests/moe)
 
 FORMS = get_args(Form)
 GRADIENT_SPLITS = get_args(GradientSplit)
 BASIS_SOURCES = get_args(BasisSource)
-ROUTER_INPUTS = get_args(RouterInput)
 
 
 @dataclass
@@ -63,16 +64,10 @@ class SDMoEConfig:
     reestimate_every: int = setting(0, ge=0, note="0 = never")  # re-estimate U every K steps after the split
     tracker_iters: int = setting(1, ge=1)  # warm-started subspace iterations per step (per_step)
     tracker_oversample: int = setting(0, ge=0)  # extra tracked columns (Rayleigh-Ritz picks the best r)
-    # per_step: 0 splits step t's gradients in the basis tracked through step t (two passes over them, four
-    # products with G per projection); 1 in the basis tracked through step t-1, the tracking step made from
-    # the split's own products (one pass, three products: a quarter less of the split's arithmetic)
-    tracker_lag: int = setting(0, ge=0, le=1)
     # per_step: exact top-r every K steps; measures tracker drift
     exact_every: int = setting(0, ge=0, note="0 = never")
+    # the shared part's rate: the experts' group's rate times this (the tails train at the group's own rate)
     lr_shared_mult: float = setting(1.0, ge=0, note="0 = freeze the shared part")
-    lr_tail_mult: float = setting(1.0, ge=0, note="0 = freeze the tails")
-    normalize_tail_updates: bool = False  # rescale each projected tail gradient to its unprojected norm
-    router_input: RouterInput = "full"  # "residual": the router sees x minus its top-r data directions
     projections: tuple[Projection, ...] = setting(PROJECTIONS, min_len=1, unique=True)
     # batches (steps before the split) accumulated for gradient/activation bases
     basis_batches: int = setting(4, ge=1)
@@ -95,9 +90,6 @@ class SDMoEConfig:
         if self.rank_fraction and self.rank != 0:
             raise UserError(f"sdmoe.rank={self.rank!r} and sdmoe.rank_fraction={self.rank_fraction} both set the "
                             "rank; set one of them (rank=0 or rank_fraction=0)")
-        if self.tracker_lag and (self.gradient_split != "per_step" or self.form != "full" or self.tracker_iters != 1):
-            raise UserError("tracker_lag=1 makes the tracking step from the split's own products: it needs "
-                            "gradient_split='per_step', form='full' and tracker_iters=1; or set tracker_lag=0")
         if self.form == "lowrank" and self.gradient_split == "per_step":
             raise UserError(
                 "form='lowrank' keeps the shared part in a fixed basis U, but gradient_split='per_step' "
@@ -127,9 +119,20 @@ class SDMoEConfig:
         return ranks
 
 
+# Fields sdmoe 0.3 removed (docs/CHANGELOG.md), with the value that meant "off": a run saved by 0.2 with
+# that value trains the same without them; any other value is refused where the run is read.
+REMOVED = {"lr_tail_mult": 1.0, "tracker_lag": 0, "normalize_tail_updates": False, "router_input": "full"}
+
+
 def upgrade_saved(section: dict) -> dict:
     """A saved `sdmoe` section in today's keys: sdmoe 0.1 wrote the decomposition as two fields,
-    `mode` ("shared" | "per_expert") and `shared_form` ("full" | "lowrank"), now one `form`."""
+    `mode` ("shared" | "per_expert") and `shared_form` ("full" | "lowrank"), now one `form`; 0.2's
+    fields that 0.3 removed are dropped where they were off, and refused where they were not."""
+    for key, off in REMOVED.items():
+        if key in section and section[key] != off:
+            raise UserError(f"this run set sdmoe.{key}={section[key]!r}, an option sdmoe 0.3 removed "
+                            f"(docs/CHANGELOG.md); read or resume it with sdmoe 0.2")
+    section = {k: v for k, v in section.items() if k not in REMOVED}
     if "mode" not in section and "shared_form" not in section:
         return section
     out = {k: v for k, v in section.items() if k not in ("mode", "shared_form")}

@@ -4,8 +4,10 @@ The host model stays a plain transformers model at every step: its expert weight
 W_i are its own parameters, trained by its own optimizer. What SD-MoE adds lives
 outside the model, in parts with one job each:
 
-    layer.LayerState            a layer's bases, tracked bases, shared parts and deltas
-    split.split_layer           the gradient split of one layer (after the backward)
+    split.split_rule            the gradient split's rule, read once from the config (PerStepSplit,
+                                FixedSplit, TwoSidedSplit, NoSplit): what the parts below ask
+    layer.LayerState            a layer's rule, bases, tracked bases, shared parts and deltas
+    split.split_layer           the gradient split of one layer (after the backward), by its rule
     shared_optimizer            the shared parts' optimizer, its rate, its fold into the experts
     schedule                    when: the split, collection windows, refreshes, re-estimations
     basis.choose_bases          where U comes from (weights, gradients, activations, the shared weight)
@@ -41,18 +43,16 @@ from torch import nn
 from sdmoe.errors import UserError
 from sdmoe.moe import MoEBlock, find_moe_blocks
 from sdmoe.moe.sharding import clip_, total_norm, unsharded
-from sdmoe.spectral import data_subspace, mean_expert_overlap
+from sdmoe.spectral import mean_expert_overlap
 
 from . import core, schedule, sharding
 from .basis import Collector, choose_bases
 from .config import SDMoEConfig
-from .export import export
-from .hooks import SPLIT_BY, uncompiled
+from .hooks import SplitMark, split_by, uncompiled
 from .layer import LayerState
-from .probe import ChangeProbe, forward_logits, input_ids
-from .router import ResidualRouterInput, fold
+from .probe import ChangeProbe
 from .shared_optimizer import SharedOptimizer
-from .split import split_layer
+from .split import split_layer, split_rule
 
 STATE_VERSION = 2  # 1: the parametrization engine of sdmoe 0.1 (not readable here)
 
@@ -65,28 +65,27 @@ class SDMoE:
             raise UserError(f"cfg must be an SDMoEConfig, got {type(cfg).__name__}")
         cfg.validate()
         model = uncompiled(model)  # a torch.compile wrapper: the module under it (its blocks' names, no _orig_mod.)
-        if model in SPLIT_BY:
+        if split_by(model) is not None:
             raise UserError("this model is already split by another SDMoE; use that one, or export(model) first to "
                             "split it again")
         self.model, self.cfg = model, cfg
-        self.form = cfg.form
+        self.rule = split_rule(cfg)  # the config's strings read once: the parts below ask the rule
+        self.form = self.rule.form
         self.blocks = find_moe_blocks(model)
         self.ranks = cfg.resolve_ranks(self.blocks[0].hidden_size, len(self.blocks))
         f = self.blocks[0].expert_ffn
-        if cfg.projection_sides == "two" and max(self.ranks) >= f:
+        if self.rule.two_sided and max(self.ranks) >= f:
             raise UserError(f"a two-sided split of rank {max(self.ranks)} needs a larger expert ffn width than "
                             f"F={f}; lower sdmoe.rank below {f}")
         self.refreshed_at: list[int] = []  # steps after which the bases were refreshed (refresh_every)
         self.split_done = False
+        self.last_split: dict | None = None  # the split's record
         self.layers: list[LayerState] = []
         self.shared: SharedOptimizer | None = None
         self._drift: dict[str, torch.Tensor] = {}
-        self._router_hooks: list = []
-        need_grads = cfg.basis_source == "gradients"
-        need_inputs = cfg.basis_source == "activations" or cfg.router_input == "residual"
-        self.collector = Collector(self.blocks, need_grads, need_inputs)
-        self._reproject = cfg.gradient_split == "fixed" or (self.form == "per_expert" and cfg.gradient_split != "none")
-        self._sync_hooks(0)
+        self._from_shared = cfg.basis_source == "shared"  # U from the shared weight S (the paper's), not the experts
+        self.collector = Collector(self.blocks, cfg.basis_source)
+        self.collector.sync(cfg, 0, False)
 
     @property
     def shared_optimizer(self) -> torch.optim.Optimizer | None:
@@ -101,7 +100,7 @@ class SDMoE:
         if self.split_done:
             return None
         if not schedule.split_due(self.cfg, step):
-            self._sync_hooks(step)
+            self.collector.sync(self.cfg, step, False)
             return None
         record = self.split(reference_batch)
         if optimizer is not None:
@@ -114,61 +113,55 @@ class SDMoE:
         """Before the split: accumulate what the basis source needs. After it: split every expert's
         gradient into its tail (in place) and hand the shared part's gradient to its delta (`split_layer`).
         No host syncs."""
-        collect = self._in_window(step) and self.collector.need_grads
+        collect = self.collector.need_grads and self.collector.in_window(self.cfg, step, self.split_done)
         if not self.split_done:
             if collect:
                 self.collector.add_grads()
-            self._sync_hooks(step + 1)
+            self.collector.sync(self.cfg, step + 1, self.split_done)
             return
         exact = schedule.exact_due(self.cfg, step)
         for li, layer in enumerate(self.layers):
             observe = (lambda p, g, li=li: self.collector.add_gram(li, p, g)) if collect else None
-            split_layer(layer, self.cfg, exact, self._drift, str(li), observe)
+            split_layer(layer, exact=exact, drift=self._drift, key=str(li), observe=observe)
         if collect:
             self.collector.grad_batches += 1
 
     # -- event 3: after the optimizer step ------------------------------------------------------------
     @torch.no_grad()
     def after_optimizer_step(self, step: int, reference_batch=None) -> dict | None:
-        """The shared part's optimizer step, folded into every expert; tails re-projected (fixed split,
-        per-expert form); U refreshed or re-estimated when due (returns the re-estimation's record)."""
+        """The shared part's optimizer step, folded into every expert; tails re-projected where the rule keeps
+        them out of U; U refreshed or re-estimated when due (returns the re-estimation's record)."""
         if not self.split_done:
             return None
         if self.shared is None:
             raise UserError("SDMoE.after_optimizer_step before an optimizer was bound; pass the optimizer to "
                             "before_forward() or call bind_optimizer(optimizer) after the split")
-        self.shared.step(self._reproject)
+        self.shared.step()
         if schedule.refresh_due(self.cfg, step):
             self.refresh()
             self.refreshed_at.append(step)
         record = self.reestimate(reference_batch) if schedule.reestimate_due(self.cfg, step) else None
-        self._sync_hooks(step + 1)
+        self.collector.sync(self.cfg, step + 1, True)
         return record
 
     # -- the split and re-estimation ------------------------------------------------------------------
     def split(self, reference_batch=None) -> dict:
-        """Split now: bases, shared parts, tails where the rule projects them. Returns
-        {"form", "gradient_split", "layers": [{layer, rank, basis_source, rel_change}], ...}."""
+        """Split now: bases, shared parts, tails where the rule projects them. Returns (and keeps as
+        `last_split`) {"form", "gradient_split", "layers": [{layer, rank, basis_source, rel_change}], ...}."""
         if self.split_done:
             raise UserError("this model is already split by this SDMoE; create a new SDMoE to split it again")
         if reference_batch is not None:
-            self._collect_from(reference_batch)
+            self.collector.fill_from(self.model, reference_batch)
         probe = ChangeProbe(self.model, self.blocks, reference_batch) if reference_batch is not None else None
+        data_basis = self.collector.need_grads or self.collector.need_inputs
         for block in self.blocks:
-            self._check_sharded(block)
+            sharding.check_split(block, self.form, self.cfg.basis_source if data_basis else None)
         for li, (block, r) in enumerate(zip(self.blocks, self.ranks)):
-            width = self._width(block, r)
-            layer = LayerState(block, self.cfg, r, width)
+            width = self.rule.width(r, block.hidden_size)
+            layer = LayerState(block, self.rule, self.cfg.projections, r, width)
             self.layers.append(layer)
             self._fill(layer, self._bases(li, layer, width))
-            if layer.router_basis is not None:
-                if not self.collector.has_inputs():
-                    raise UserError("router_input='residual' needs the layer inputs: set split_step >= 1 so warm-up "
-                                    "steps are observed, or pass reference_batch to split()")
-                layer.router_basis.copy_(data_subspace(self.collector.input_moment(li), r)[0].float())
-        self._attach_router_hooks()
-        self.split_done = True
-        SPLIT_BY[self.model] = self
+        self._mark_split()
         self.collector.stop()
         self.collector.reset()
         out = {"form": self.form, "gradient_split": self.cfg.gradient_split,
@@ -177,15 +170,19 @@ class SDMoE:
                           for b, r in zip(self.blocks, self.ranks)]}
         if probe is not None:
             probe.record(out)
+        self.last_split = out
         return out
+
+    def _mark_split(self) -> None:
+        self.split_done = True
+        self.model.register_forward_pre_hook(SplitMark(self))  # how a second SDMoE finds this one (`split_by`)
 
     @torch.no_grad()
     def _fill(self, layer: LayerState, bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        """U, Q and the shared parts from the current weights; tails projected out of U where the rule
-        says (lowrank and per-expert forms, the fixed split): that drops each expert's own part inside
-        U (the function changes, and the split record measures by how much), except per_expert (exact)."""
+        """U, Q and the shared parts from the current weights; tails projected out of U where the rule says
+        (`projects_at_split`): that drops each expert's own part inside U (the function changes, and the
+        split record measures by how much), except per_expert (exact)."""
         views, commit = layer.block.views("data", layer.projs)
-        project = self.form != "full" or self.cfg.gradient_split == "fixed"
         reduce = _reducer(layer.block)
         for p in layer.projs:
             u, _ = bases[p]
@@ -194,7 +191,7 @@ class SDMoE:
                 layer.q[p].copy_(u[:, : layer.q[p].shape[1]])
             layer.shared[p].copy_(core.shared_at_split(views[p], layer.basis[p], self.form, reduce,
                                                        layer.block.num_experts))
-            if project:
+            if layer.rule.projects_at_split:
                 core.project_tails(views[p], layer.contribution(p), layer.basis[p], layer.basis_f.get(p))
         commit()
 
@@ -202,34 +199,21 @@ class SDMoE:
         """The bases the split (or a re-estimation) takes; from the shared weight it is about to set, the
         experts' mean, when basis_source='shared'."""
         shared, reduce = None, _reducer(layer.block)
-        if self.cfg.basis_source == "shared":
+        if self._from_shared:
             views, _ = layer.block.views("data", layer.projs)
             shared = {p: core.shared_at_split(views[p], None, "full", reduce, layer.block.num_experts)
                       for p in layer.projs}
-        return choose_bases(layer.block, li, layer.projs, width, layer.r, self.cfg, self.collector, shared, reduce)
-
-    def _check_sharded(self, block: MoEBlock) -> None:
-        """A split on sharded experts (FSDP2, expert parallelism) builds its state from this rank's whole
-        experts and all-reduced sums; what needs more than that is refused in one line."""
-        if not any(sharding.is_sharded(p) for p in block.host_parameters()):
-            return
-        sharding.check_whole_experts(block)
-        if self.form == "per_expert":
-            raise UserError("SD-MoE's per-expert form does not run on sharded experts (its shared parts would "
-                            "shard with them); use form='full', or DDP")
-        if self.cfg.basis_source in ("gradients", "activations") or self.cfg.router_input == "residual":
-            raise UserError(f"SD-MoE's split from basis_source={self.cfg.basis_source!r} / router_input="
-                            f"{self.cfg.router_input!r} is not built from sharded experts; use "
-                            "basis_source='weights' or 'shared' with router_input='full', or split before sharding")
+        return choose_bases(layer.block, li, layer.projs, width, layer.r, self.cfg, self.collector, shared, reduce,
+                            layer.rule.two_sided)
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute the bases from their source (the shared weight S as trained so far, or the experts'
         weights) without changing any weight: the paper's refresh of P_U, P_V every 16 steps."""
         for li, layer in enumerate(self.layers):
-            shared = layer.shared if self.cfg.basis_source == "shared" else None
+            shared = layer.shared if self._from_shared else None
             bases = choose_bases(layer.block, li, layer.projs, layer.r, layer.r, self.cfg, self.collector, shared,
-                                 _reducer(layer.block))
+                                 _reducer(layer.block), layer.rule.two_sided)
             for p in layer.projs:
                 layer.set_bases(p, bases[p])
 
@@ -237,12 +221,11 @@ class SDMoE:
     def reestimate(self, reference_batch=None) -> dict:
         """Choose U again (basis_source) and split every layer again by the split's rule; logs the change."""
         if reference_batch is not None:
-            self._collect_from(reference_batch)
+            self.collector.fill_from(self.model, reference_batch)
         probe = ChangeProbe(self.model, self.blocks, reference_batch) if reference_batch is not None else None
         records = []
         for li, layer in enumerate(self.layers):
-            width = self._width(layer.block, layer.r) if layer.q else layer.r
-            bases = self._bases(li, layer, width)
+            bases = self._bases(li, layer, self.rule.width(layer.r, layer.block.hidden_size))
             overlap = {p: float((layer.basis[p].T @ bases[p][0][:, : layer.r]).square().sum() / layer.r)
                        for p in layer.projs}
             self._fill(layer, bases)
@@ -253,16 +236,6 @@ class SDMoE:
         if probe is not None:
             probe.record(out)
         return out
-
-    def _width(self, block: MoEBlock, r: int) -> int:
-        """Columns tracked per basis: r plus the oversampling (Rayleigh-Ritz picks the best r), at most D."""
-        return min(r + self.cfg.tracker_oversample, block.hidden_size)
-
-    def _attach_router_hooks(self) -> None:
-        for layer in self.layers:
-            if layer.router_basis is not None:
-                self._router_hooks.append(
-                    layer.block.router.register_forward_pre_hook(ResidualRouterInput(layer.router_basis)))
 
     # -- the optimizer -----------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -287,7 +260,7 @@ class SDMoE:
         return norm
 
     def buffers(self) -> list[torch.Tensor]:
-        """Every state tensor of the split (bases, tracked bases, shared parts, router bases), in a fixed order."""
+        """Every state tensor of the split (bases, tracked bases, shared parts), in a fixed order."""
         return [t for layer in self.layers for t in layer.tensors().values()]
 
     def num_shared_parameters(self) -> int:
@@ -296,19 +269,18 @@ class SDMoE:
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer, reset_state: bool = True) -> None:
         """Attach the host optimizer (once, after the split): see `SharedOptimizer` (the experts' state reset
-        unless reset_state=False, their own group when lr_tail_mult != 1, the shared optimizer built)."""
+        unless reset_state=False, the shared optimizer built)."""
         if not self.split_done:
             raise UserError("bind_optimizer() before the split; call split() first (or before_forward at split_step)")
         if self.shared is not None and self.shared.host is optimizer:
             return  # already bound
-        self.shared = SharedOptimizer(optimizer, self.layers, self.cfg.lr_tail_mult, self.cfg.lr_shared_mult,
-                                      reset_state)
+        self.shared = SharedOptimizer(optimizer, self.layers, self.cfg.lr_shared_mult, reset_state)
 
     @torch.no_grad()
     def to(self, device: torch.device | str) -> "SDMoE":
         """Move the split's state to `device` (after `model.to(device)`): bases, shared parts, deltas, the
         shared optimizer's moments and the collected sums. Tensors are moved in place (`.data`), so the
-        router hooks and the optimizers that hold them keep working."""
+        optimizers that hold them keep working."""
         device = torch.device(device)
         for layer in self.layers:
             for t in layer.owned():
@@ -325,19 +297,10 @@ class SDMoE:
         layers = []
         for li, block in enumerate(self.blocks):
             with unsharded(self.model, block.name):  # all experts, also under FSDP2
-                layers.append(self._monitor_layer(li, block, min(k, block.hidden_size)))
+                tails = self.tails(li) if self.split_done else None
+                drift = {key.split(".")[1]: float(v) for key, v in self._drift.items() if int(key.split(".")[0]) == li}
+                layers.append(_monitor_layer(block, tails, drift, min(k, block.hidden_size)))
         return {"k": k, "random_baseline": k / self.blocks[0].hidden_size, "layers": layers}
-
-    def _monitor_layer(self, li: int, block: MoEBlock, k: int) -> dict:
-        views, _ = block.views("data")
-        rec = {"layer": block.layer, "experts_overlap": {p: mean_expert_overlap(w.float(), k) for p, w in views.items()}}
-        if self.split_done:
-            layer = self.layers[li]
-            rec["tails_overlap"] = {p: mean_expert_overlap((views[p] - layer.contribution(p)).float(), k) for p in layer.projs}
-            drift = {key.split(".")[1]: float(v) for key, v in self._drift.items() if int(key.split(".")[0]) == li}
-            if drift:
-                rec["tracker_drift"] = drift
-        return rec
 
     def tails(self, li: int) -> dict[str, torch.Tensor]:
         """Layer li's tails T_i = W_i - C_i (E x F x D copies), for tests and analyses."""
@@ -372,65 +335,39 @@ class SDMoE:
         self._drift = {k: torch.tensor(float(v)) for k, v in sd.get("drift", {}).items()}
         if not sd.get("split_done"):
             return
-        self.collector.stop()
         for block, r, tensors in zip(self.blocks, self.ranks, sd["layers"]):
-            layer = LayerState(block, self.cfg, r, self._width(block, r))
+            layer = LayerState(block, self.rule, self.cfg.projections, r, self.rule.width(r, block.hidden_size))
             for name, t in layer.tensors().items():
                 t.copy_(tensors[name])
             self.layers.append(layer)
-        self._attach_router_hooks()
-        self.split_done = True
-        SPLIT_BY[self.model] = self
+        self._mark_split()
         if optimizer is not None:
             self.bind_optimizer(optimizer, reset_state=not optimizer_loaded)
             if sd.get("shared_optimizer") is not None:
                 self.shared_optimizer.load_state_dict(sd["shared_optimizer"])
 
-    # -- export ------------------------------------------------------------------------------------------
-    def export(self, target: nn.Module | None = None) -> nn.Module:
-        """A plain model for saving: the residual router's projection folded into `target`'s routers
-        (default: this model; an unsharded copy of it under FSDP2), every sdmoe hook removed."""
-        target = self.model if target is None else target
-        if target is not self.model and any(layer.router_basis is not None for layer in self.layers):
-            for layer, block in zip(self.layers, find_moe_blocks(target)):
-                fold(block.router, layer.router_basis)
-        return export(target)
 
-    # -- collection windows (gradient / activation bases) ----------------------------------------------
-    def _in_window(self, step: int) -> bool:
-        collects = self.collector.need_grads or self.collector.need_inputs
-        return schedule.in_window(self.cfg, step, self.split_done, collects)
-
-    def _sync_hooks(self, next_step: int) -> None:
-        if self._in_window(next_step):
-            self.collector.start(inputs=not self.split_done or self.cfg.basis_source == "activations")
-        else:
-            self.collector.stop()
-
-    def _collect_from(self, batch) -> None:
-        """Fill the collector from a reference batch when the warm-up left it empty."""
-        c = self.collector
-        if c.need_inputs and not c.has_inputs():
-            c.start(always=True)
-            try:
-                with torch.no_grad():
-                    forward_logits(self.model, batch)
-            finally:
-                c.stop()
-        if c.need_grads and not c.has_grads():
-            params = [t for b in self.blocks for t in b.host_parameters()]
-            saved = [p.grad for p in params]
-            logits = forward_logits(self.model, batch)
-            ids = input_ids(batch)
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = torch.zeros_like(p) if g is None else g
-            c.add_grads()
-            for p, g in zip(params, saved):
-                p.grad = g
+def _monitor_layer(block: MoEBlock, tails: dict[str, torch.Tensor] | None, drift: dict[str, float], k: int) -> dict:
+    """One layer's monitor record: the experts' (and, after the split, the tails') mean top-k overlap."""
+    views, _ = block.views("data")
+    rec = {"layer": block.layer, "experts_overlap": {p: mean_expert_overlap(w.float(), k) for p, w in views.items()}}
+    if tails is not None:
+        rec["tails_overlap"] = {p: mean_expert_overlap(t.float(), k) for p, t in tails.items()}
+        if drift:
+            rec["tracker_drift"] = drift
+    return rec
 
 
 def _reducer(block: MoEBlock):
     """The sum over the ranks holding `block`'s other experts (None when this rank holds them all)."""
     return sharding.reducer(block.host_parameters()[0])
+
+
+def convert(model: nn.Module, cfg: SDMoEConfig | None = None, reference_batch=None) -> SDMoE:
+    """Split `model` in place now (cfg.split_step is not waited for; default: the per-expert form, exact and
+    function-preserving; the shared forms measure their change on `reference_batch`). Returns its controller,
+    whose `last_split` is the split's record; bind an optimizer with `bind_optimizer` to train it, and
+    `sdmoe.export(model)` makes it a plain model again."""
+    ctl = SDMoE(model, cfg or SDMoEConfig(form="per_expert"))
+    ctl.split(reference_batch)
+    return ctl

@@ -17,7 +17,7 @@ two-sided split adds one on the ffn side, f_PFR / u_FR (P_F = u_FR u_FR^T).
     the shared part at the split                    shared_at_split
     the shared part's gradient  sum_i G_i Q Q^T     shared_gradient
     the experts' tails' gradient  G_i (I - Q Q^T)   split_tails
-    both at once, from the same products G_i Q      split_gradient (tracker_lag=1: and the tracking step)
+    both at once, from the same products G_i Q      split_gradient
       two-sided (the paper's): (I - P_F) G_i (I - P_D) to the tails, the rest to the shared part
     the shared update folded into every expert      fold_shared
     tails kept out of U after the optimizer step    project_tails
@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sdmoe.spectral.tracking import gram_of, next_basis, per_projection, subspace_iteration
+from sdmoe.spectral.tracking import per_projection, subspace_iteration
 
 # The experts' gradients of P projections: (E, P, F, D), one projection's (E, F, D), or a sequence of P
 # (E, F, D) views that alias the host's storage (`sdmoe.spectral.per_projection`).
@@ -123,52 +123,32 @@ def shared_gradient(g: Grads, form: str, q_PDR: torch.Tensor | None,
 
 
 @torch.no_grad()
-def split_tails(g: Grads, q_PDR: torch.Tensor, normalize: bool = False, f_PFR: torch.Tensor | None = None) -> None:
+def split_tails(g: Grads, q_PDR: torch.Tensor, f_PFR: torch.Tensor | None = None) -> None:
     """The experts' gradients keep only their tails: G_i <- G_i (I - Q Q^T), or two-sided (f given)
-    (I - P_F) G_i (I - Q Q^T), in place.
-
-    normalize: rescale each projected gradient to its whole gradient's Frobenius norm."""
+    (I - P_F) G_i (I - Q Q^T), in place."""
     if f_PFR is None:
-        project_out(g, q_PDR, normalize)
+        project_out(g, q_PDR)
         return
     gs, q = per_projection(g, q_PDR)
     f = per_projection(g, f_PFR)[1]
     for g_p, q_p, f_p in zip(gs, q.unbind(0), f.unbind(0)):
-        full = g_p.square().sum((-1, -2)) if normalize else None
-        _project_out_one(g_p, _as(q_p, g_p), False)
+        _project_out_one(g_p, _as(q_p, g_p))
         _project_rows_out_one(g_p, _as(f_p, g_p))
-        if normalize:
-            _rescale(g_p, full, g_p.square().sum((-1, -2)))
 
 
 @torch.no_grad()
-def split_gradient(g: Grads, q_PDR: torch.Tensor, form: str = "full", normalize: bool = False,
-                   reduce: Callable[[torch.Tensor], None] | None = None, track_PDX: torch.Tensor | None = None,
-                   rayleigh_ritz: bool = False) -> torch.Tensor:
+def split_gradient(g: Grads, q_PDR: torch.Tensor, form: str = "full",
+                   reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """The one-sided split when the shared part's gradient is kept in the split's own basis Q: the tails
     G_i (I - Q Q^T) in place, and the shared part's gradient from the same products Y_i = G_i Q:
     full (sum_i Y_i) Q^T = (sum_i G_i) Q Q^T, lowrank sum_i Y_i, per_expert Y_i (E x P x F x R).
 
     The same numbers as `shared_gradient` then `split_tails` up to rounding, from one pass over the
     gradients instead of two (no sum of the E whole gradients, no second product with Q). `reduce` sums
-    the (P, F, R) sum over processes (FSDP2): R/D of the full sum.
-
-    track_PDX: the tracked basis whose first R columns are q (`tracker_lag=1`). The same pass then makes
-    the tracking step: Y_i over the X tracked columns, M Q = sum_i G_i^T Y_i read before the tails are
-    cut, and the next basis written into track_PDX for the next step's split: three products of G per
-    projection instead of four, and G read in one pass."""
+    the (P, F, R) sum over processes (FSDP2): R/D of the full sum."""
     gs, q = per_projection(g, q_PDR)
     q = _as(q, gs[0])
-    track = None if track_PDX is None else per_projection(g, track_PDX)[1]
-    qx = None if track is None else _as(track, gs[0])
-    y_PEFR, z_PDX = [], []
-    for p, g_p in enumerate(gs):
-        y_EFX = None
-        if qx is not None:
-            y_EFX = _each(g_p, qx[p])
-            z_PDX.append(gram_of(g_p, y_EFX, track_PDX.dtype))
-            y_EFX = y_EFX[..., : q.shape[-1]]
-        y_PEFR.append(_project_out_one(g_p, q[p], normalize, y_EFX))
+    y_PEFR = [_project_out_one(g_p, q[p]) for p, g_p in enumerate(gs)]
     if form == "per_expert":
         shared = torch.stack(y_PEFR, 1)
     else:
@@ -177,8 +157,6 @@ def split_gradient(g: Grads, q_PDR: torch.Tensor, form: str = "full", normalize:
             reduce(shared)
         if form == "full":
             shared = torch.bmm(shared, q.transpose(-1, -2))
-    if track is not None:  # after the shared gradient: q may be a view of the tracked basis
-        track.copy_(next_basis(torch.stack(z_PDX), track, rayleigh_ritz, reduce))
     return shared
 
 
@@ -224,24 +202,19 @@ def _hidden_last(x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def project_out(x: Grads, q: torch.Tensor, normalize: bool = False) -> None:
+def project_out(x: Grads, q: torch.Tensor) -> None:
     """x_ip <- x_ip (I - Q_p Q_p^T) in place; x (E, P, F, D), (E, F, D) or P (E, F, D) views, q (P, D, R) or (D, R)."""
     xs, q = per_projection(x, q)
     # One projection at a time: in a training step that measured faster (lab model: 1.5 against 1.8 ms a
     # step) than one (E P)-batched update, which needs Q^T copied per expert.
     for x_p, q_p in zip(xs, q.unbind(0)):
-        _project_out_one(x_p, _as(q_p, x_p), normalize)
+        _project_out_one(x_p, _as(q_p, x_p))
 
 
-def _project_out_one(x_EFD: torch.Tensor, q_DR: torch.Tensor, normalize: bool,
-                     y_EFR: torch.Tensor | None = None) -> torch.Tensor:
-    """x_i <- x_i (I - Q Q^T) in place; returns y_i = x_i Q (E, F, R), computed before (or given)."""
+def _project_out_one(x_EFD: torch.Tensor, q_DR: torch.Tensor) -> torch.Tensor:
+    """x_i <- x_i (I - Q Q^T) in place; returns y_i = x_i Q (E, F, R), computed before."""
     e = x_EFD.shape[0]
-    if y_EFR is None:
-        y_EFR = _each(x_EFD, q_DR)
-    if normalize:
-        full = x_EFD.square().sum((-1, -2))
-        inside = y_EFR.square().sum((-1, -2))
+    y_EFR = _each(x_EFD, q_DR)
     # x -= y Q^T, in place, in whichever orientation has the contiguous rows (a down view is transposed)
     if x_EFD.is_contiguous():
         x_EFD.baddbmm_(y_EFR, q_DR.T.expand(e, -1, -1), alpha=-1.0)
@@ -252,15 +225,7 @@ def _project_out_one(x_EFD: torch.Tensor, q_DR: torch.Tensor, normalize: bool,
         x_EFD.sub_(torch.bmm(y_EFR, q_DR.T.expand(e, -1, -1)))
     else:
         x_EFD.transpose(-1, -2).baddbmm_(q_DR.expand(e, -1, -1), y_EFR.transpose(-1, -2), alpha=-1.0)
-    if normalize:
-        _rescale(x_EFD, full, (full - inside).clamp_min(0.0))
     return y_EFR
-
-
-def _rescale(x_EFD: torch.Tensor, full_E: torch.Tensor, rest_E: torch.Tensor) -> None:
-    """Each x_i back to its whole gradient's norm: x_i *= sqrt(full_i / rest_i) (kept where rest is ~0)."""
-    scale = torch.where(rest_E > 1e-12 * full_E, (full_E / rest_E.clamp_min(1e-30)).sqrt(), torch.ones_like(full_E))
-    x_EFD.mul_(scale[:, None, None])
 
 
 @torch.no_grad()

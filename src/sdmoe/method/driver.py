@@ -5,16 +5,16 @@
         model(**batch).loss.backward()
         optimizer.step()           # the split, the clip, the shared update: all in the step's hooks
         optimizer.zero_grad()
-    handle.export()                # a plain model again, ready for save_pretrained
+    sdmoe.export(model)            # a plain model again, ready for save_pretrained
 
 What runs where, each step (torchtitan attaches its own MoE bias update the same way,
 with `register_step_pre_hook` on the optimizer):
 
     model forward pre-hook     `before_forward`: at split_step, split and bind the optimizer;
                                collection windows before it (training forwards only)
-    optimizer step pre-hook    `after_backward` (the gradient split), then the clip of the model's
-                               and the shared parts' gradients together (max_norm), then the
-                               non-finite policy
+    optimizer step pre-hook    the non-finite policy (nan_policy="skip"), then `after_backward`
+                               (the gradient split), then the clip of the model's and the shared
+                               parts' gradients together (max_norm)
     [the optimizer's own step]
     optimizer step post-hook   `after_optimizer_step`: the shared update folded into the experts,
                                refreshes, re-estimations; then the "step" listeners (a load
@@ -23,6 +23,9 @@ with `register_step_pre_hook` on the optimizer):
 `cfg=None` drives no SD-MoE: the same clip, non-finite policy and listeners, so the baseline of a
 paired comparison runs the very same loop. `cfg` may also be an `SDMoE` already built (and split)
 elsewhere, as the Trainer callback's split at `on_init_end` is.
+
+The handle is found from the model (`hooks.attached`: its `DriverHook`), so `sdmoe.export(model)`
+detaches it and a second `attach` on the same model is refused, with nothing kept outside the model.
 
 torch.compile. `model` may be compiled before `attach` (an `OptimizedModule`: the driver works on the module
 under it) or after; blocks compiled one by one (torchtitan's way) never see the model's hook. The forward
@@ -47,9 +50,11 @@ from sdmoe.moe.sharding import clip_, local, total_norm
 from .config import SDMoEConfig
 from .controller import SDMoE
 from .export import export
-from .hooks import ATTACHED, uncompiled
+from .hooks import DriverHook, attached, uncompiled
 
-NonFinite = Literal["apply", "skip"]
+# "stop": every step applies, whatever its gradients (no host sync); the caller stops the run on a non-finite
+# `grad_norm`, as `sdmoe train` does (loop.nan_policy). "skip": a step whose gradients are not finite is dropped.
+NanPolicy = Literal["stop", "skip"]
 EVENTS = ("split", "reestimate", "step")
 
 
@@ -57,41 +62,41 @@ class Attached:
     """The handle `attach` returns: the hooks, the controller, the last step's norm and what happened."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: SDMoEConfig | SDMoE | None,
-                 max_norm: float | None = None, reference_batch=None, nonfinite: NonFinite = "apply", step: int = 0):
-        if nonfinite not in ("apply", "skip"):
-            raise UserError(f"nonfinite={nonfinite!r}: use 'apply' (step whatever the gradients) or 'skip' (drop a "
-                            "step whose gradient norm is not finite)")
+                 max_norm: float | None = None, reference_batch=None, nan_policy: NanPolicy = "stop", step: int = 0):
+        if nan_policy not in ("stop", "skip"):
+            raise UserError(f"nan_policy={nan_policy!r}: use 'stop' (every step applies; stop on a non-finite "
+                            "grad_norm) or 'skip' (drop a step whose gradient norm is not finite)")
         if max_norm is not None and not max_norm > 0:
             raise UserError(f"max_norm={max_norm!r}: give a positive norm to clip to, or None for no clipping")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"sdmoe.attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         model = uncompiled(model)  # torch.compile's wrapper: drive the module under it, with eager names
-        if model in ATTACHED:
+        if attached(model) is not None:
             raise UserError("this model is already attached to an optimizer; use that handle, or call its detach() "
                             "(or sdmoe.export(model)) before attaching again")
         self.model, self.optimizer = model, optimizer
         self.controller = cfg if isinstance(cfg, SDMoE) or cfg is None else SDMoE(model, cfg)
         if self.controller is not None and self.controller.model is not model:
             raise UserError("the SDMoE passed to attach drives another model; attach it to its own model")
-        self.max_norm, self.nonfinite = max_norm, nonfinite
+        self.max_norm, self.nan_policy = max_norm, nan_policy
         self.reference_batch = reference_batch
         self.step = step
         self.grad_norm: torch.Tensor | None = None  # the last step's total norm (0-dim, on the device)
-        self.skipped = False  # whether the last step was dropped (nonfinite="skip")
+        self.skipped = False  # whether the last step was dropped (nan_policy="skip")
         self.nonfinite_grad: str | None = None  # the first non-finite gradient of the last dropped step
         self._listeners: dict[str, list[Callable]] = {e: [] for e in EVENTS}
         self._splitting = False
         if self.controller is not None and self.controller.split_done:  # split already: bind now (once per optimizer)
             self.controller.bind_optimizer(self.host_optimizer())
-        # last: a refusal above leaves no hook behind
-        ATTACHED[model] = self
+        # last: a refusal above leaves no hook behind.
         # torch.compile(model), before or after this, traces the model's hooks into its graph (dynamo inlines
         # Module._call_impl). The split and the windows must run eagerly: they build tensors, an optimizer and
         # hooks, and an optimizer built under tracing comes out `capturable`, which the CPU refuses at the first
         # step. Disabling dynamo on this one hook (recursively: the split's own forwards too) is the narrowest
         # cut: one graph break before the forward, which compiles as it would without SD-MoE; the hook stays
-        # registered all run, so its presence never changes and never recompiles the model.
-        self._handles = [model.register_forward_pre_hook(torch.compiler.disable(self._before_forward)),
+        # registered all run, so its presence never changes and never recompiles the model. (The wrapper's
+        # `__wrapped__` is the DriverHook: `hooks.attached` finds the handle through it.)
+        self._handles = [model.register_forward_pre_hook(torch.compiler.disable(DriverHook(self))),
                          optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 
@@ -107,7 +112,8 @@ class Attached:
             fn(self.step, *args)
 
     # -- the hooks -------------------------------------------------------------------------------
-    def _before_forward(self, module, args) -> None:
+    def on_forward(self, module, args) -> None:
+        """The model's forward pre-hook (`hooks.DriverHook`): the split when due, the collection windows."""
         # idempotent: several forwards a step (gradient accumulation) are fine; the split's own forwards on the
         # reference batch come back here while it runs, and pass
         if module.training and torch.is_grad_enabled() and self.controller is not None and not self._splitting:
@@ -141,7 +147,7 @@ class Attached:
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.skipped, self.nonfinite_grad = False, None
-        if self.nonfinite == "skip":
+        if self.nan_policy == "skip":
             # Decided on the whole gradients, before the split: the tracker updates its basis in place from
             # them, and one NaN step would poison every later one. One host sync a step, in skip mode only.
             norm = total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
@@ -209,35 +215,32 @@ class Attached:
         self.controller.load_state_dict(sd, host, optimizer_loaded=optimizer_loaded)
 
     def export(self, target: nn.Module | None = None) -> nn.Module:
-        """A plain model to save: `target` (default the model; an unsharded copy under FSDP2) with a residual
-        router folded in and every sdmoe hook removed; the driver's hooks are detached."""
-        self.detach()
-        if self.controller is not None:
-            return self.controller.export(target)
-        return export(self.model if target is None else target)
+        """`sdmoe.export(self.model)` (the one documented way), for callers holding the handle; `target`, an
+        unsharded copy of an FSDP2 model, is exported too and returned."""
+        plain = export(self.model)
+        return plain if target is None else export(target)
 
     def detach(self) -> None:
         """Remove the driver's hooks (the controller and the model's state stay as they are)."""
         for h in self._handles:
             h.remove()
         self._handles = []
-        if ATTACHED.get(self.model) is self:
-            del ATTACHED[self.model]
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: SDMoEConfig | SDMoE | None,
-           max_norm: float | None = None, *, reference_batch=None, nonfinite: NonFinite = "apply",
+           max_norm: float | None = None, *, reference_batch=None, nan_policy: NanPolicy = "stop",
            step: int = 0) -> Attached:
     """SD-MoE on `model`, driven by hooks on `optimizer`'s step and the model's forward (see the module doc).
 
     max_norm: clip the model's and the shared parts' gradients together to it, after the split (None: no clip).
     reference_batch: a batch (LongTensor, or a dict of model inputs), or a function returning one, for the
         split's change measurement and data-based bases.
-    nonfinite: "apply" steps whatever the gradients are (no host sync); "skip" drops a step whose gradient
-        norm is not finite (one more norm and one host sync a step): no weight, moment, basis or shared part
-        changes, and the step still counts.
+    nan_policy: "stop" applies every step whatever its gradients (no host sync): the caller stops on a
+        non-finite `handle.grad_norm`, as `sdmoe train` does; "skip" drops a step whose gradient norm is not
+        finite (one more norm and one host sync a step): no weight, moment, basis or shared part changes,
+        and the step still counts. The same two words as `sdmoe train`'s `loop.nan_policy`.
     step: the optimizer steps already taken (a resumed run's)."""
-    return Attached(model, optimizer, cfg, max_norm, reference_batch, nonfinite, step)
+    return Attached(model, optimizer, cfg, max_norm, reference_batch, nan_policy, step)
 
 
 def first_nonfinite_grad(model: nn.Module) -> str:

@@ -1,31 +1,31 @@
-"""`export(model)`: a model ready to save as an ordinary transformers checkpoint.
+"""`export(model)`: a model ready to save as an ordinary transformers checkpoint; `sdmoe.export`.
 
-The host's expert weights already are the trained W_i (SD-MoE never replaces them),
-so export only folds a residual router's input projection into the router weight
-and removes every SD-MoE hook; a vanilla transformers install loads the saved model
-and computes the same logits. It also turns the KV cache on (`with_kv_cache`): the
-exported model is for saving and generating.
+The host's expert weights already are the trained W_i (SD-MoE never replaces them), so export
+only removes every SD-MoE hook (and an `attach` handle's hooks on the optimizer with them); a
+vanilla transformers install loads the saved model and computes the same logits. It also turns
+the KV cache on (`with_kv_cache`): the exported model is for saving and generating.
+
+Imports no torch until called, so the package `sdmoe.method` can load it with its config.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .hooks import ATTACHED, SPLIT_BY, remove_hooks, sdmoe_hooks, uncompiled
-from .router import ResidualRouterInput, fold
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def export(model: nn.Module) -> nn.Module:
-    """In place: residual routers folded into their weights, no SD-MoE hook left, KV cache on. Returns the
-    plain model (the module under a `torch.compile` wrapper: its state_dict has no `_orig_mod.` prefix)."""
+    """In place: no SD-MoE hook left on the model, the `attach` handle driving it detached, KV cache on.
+    Returns the plain model (the module under a `torch.compile` wrapper: its state_dict has no `_orig_mod.`
+    prefix). The split's state stays with its `SDMoE`; the model is no longer split: a new SDMoE may split it."""
+    from .hooks import attached, remove_hooks, uncompiled
+
     model = uncompiled(model)
-    if (handle := ATTACHED.get(model)) is not None:
+    if (handle := attached(model)) is not None:
         handle.detach()  # the driver's hooks on the model and its optimizer
-    for module, hook in sdmoe_hooks(model):
-        if isinstance(hook, ResidualRouterInput):
-            fold(module, hook.basis)
     remove_hooks(model)
-    SPLIT_BY.pop(model, None)  # no longer driven: a new SDMoE may split it
     return with_kv_cache(model)
 
 

@@ -1,11 +1,11 @@
-"""`LayerState`: one MoE block's SD-MoE tensors, all outside the model.
+"""`LayerState`: one MoE block's SD-MoE tensors, all outside the model, and the rule that splits it.
 
 Per projection: the basis U (D x R), on a two-sided split the ffn side's basis too,
 the shared part (S, A or A_i; `core.shared_at_split`) kept so the tails T_i = W_i - C_i
 can be measured and re-projected, and a zero "shared delta", the parameter the shared
 optimizer steps (`shared_optimizer.SharedOptimizer`). A per-step split adds the tracked
 bases of the layer's projections in one (P, D, X) buffer, which the tracker's batched
-QR writes in place.
+QR writes in place. Which of them a layer holds, the split rule says (`split.SplitRule`).
 """
 
 from __future__ import annotations
@@ -17,31 +17,31 @@ from sdmoe.moe import MoEBlock
 from sdmoe.moe.projections import PROJECTIONS
 
 from . import core
-from .config import SDMoEConfig
 
 
 class LayerState:
-    """One MoE block's split: bases, tracked bases, shared parts and their deltas."""
+    """One MoE block's split: its rule, bases, tracked bases, shared parts and their deltas.
 
-    def __init__(self, block: MoEBlock, cfg: SDMoEConfig, rank: int, width: int):
-        self.block, self.r, self.form = block, rank, cfg.form
-        self.projs = tuple(p for p in PROJECTIONS if p in cfg.projections)  # in storage order, whatever the config's
+    rule: the layer's `split.SplitRule` (its form, and whether it tracks a basis or has two sides);
+    projections: the ones it decomposes (any order: kept in storage order); width: tracked columns."""
+
+    def __init__(self, block: MoEBlock, rule, projections: tuple[str, ...], rank: int, width: int):
+        self.block, self.rule, self.r, self.form = block, rule, rank, rule.form
+        self.projs = tuple(p for p in PROJECTIONS if p in projections)  # in storage order, whatever the config's
         e, f, d = block.num_experts, block.expert_ffn, block.hidden_size
         ref = next(block.experts.parameters())
         dt, dev = ref.dtype, ref.device
         self.basis = {p: torch.zeros(d, rank, dtype=torch.float32, device=dev) for p in self.projs}
         # the ffn side's basis of a two-sided split (P_F = basis_f basis_f^T)
         self.basis_f = ({p: torch.zeros(f, rank, dtype=torch.float32, device=dev) for p in self.projs}
-                        if cfg.projection_sides == "two" else {})
+                        if rule.two_sided else {})
         # the tracked bases of all projections in one (P, D, X) buffer: the tracker's batched QR writes it
         # in place; `q` gives each projection's (D, X) view of it
         self.q_PDX = (torch.zeros(len(self.projs), d, width, dtype=torch.float32, device=dev)
-                      if cfg.gradient_split == "per_step" else None)
+                      if rule.tracked else None)
         shape = {"full": (f, d), "lowrank": (f, rank), "per_expert": (e, f, rank)}[self.form]
         self.shared = {p: torch.zeros(shape, dtype=dt, device=dev) for p in self.projs}
         self.delta = {p: nn.Parameter(torch.zeros(shape, dtype=dt, device=dev)) for p in self.projs}
-        self.router_basis = (torch.zeros(d, rank, dtype=torch.float32, device=dev)
-                             if cfg.router_input == "residual" else None)
 
     @property
     def q(self) -> dict[str, torch.Tensor]:
@@ -53,14 +53,12 @@ class LayerState:
         out = {}
         for name in ("basis", "basis_f", "q", "shared"):
             out.update({f"{name}_{p}": t for p, t in getattr(self, name).items()})
-        if self.router_basis is not None:
-            out["router_basis"] = self.router_basis
         return out
 
     def owned(self) -> list[torch.Tensor]:
         """Every tensor this layer allocated (what `SDMoE.to` moves), deltas included."""
         out = [*self.basis.values(), *self.basis_f.values(), *self.shared.values(), *self.delta.values()]
-        return out + [t for t in (self.q_PDX, self.router_basis) if t is not None]
+        return out if self.q_PDX is None else [*out, self.q_PDX]
 
     def contribution(self, p: str) -> torch.Tensor:
         """C (or C_i) of projection p: the part of every W_i the shared part stands for."""

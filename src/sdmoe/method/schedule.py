@@ -15,14 +15,14 @@ def split_due(cfg: SDMoEConfig, step: int) -> bool:
 
 
 def in_window(cfg: SDMoEConfig, step: int, split_done: bool, collects: bool) -> bool:
-    """Whether `step`'s gradients or layer inputs are collected for a basis (`collects`: the basis source or
-    the residual router needs any): the `basis_batches` steps before the split, and before each re-estimation."""
+    """Whether `step`'s gradients or layer inputs are collected for a basis (`collects`: the basis source needs
+    any): the `basis_batches` steps before the split, and before each re-estimation."""
     if not collects:
         return False
     if not split_done:
         return cfg.split_step - cfg.basis_batches <= step < cfg.split_step
-    if not cfg.reestimate_every or cfg.basis_source == "weights":
-        return False  # after the split only U is re-estimated; the router basis stays
+    if not cfg.reestimate_every:
+        return False
     j = (step - cfg.split_step) % cfg.reestimate_every
     return step >= cfg.split_step and j >= cfg.reestimate_every - cfg.basis_batches
 
@@ -42,5 +42,6 @@ def reestimate_due(cfg: SDMoEConfig, step: int) -> bool:
 
 
 def exact_due(cfg: SDMoEConfig, step: int) -> bool:
-    """`step`'s per-step split uses the exact top-r of its gradients (`exact_every`), measuring the tracker's drift."""
-    return cfg.gradient_split == "per_step" and bool(cfg.exact_every) and step % cfg.exact_every == 0
+    """`step`'s split uses the exact top-r of its gradients (`exact_every`), measuring the tracker's drift; only a
+    per-step split (`split.PerStepSplit`) tracks a basis, the other rules have none to replace."""
+    return bool(cfg.exact_every) and step % cfg.exact_every == 0

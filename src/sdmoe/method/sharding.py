@@ -33,7 +33,7 @@ import torch
 from sdmoe.errors import UserError
 from sdmoe.moe.sharding import is_sharded, local
 
-__all__ = ["check_whole_experts", "expert_mesh_dims", "is_sharded", "local", "reducer"]
+__all__ = ["check_split", "check_whole_experts", "expert_mesh_dims", "is_sharded", "local", "reducer"]
 
 Reduce = Callable[[torch.Tensor], None]
 
@@ -100,3 +100,18 @@ def check_whole_experts(block, what: str | None = None) -> None:
                             f"{offset[0]}..{offset[0] + shape[0]}, which cut an expert of {rows} rows; SD-MoE needs "
                             f"whole experts per rank: use a number of ranks that divides the {block.num_experts} "
                             "experts")
+
+
+def check_split(block, form: str, data_basis: str | None) -> None:
+    """A split on sharded experts (FSDP2, expert parallelism) builds its state from this rank's whole experts
+    and all-reduced sums; what needs more than that is refused in one line (`data_basis`: the basis source
+    when it is collected from the data, which is not built from shards)."""
+    if not any(is_sharded(p) for p in block.host_parameters()):
+        return
+    check_whole_experts(block)
+    if form == "per_expert":
+        raise UserError("SD-MoE's per-expert form does not run on sharded experts (its shared parts would shard "
+                        "with them); use form='full', or DDP")
+    if data_basis is not None:
+        raise UserError(f"SD-MoE's split from basis_source={data_basis!r} is not built from sharded experts; use "
+                        "basis_source='weights' or 'shared', or split before sharding")

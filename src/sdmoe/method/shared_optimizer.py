@@ -8,11 +8,10 @@ The one difference, the weight decay of C at the shared learning rate instead of
 is added back here (zero when the two rates are equal). Like the tails of a fresh
 parameter, the experts' optimizer state is reset at the split.
 
-Rates: the tails train at the rate of the host optimizer's group that holds the experts
-(their own group "sdmoe.tails" when `lr_tail_mult` != 1); the shared part at the base rate
-(the experts' original group's rate over its `lr_mult`) times `lr_shared_mult`. Each is read
-from the host's groups at every step, so whatever schedule the host's loop applies to its
-groups applies to both.
+Rates: the tails train at the rate of the host optimizer's group that holds the experts;
+the shared part at the base rate (that group's rate over its `lr_mult`) times `lr_shared_mult`.
+Both are read from the host's group at every step, so whatever schedule the host's loop
+applies to its groups applies to both.
 """
 
 from __future__ import annotations
@@ -28,9 +27,6 @@ from sdmoe.errors import UserError
 from . import core
 from .layer import LayerState
 
-TAILS_GROUP = "sdmoe.tails"  # the name of the group the experts move to when lr_tail_mult != 1
-SOURCE_KEY = "sdmoe.source"  # in that group: the index of the group the experts came from (the base rate's)
-
 
 def base_rate(group: Mapping) -> float:
     """A group's rate over its multiplier: the schedule's base rate (a group with lr_mult 0: its own rate)."""
@@ -40,11 +36,11 @@ def base_rate(group: Mapping) -> float:
 class SharedOptimizer:
     """The host optimizer's class and settings over the shared deltas, and the host group they follow."""
 
-    def __init__(self, host: torch.optim.Optimizer, layers: list[LayerState], tail_mult: float,
-                 shared_mult: float, reset_state: bool = True):
-        """Bind `host` (after the split): reset the experts' optimizer state (fresh moments for the tails),
-        move them into their own group when tail_mult != 1, and build the shared optimizer (the host's class
-        and settings, no weight decay: it is applied to C in `step`).
+    def __init__(self, host: torch.optim.Optimizer, layers: list[LayerState], shared_mult: float,
+                 reset_state: bool = True):
+        """Bind `host` (after the split): reset the experts' optimizer state (fresh moments for the tails)
+        and build the shared optimizer (the host's class and settings, no weight decay: it is applied to C
+        in `step`).
 
         reset_state=False keeps the experts' moments: a resume whose host loads the optimizer's state
         before SD-MoE's (OLMo-core, torchtitan) binds an optimizer that already holds the tails' moments."""
@@ -53,19 +49,8 @@ class SharedOptimizer:
         index = next((i for i, g in enumerate(host.param_groups) if any(id(p) in experts for p in g["params"])), None)
         if index is None:
             raise UserError("the optimizer holds none of the experts' weights; build it from model.parameters()")
-        group = host.param_groups[index]
         for p in experts.values() if reset_state else ():
             host.state.pop(p, None)
-        if tail_mult != 1.0 and group.get("name") != TAILS_GROUP:
-            # Groups left empty stay (group indices and schedulers keep working, and the experts' original
-            # group keeps the base rate the shared part follows); the new group follows the base rate times
-            # the tails' multiplier.
-            for g in host.param_groups:
-                g["params"] = [p for p in g["params"] if id(p) not in experts]
-            host.add_param_group({"params": list(experts.values()), "lr": base_rate(group) * tail_mult,
-                                  "lr_mult": tail_mult, "weight_decay": group.get("weight_decay", 0.0),
-                                  "name": TAILS_GROUP, SOURCE_KEY: index})
-            index = len(host.param_groups) - 1
         # indices, not the dicts: Optimizer.load_state_dict replaces the group dicts, and FSDP2 sharding
         # replaces the parameters
         self.index = index
@@ -75,21 +60,21 @@ class SharedOptimizer:
         return [layer.delta[p] for layer in self.layers for p in layer.projs]
 
     def rates(self) -> tuple[float, float, float]:
-        """(the tails' rate, the shared part's rate, the weight decay), read from the host's groups now."""
+        """(the tails' rate, the shared part's rate, the weight decay), read from the host's group now."""
         group = self.host.param_groups[self.index]
-        source = self.host.param_groups[group.get(SOURCE_KEY, self.index)]
-        return float(group["lr"]), base_rate(source) * self.shared_mult, float(group.get("weight_decay", 0.0))
+        return float(group["lr"]), base_rate(group) * self.shared_mult, float(group.get("weight_decay", 0.0))
 
     @torch.no_grad()
-    def step(self, reproject: bool) -> None:
-        """The shared parts' step (gradients set by the split), folded into every expert; with `reproject`
-        the tails are projected out of U against the updated C (fixed split, per-expert form)."""
+    def step(self) -> None:
+        """The shared parts' step (gradients set by the split), folded into every expert; where the layer's rule
+        keeps the tails out of U (`keeps_tails_out`), they are projected out against the updated C."""
         lr_t, lr_s, wd = self.rates()
         self.optimizer.param_groups[0]["lr"] = lr_s
         self.optimizer.step()
-        steps = [d.detach() for d in self.parameters()]
+        plain, plain_steps = [], []  # the shared parts updated below, all in two calls
         for layer in self.layers:
             views, commit = layer.block.views("data", layer.projs)
+            reproject = layer.rule.keeps_tails_out
             for p, w in views.items():
                 if wd and lr_t != lr_s:  # W_i decayed at the tails' rate; C decays at the shared part's
                     core.add_to_experts(w, layer.contribution(p), alpha=(lr_t - lr_s) * wd)
@@ -98,12 +83,14 @@ class SharedOptimizer:
                     layer.shared[p].mul_(1.0 - lr_s * wd).add_(layer.delta[p].detach())
                     core.project_tails(w, layer.contribution(p), layer.basis[p], layer.basis_f.get(p))
             commit()
-        if not reproject:  # every shared part's update in two calls
-            shared = [layer.shared[p] for layer in self.layers for p in layer.projs]
+            if not reproject:
+                plain += [layer.shared[p] for p in layer.projs]
+                plain_steps += [layer.delta[p].detach() for p in layer.projs]
+        if plain:
             if wd:
-                torch._foreach_mul_(shared, 1.0 - lr_s * wd)
-            torch._foreach_add_(shared, steps)
-        torch._foreach_zero_(steps)
+                torch._foreach_mul_(plain, 1.0 - lr_s * wd)
+            torch._foreach_add_(plain, plain_steps)
+        torch._foreach_zero_([d.detach() for d in self.parameters()])
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()

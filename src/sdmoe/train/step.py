@@ -48,7 +48,7 @@ class TrainStep:
         self.cfg, self.model, self.engine, self.optimizer = cfg, model, model, optimizer
         self.handle = attach(model, optimizer, cfg.sdmoe if cfg.method == "sd-moe" else None,
                              max_norm=cfg.optim.grad_clip, reference_batch=reference_batch,
-                             nonfinite="skip" if cfg.loop.nan_policy == "skip" else "apply")
+                             nan_policy=cfg.loop.nan_policy)
         self.loads = LoadTracker(find_moe_blocks(model), cfg.model.top_k, reduce=reduce)
         rate = cfg.optim.bias_update_rate
         # DeepSeek-V3's aux-loss-free bias update after every step (none after a dropped one)
