@@ -3,9 +3,15 @@
     data -> model -> loss (+ balance) -> backward -> optimizer.step()
          -> metrics, evaluation, spectral monitor, checkpoints -> final export
 
+    train():  _set_up -> _resume -> _open_log -> par.parallelize -> _steps -> _finish
+
 The step is plain PyTorch (`train.step.TrainStep`): SD-MoE's gradient split, the
 clip, the shared update, the non-finite policy and DeepSeek-V3's bias update run in
 the optimizer step's hooks (`sdmoe.attach`), the same for the baseline and SD-MoE.
+How the run is spread over processes (one, DDP, FSDP2) is one object chosen at set-up
+(`train.parallel`), so the loop never asks which; torch's process-wide settings
+(threads, deterministic algorithms, the seed) hold for the run and are put back after
+it (`train.process_state`).
 
 Everything a resumed run needs is in the checkpoint: batches are a pure
 function of (seed, step), the schedule a pure function of the step, and the
@@ -24,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from sdmoe.analysis.monitor import spectral_snapshot
 from sdmoe.config_fields import changed_settings, show
 from sdmoe.data import prepare_dataset
-from sdmoe.data.dataset import passes_over_data
+from sdmoe.data.dataset import Dataset, passes_over_data
 from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import evaluate_loss
 from sdmoe.files import DirLock, atomic_dir, make_dirs, probe_writable, remove_made, write_failure
@@ -37,15 +44,16 @@ from sdmoe.method.driver import first_nonfinite_grad
 from sdmoe.method.export import with_kv_cache
 from sdmoe.models import count_parameters
 from sdmoe.models.checks import check_checkpoint, check_finite_parameters, check_tokenizer_fits
-from sdmoe.models.pretrained import for_training, load_init_model, load_tokenizer
+from sdmoe.models.pretrained import load_tokenizer
 from sdmoe.train import checkpoint as ckpt
-from sdmoe.train import distributed as dist
-from sdmoe.train import fsdp as fsdp_train
+from sdmoe.train import parallel
 from sdmoe.train.config import RunConfig, from_dict, upgraded, validate
 from sdmoe.train.metrics import MetricsLog, NullLog, read_metrics, truncate_after
 from sdmoe.train.optim import build_optimizer, lr_scale, set_learning_rates
+from sdmoe.train.parallel import Parallelism
+from sdmoe.train.process_state import process_state
 from sdmoe.train.run_record import read_run_record, run_record_path, write_run_record
-from sdmoe.train.step import TrainStep, start_model
+from sdmoe.train.step import TrainStep
 
 
 class NonFiniteError(UserError):
@@ -144,6 +152,33 @@ class NonFiniteWatch:
         self.first.fill_(-1)
 
 
+@dataclass
+class Run:
+    """One run between its parts: `_set_up` makes it, `_resume` moves it to its last checkpoint, `_steps`
+    trains it, `_finish` exports it. `par` is its parallelism (one process, DDP or FSDP2)."""
+
+    cfg: RunConfig
+    out: Path
+    par: Parallelism
+    data: Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep  # forward, backward, optimizer.step() (in its hooks SD-MoE, the clip, the bias update)
+    started: float  # perf_counter() when the set-up was done
+    log: MetricsLog | NullLog = field(default_factory=NullLog)
+    start_step: int = 0
+    skipped: int = 0  # steps loop.nan_policy=skip dropped, a resumed run's earlier ones included
+
+    @property
+    def handle(self):
+        """`sdmoe.attach`'s handle: the split, its state, the last step's gradient norm and whether it was skipped."""
+        return self.train_step.handle
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+
 def train(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -154,165 +189,156 @@ def train(
 ) -> TrainResult:
     """Train `cfg` into `out_dir`. `stop_after` ends early after that many steps
     (with a checkpoint), as an interrupted run would; `dataset` reuses prepared data."""
-    with ExitStack() as held:  # the lock on `out_dir`, released however the run ends
-        return _train(cfg, out_dir, resume, progress, stop_after, dataset, held)
+    # Released however the run ends, last taken first: the metrics file, the hooks, torch's process
+    # settings, the directories a run that failed before writing made, the lock on `out_dir`.
+    with ExitStack() as held:
+        run = _set_up(cfg, Path(out_dir), resume, dataset, held)
+        optim_state = _resume(run, resume)
+        _open_log(run, held)
+        # The model ready for its steps: DDP wraps it; FSDP2 splits it (SD-MoE) and shards it.
+        run.train_step.engine = run.par.parallelize(run.model, run.optimizer, run.handle)
+        if optim_state is not None:  # now: FSDP2's optimizer holds the sharded parameters only once sharded
+            run.par.load_optimizer_state(run.model, run.optimizer, optim_state)
+        end_step = cfg.loop.steps if stop_after is None else min(cfg.loop.steps, run.start_step + stop_after)
+        val_loss = _steps(run, end_step, progress)
+        model_dir, val_loss = _finish(run, end_step, val_loss)
+        run.par.barrier()
+        run.par.close()
+        return TrainResult(run.out, model_dir, end_step, val_loss, run.data.unigram_entropy_nats,
+                           time.perf_counter() - run.started, count_parameters(run.model), rank=run.par.rank,
+                           skipped=run.skipped)
 
 
-def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, stop_after: int | None, dataset,
-           held: ExitStack) -> TrainResult:
-    # -- set-up: the output directory (locked), the data, the model, the optimizer, the step ---------------
+# -- set-up: the output directory (locked), the data, the model, the optimizer, the step -------------------
+
+
+def _set_up(cfg: RunConfig, out: Path, resume: bool, dataset, held: ExitStack) -> Run:
+    """Every check first, then the output directory, then the model: a refusal leaves the disk as it was."""
     validate(cfg)
-    out = Path(out_dir)
-    ctx = dist.setup(cfg.loop.device)  # before the lock: a missing GPU fails before anything is written
+    par = parallel.choose(cfg)  # before the lock: a missing GPU fails before anything is written
     # --init: a checkpoint that cannot load fails before anything is written too; its own tokenizer
     # tokenises the text, its weights are the start
     tokenizer = load_tokenizer(cfg.init) if cfg.init else None
-    fsdp = ctx.enabled and cfg.loop.parallel == "fsdp"
-    # FSDP2 from a checkpoint (or a new model with loop.meta_init): built on the meta device, each rank
-    # reads (draws) only its slices, no rank ever holds the whole model; the split then runs on the shards
-    sharded_init = fsdp and (bool(cfg.init) or cfg.loop.meta_init)
-    if cfg.init:  # config.json against every tensor's header, top-k against the experts: one line each
-        check_checkpoint(cfg.init)
-    if sharded_init and cfg.init:
-        init_model = for_training(fsdp_train.from_pretrained_sharded(cfg.init), ctx.device)
-    else:
-        init_model = load_init_model(cfg.init, ctx.device) if cfg.init else None
-    if init_model is not None:  # a NaN in the checkpoint, or ids past its embedding: refused before any write
-        check_finite_parameters(init_model, cfg.init)
-        check_tokenizer_fits(tokenizer, init_model.get_input_embeddings().num_embeddings, cfg.init)
-    lc = cfg.loop
-    lock = _check_out_dir(out, cfg, resume, held) if ctx.is_main else None
+    init_model = _load_init_model(cfg, par, tokenizer) if cfg.init else None
+    lock = _check_out_dir(out, cfg, resume, held) if par.is_main else None
     # the text is read (and refused) before the output directory exists
-    data = dataset or prepare_dataset(cfg.data, seed=lc.seed, tokenizer=tokenizer)
-    if ctx.is_main:
+    data = dataset or prepare_dataset(cfg.data, seed=cfg.loop.seed, tokenizer=tokenizer)
+    if par.is_main:
         _make_out_dir(out, lock, held)
-    dist.barrier(ctx)
+    par.barrier()
     started = time.perf_counter()
-
-    if lc.threads > 0:
-        torch.set_num_threads(lc.threads)
-    if lc.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(lc.seed)
-    device = ctx.device
-    if init_model is not None:
-        model = init_model
-    elif sharded_init:
-        model = fsdp_train.build_sharded(cfg.model, len(data.tokenizer), seed=lc.seed,
-                                         eos_token_id=data.tokenizer.eos_token_id)
-    else:
-        model = start_model(cfg, data.tokenizer, device)
+    held.enter_context(process_state(cfg.loop, par.device))  # threads, determinism, seed: put back at the end
+    model = init_model if init_model is not None else par.build(cfg, data.tokenizer)
     optimizer = build_optimizer(model, cfg.optim)
-    reference_batch = next(iter(data.val.values()))[0].to(device)
+    reference_batch = next(iter(data.val.values()))[0].to(par.device)
     # SD-MoE, the clip, the non-finite policy and the bias update run in optimizer.step()'s hooks
-    train_step = TrainStep(cfg, model, optimizer, device, reference_batch, reduce=lambda t: dist.sum_across_(t, ctx))
-    handle = train_step.handle
+    train_step = TrainStep(cfg, model, optimizer, par.device, reference_batch, reduce=par.sum_)
+    held.callback(train_step.close)
+    return Run(cfg, out, par, data, model, optimizer, train_step, started)
 
-    # -- resume: the last checkpoint's weights, optimizer, SD-MoE state, RNG and step ----------------------
-    ckpt_root = out / "checkpoints"
-    if ctx.is_main:
-        ckpt.clean_partial(ckpt_root)
-        ckpt.clean_partial(out)  # a final model or run.json a killed process was writing
-    start_step, optim_state, skipped = 0, None, 0
-    if resume and (found := ckpt.list_checkpoints(ckpt_root)):
-        model_state, optim_state, state = ckpt.load_checkpoint(found[-1])
-        written_by = state.get("parallel", "ddp")  # the optimizer state's format: by tensor (ddp) or by name (fsdp)
-        if written_by != ("fsdp" if fsdp else "ddp"):
-            how = ("with --set loop.parallel=fsdp under torchrun" if written_by == "fsdp"
-                   else "without loop.parallel=fsdp (it was a DDP or one-process run)")
-            raise UserError(f"the checkpoint in {found[-1]} was written with loop.parallel={written_by}; resume it "
-                            f"{how}")
-        # before the optimizer's state: a split run's optimizer has the split's groups
-        handle.load_state_dict(_sdmoe_state(found[-1], state))
-        if sharded_init:  # every rank has the whole state; each keeps its slices
-            fsdp_train.load_model_state(model, model_state)
-        else:
-            model.load_state_dict(model_state)
-        if not fsdp:  # FSDP2: loaded once the optimizer holds the sharded parameters
-            optimizer.load_state_dict(optim_state)
-        ckpt.set_rng_state(state["rng"])
-        start_step = handle.step = state["step"]
-        if ctx.is_main:
-            truncate_after(out / "metrics.jsonl", start_step)
-            skipped = sum(r.get("event") == "skipped" for r in read_metrics(out / "metrics.jsonl"))
-    elif ctx.is_main:
-        if resume:  # killed before its first checkpoint: start over, without the dead run's records
-            truncate_after(out / "metrics.jsonl", -1)
-        write_run_record(out, cfg.to_dict(), "running")
-    log = MetricsLog(out / "metrics.jsonl", tensorboard_dir=out / "tensorboard") if ctx.is_main else NullLog()
-    if start_step == 0:
+
+def _load_init_model(cfg: RunConfig, par: Parallelism, tokenizer) -> nn.Module:
+    """`--init`'s model: its config.json against every tensor's header and its top-k against its experts
+    before it loads; a NaN in it, or token ids past its embedding, after. One line each, nothing written."""
+    check_checkpoint(cfg.init)
+    model = par.load_init(cfg.init)
+    check_finite_parameters(model, cfg.init)
+    check_tokenizer_fits(tokenizer, model.get_input_embeddings().num_embeddings, cfg.init)
+    return model
+
+
+# -- resume: the last checkpoint's weights, SD-MoE state, RNG and step ---------------------------------
+
+
+def _resume(run: Run, resume: bool) -> dict | None:
+    """`run` at its last checkpoint (a new run: its run.json written); returns the checkpoint's optimizer
+    state, which loads once the model is parallelized (None when there is none)."""
+    par, metrics = run.par, run.out / "metrics.jsonl"
+    if par.is_main:
+        ckpt.clean_partial(run.ckpt_root)
+        ckpt.clean_partial(run.out)  # a final model or run.json a killed process was writing
+    found = ckpt.list_checkpoints(run.ckpt_root) if resume else []
+    if not found:
+        if par.is_main:
+            if resume:  # killed before its first checkpoint: start over, without the dead run's records
+                truncate_after(metrics, -1)
+            write_run_record(run.out, run.cfg.to_dict(), "running")
+        return None
+    model_state, optim_state, state = ckpt.load_checkpoint(found[-1])
+    written_by = state.get("parallel", "ddp")
+    if written_by != par.checkpoint_format:  # the optimizer state's format: by tensor (ddp) or by name (fsdp)
+        how = ("with --set loop.parallel=fsdp under torchrun" if written_by == "fsdp"
+               else "without loop.parallel=fsdp (it was a DDP or one-process run)")
+        raise UserError(f"the checkpoint in {found[-1]} was written with loop.parallel={written_by}; resume it {how}")
+    # before the optimizer's state: a split run's optimizer has the split's groups
+    run.handle.load_state_dict(_sdmoe_state(found[-1], state))
+    par.load_model_state(run.model, model_state)
+    ckpt.set_rng_state(state["rng"])
+    run.start_step = run.handle.step = state["step"]
+    if par.is_main:
+        truncate_after(metrics, run.start_step)
+        run.skipped = sum(r.get("event") == "skipped" for r in read_metrics(metrics))
+    return optim_state
+
+
+def _open_log(run: Run, held: ExitStack) -> None:
+    """The metrics log (rank 0's; other ranks log nothing), its start record, and the SD-MoE events in it."""
+    metrics = run.out / "metrics.jsonl"
+    run.log = MetricsLog(metrics, tensorboard_dir=run.out / "tensorboard") if run.par.is_main else NullLog()
+    held.callback(run.log.close)
+    cfg, data = run.cfg, run.data
+    if run.start_step == 0:
         held_tokens = sum(len(t) for t in data.train_tokens.values())
-        log.write({"event": "start", "step": 0, "trainable_parameters": count_parameters(model),
-                   "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains, "train_tokens": held_tokens,
-                   "passes": passes_over_data(cfg.loop.steps, cfg.data.batch_size, cfg.data.seq_len, held_tokens)})
+        run.log.write({"event": "start", "step": 0, "trainable_parameters": count_parameters(run.model),
+                       "unigram_entropy": data.unigram_entropy_nats, "domains": data.domains,
+                       "train_tokens": held_tokens,
+                       "passes": passes_over_data(cfg.loop.steps, cfg.data.batch_size, cfg.data.seq_len, held_tokens)})
 
     def on_split(step: int, record: dict) -> None:
-        ctl = handle.controller
-        dist.broadcast_tensors(ctl.buffers(), ctx)  # bases computed once, identical on every rank
-        log.write({"event": "split", "step": step, "ranks_agree": dist.tensors_agree(ctl.buffers(), ctx),
-                   "trainable_parameters": count_parameters(model) + ctl.num_shared_parameters(), **record})
+        ctl = run.handle.controller
+        run.par.broadcast_(ctl.buffers())  # bases computed once, identical on every rank
+        run.log.write({"event": "split", "step": step, "ranks_agree": run.par.agree(ctl.buffers()),
+                       "trainable_parameters": count_parameters(run.model) + ctl.num_shared_parameters(), **record})
 
-    handle.on("split", on_split)
-    handle.on("reestimate", lambda step, record: log.write({"event": "reestimate", "step": step, **record}))
-    if fsdp:  # FSDP2 shards the split model (split_step is 0): split, shard, then the optimizer's state
-        if sharded_init:  # sharded already: the split builds its state from the local shards
-            fsdp_train.check_sdmoe(handle.controller, split_on_shards=True)
-            handle.split()
-        else:
-            handle.split()
-            fsdp_train.shard_for_training(model, optimizer, handle.controller)
-        if optim_state is not None:
-            fsdp_train.load_optimizer_state(model, optimizer, optim_state)
-    else:
-        train_step.engine = dist.wrap(model, ctx)  # DDP in a torchrun launch, the model itself otherwise
+    run.handle.on("split", on_split)
+    run.handle.on("reestimate", lambda step, record: run.log.write({"event": "reestimate", "step": step, **record}))
 
-    def save(step: int) -> None:
-        if fsdp:  # collective: every rank gathers, rank 0 receives the whole state
-            model_state, optim_state = fsdp_train.full_state_dicts(model, optimizer)
-        if not ctx.is_main:
-            return
-        if not fsdp:
-            model_state, optim_state = model.state_dict(), optimizer.state_dict()
-        sd = handle.state_dict()
-        state = {"config": cfg.to_dict(), "parallel": "fsdp" if fsdp else "ddp",
-                 "sdmoe": {"version": sd["version"], "split_done": sd["split_done"]} if sd else {}}
-        try:
-            ckpt.save_checkpoint(ckpt_root, step, model_state, optim_state, state, lc.keep_checkpoints, sd)
-        except Exception as e:  # torch and safetensors raise their own types for a full disk
-            if (why := write_failure(e)) is None:
-                raise
-            raise UserError(f"could not write checkpoint {step} to {ckpt_root} ({why}); free space or fix permissions, then --resume") from None
 
-    # -- the steps ---------------------------------------------------------------------------------------
-    end_step = cfg.loop.steps if stop_after is None else min(cfg.loop.steps, start_step + stop_after)
+# -- the steps ---------------------------------------------------------------------------------------------
+
+
+def _steps(run: Run, end_step: int, progress: bool) -> dict[str, float]:
+    """Steps `run.start_step` to `end_step`, logging, monitoring, evaluating and saving where due; returns
+    the last evaluation's validation losses ({} if none ran)."""
+    cfg, lc, par = run.cfg, run.cfg.loop, run.par
+    model, optimizer, train_step, handle, log = run.model, run.optimizer, run.train_step, run.handle, run.log
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.loop.steps, desc=cfg.name,
-               disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
+    bar = tqdm(range(run.start_step, end_step), initial=run.start_step, total=lc.steps, desc=cfg.name,
+               disable=not (progress and par.is_main), unit="step", dynamic_ncols=True)
     val_loss: dict[str, float] = {}
     window_t0, window_steps = time.perf_counter(), 0
-    nonfinite = NonFiniteWatch(device)
+    nonfinite = NonFiniteWatch(par.device)
     model.train()
     for step in bar:
-        lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, cfg.loop.steps, cfg.optim))
-        input_ids, _ = data.train.sample(step)
-        losses = train_step(dist.shard_batch(input_ids, ctx).to(device))  # forward, backward, optimizer.step()
-        lm_loss, balance = losses.lm, losses.balance
+        lr = set_learning_rates(optimizer, cfg.optim.lr, lr_scale(step, lc.steps, cfg.optim))
+        input_ids_BS, _ = run.data.train.sample(step)
+        losses = train_step(par.batch(input_ids_BS).to(par.device))  # forward, backward, optimizer.step()
         if handle.skipped:  # loop.nan_policy=skip: the step's gradients were not finite and nothing changed
             optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            log.write({"event": "skipped", "step": step, "loss": lm_loss.item(), "nonfinite": handle.nonfinite_grad})
+            run.skipped += 1
+            log.write({"event": "skipped", "step": step, "loss": losses.lm.item(), "nonfinite": handle.nonfinite_grad})
             continue
         if lc.nan_policy == "stop":
-            nonfinite.update(step, lm_loss, handle.grad_norm)
+            nonfinite.update(step, losses.lm, handle.grad_norm)
         done = step + 1
-        due_log = done % lc.log_every == 0 or done == cfg.loop.steps
+        due_log = done % lc.log_every == 0 or done == lc.steps
         due_monitor = bool(lc.monitor_every) and done % lc.monitor_every == 0
-        due_eval = done % lc.eval_every == 0 or done == cfg.loop.steps
+        due_eval = done % lc.eval_every == 0 or done == lc.steps
         due_save = done % lc.checkpoint_every == 0 or done == end_step
         # Reading a value from the device makes the host wait for it: the loop reads only at steps that
         # read anyway (log, monitor, eval, checkpoint), so a bad step is found there, before it is saved.
         if (due_log or due_monitor or due_eval or due_save) and (bad := nonfinite.first_step()) is not None:
-            _stop_on_nonfinite(bad, step, model, log, ckpt_root)
+            _stop_on_nonfinite(bad, step, model, log, run.ckpt_root)
         monitor = None
         if due_monitor:  # before zero_grad: its gradient overlaps read this step's split gradients
             monitor = spectral_snapshot(model, lc.monitor_rank)
@@ -320,54 +346,74 @@ def _train(cfg: RunConfig, out_dir: str | Path, resume: bool, progress: bool, st
                 monitor["sdmoe"] = handle.controller.monitor(lc.monitor_rank)
         optimizer.zero_grad(set_to_none=True)
 
-        # -- log, monitor, evaluate, save ----------------------------------------------------------------
+        # -- log, monitor, evaluate, save ------------------------------------------------------------------
         window_steps += 1
         if due_log:
-            loss_value = dist.mean_across(lm_loss.item(), ctx)
+            loss = par.mean(losses.lm.item())
             elapsed = time.perf_counter() - window_t0
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": handle.grad_norm.item(),
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": handle.grad_norm.item(),
                       "tokens_per_s": tok_s, "step_time": elapsed / window_steps,
                       "load": train_step.loads.take_window().tolist()}
-            if balance is not None:
-                record["balance_loss"] = balance.item()
+            if losses.balance is not None:
+                record["balance_loss"] = losses.balance.item()
             log.write(record)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
             window_t0, window_steps = time.perf_counter(), 0
         if monitor is not None:
             log.write({"event": "monitor", "step": done, **monitor})
         if due_eval:
-            val_loss = evaluate_loss(model, data.val, device)
+            val_loss = evaluate_loss(model, run.data.val, par.device)
             log.write({"event": "eval", "step": done, "val": val_loss})
-            if ctx.is_main and progress:
+            if par.is_main and progress:
                 bar.write(f"step {done}: validation loss {val_loss['mean']:.3f}")
         if due_save:
-            save(done)
+            _save(run, done)
     bar.close()
+    return val_loss
 
-    # -- finish: the final model, a plain transformers checkpoint ----------------------------------------
-    model_dir = None
-    if end_step >= cfg.loop.steps:
-        if not val_loss:  # on every rank: a forward under FSDP2 is collective
-            val_loss = evaluate_loss(model, data.val, device)
-        # FSDP2: the whole weights gathered into a plain copy on rank 0 (collective)
-        final = _unsharded_model(model, cfg, data.tokenizer) if fsdp else model
-        if ctx.is_main:
-            handle.export(final)  # a residual router folded into its weight; hooks removed
-            try:
-                model_dir = save_final_model(final, data.tokenizer, out / "model")
-                write_run_record(out, cfg.to_dict(), "done", val_loss=val_loss, skipped_steps=skipped)
-            except Exception as e:  # safetensors and tokenizers raise their own types for a full disk
-                if (why := write_failure(e)) is None:
-                    raise
-                raise UserError(f"could not write the final model to {out / 'model'} ({why}); "
-                                "free space or fix permissions, then --resume") from None
-    log.close()
-    train_step.close()
-    dist.barrier(ctx)
-    dist.cleanup(ctx)
-    return TrainResult(out, model_dir, end_step, val_loss, data.unigram_entropy_nats,
-                       time.perf_counter() - started, count_parameters(model), rank=ctx.rank, skipped=skipped)
+
+def _save(run: Run, step: int) -> None:
+    """Checkpoint `step`: the whole model and optimizer state, SD-MoE's state, the RNG (rank 0 writes)."""
+    model_state, optim_state = run.par.state_dicts(run.model, run.optimizer)  # FSDP2: collective
+    if not run.par.is_main:
+        return
+    sd = run.handle.state_dict()
+    state = {"config": run.cfg.to_dict(), "parallel": run.par.checkpoint_format,
+             "sdmoe": {"version": sd["version"], "split_done": sd["split_done"]} if sd else {}}
+    try:
+        ckpt.save_checkpoint(run.ckpt_root, step, model_state, optim_state, state, run.cfg.loop.keep_checkpoints, sd)
+    except Exception as e:  # torch and safetensors raise their own types for a full disk
+        if (why := write_failure(e)) is None:
+            raise
+        raise UserError(f"could not write checkpoint {step} to {run.ckpt_root} ({why}); free space or fix "
+                        "permissions, then --resume") from None
+
+
+# -- finish: the final model, a plain transformers checkpoint ----------------------------------------------
+
+
+def _finish(run: Run, end_step: int, val_loss: dict[str, float]) -> tuple[Path | None, dict[str, float]]:
+    """A run that reached loop.steps: its validation losses, its model exported and saved, run.json "done".
+    Returns (the model's directory, or None: stopped early, or not rank 0; the validation losses)."""
+    if end_step < run.cfg.loop.steps:  # stopped early (stop_after): its last checkpoint resumes it
+        return None, val_loss
+    if not val_loss:  # on every rank: a forward under FSDP2 is collective
+        val_loss = evaluate_loss(run.model, run.data.val, run.par.device)
+    final = run.par.final_model(run.model, run.cfg, run.data.tokenizer)  # FSDP2: gathered (collective)
+    if not run.par.is_main:
+        return None, val_loss
+    run.handle.export(final)  # a residual router folded into its weight; hooks removed
+    target = run.out / "model"
+    try:
+        model_dir = save_final_model(final, run.data.tokenizer, target)
+        write_run_record(run.out, run.cfg.to_dict(), "done", val_loss=val_loss, skipped_steps=run.skipped)
+    except Exception as e:  # safetensors and tokenizers raise their own types for a full disk
+        if (why := write_failure(e)) is None:
+            raise
+        raise UserError(f"could not write the final model to {target} ({why}); "
+                        "free space or fix permissions, then --resume") from None
+    return model_dir, val_loss
 
 
 def _check_out_dir(out: Path, cfg: RunConfig, resume: bool, held: ExitStack) -> DirLock:
@@ -409,7 +455,6 @@ def _stop_on_nonfinite(bad: int, step: int, model: torch.nn.Module, log, ckpt_ro
     culprit = f" (first non-finite gradient: {first_nonfinite_grad(model)})" if bad == step else ""
     log.write({"event": "nonfinite", "step": first, "policy": "stop"})
     last = ckpt.list_checkpoints(ckpt_root)
-    log.close()
     raise NonFiniteError(f"the loss or gradient norm is not finite at step {first}{culprit}; last good checkpoint: "
                          f"{last[-1].name if last else 'none'}; lower optim.lr or use --set loop.nan_policy=skip")
 
@@ -422,16 +467,6 @@ def _sdmoe_state(checkpoint: Path, state: dict) -> dict:
     if state.get("sdmoe", {}).get("split_done"):  # the parametrization engine kept it in state.json
         return state["sdmoe"]
     return {"version": 2, "split_done": False}
-
-
-def _unsharded_model(model, cfg: RunConfig, tokenizer) -> torch.nn.Module | None:
-    """An FSDP2 model's whole weights in a plain copy on rank 0 (None elsewhere); collective."""
-    state, _ = fsdp_train.full_state_dicts(model)
-    if not state:
-        return None
-    plain = start_model(cfg, tokenizer, "cpu")
-    plain.load_state_dict(state)  # the model is plain at every step: same keys, sharded or not
-    return plain
 
 
 def save_final_model(model, tokenizer, target: Path) -> Path:
