@@ -70,6 +70,16 @@ class MoEBlock:
     def expert_ffn(self) -> int:
         return self.adapter.expert_ffn
 
+    # The fused layout's flags were fields of the block before the adapters; kept readable until callers
+    # move to `block.adapter` (False for the other layouts, as the fields were).
+    @property
+    def transposed(self) -> bool:
+        return getattr(self.adapter, "transposed", False)
+
+    @property
+    def interleaved(self) -> bool:
+        return getattr(self.adapter, "interleaved", False)
+
     # -- reading -----------------------------------------------------------
     def _weight(self, p: str) -> torch.Tensor:
         """Projection p of the weights themselves (E x F x D; autograd sees through the views)."""
