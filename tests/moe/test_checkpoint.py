@@ -188,3 +188,24 @@ def test_model_tensors_refuse_incomplete_or_mismatched_experts(saved, tmp_path):
     save_file({**sd, key: sd[key][:-1].contiguous()}, str(tmp_path / "b" / "model.safetensors"))
     with pytest.raises(UserError, match="differ in shape"):
         ModelTensors(SafetensorsWeights(tmp_path / "b"), "qwen3_moe").shape("model.layers.0.mlp.experts.gate_up_proj")
+
+
+def test_expert_tensors_no_layout_reads_are_refused_in_one_line(saved, tmp_path):
+    # fused names whose shapes pair in no orientation: named, with their shapes, not a vague "no layers"
+    d = tmp_path / "odd"
+    d.mkdir()
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 30, 8),
+               "model.layers.0.mlp.experts.down_proj": torch.zeros(4, 8, 7)}, str(d / "model.safetensors"))
+    shutil.copy(saved / "config.json", d / "config.json")
+    with pytest.raises(UserError, match=r"expert tensors of model.layers.0.mlp \(experts.down_proj \[4, 8, 7\]") as e:
+        ExpertCheckpoint(d)
+    assert "\n" not in str(e.value)
+    # per-expert names with an expert missing: the block and the ids
+    from safetensors.torch import load_file
+
+    sd = {k: v for k, v in load_file(str(saved / "model.safetensors")).items() if ".experts.2.up_proj" not in k}
+    (tmp_path / "cut").mkdir()
+    save_file(sd, str(tmp_path / "cut" / "model.safetensors"))
+    shutil.copy(saved / "config.json", tmp_path / "cut" / "config.json")
+    with pytest.raises(UserError, match=r"model.layers.0.mlp in .*: experts gate_proj/up_proj/down_proj are incomplete"):
+        ExpertCheckpoint(tmp_path / "cut")
