@@ -24,8 +24,10 @@ examples:
   sdmoe train --preset small --set optim.lr=0.006 --set model.style=qwen2_moe
   sdmoe generate runs/demo-baseline/model --prompt "Once upon a time"
   sdmoe analyze runs/demo-baseline/model --rank 8 --out runs/demo-analysis
-  sdmoe compare --preset demo --out runs/compare-demo   the main job: baseline vs SD-MoE, one report
+  sdmoe compare --preset demo --out runs/compare-demo   the first look (make demo, about 8 min): one report
   sdmoe report runs/compare-demo                        rebuild that report from the run files
+  sdmoe study --factor size --out runs/study            when does SD-MoE help? one factor at a time
+  sdmoe upcycle-compare --out runs/compare-upcycle      upcycled experts, with and without SD-MoE
   sdmoe upcycle my-qwen3/ --experts 8 --top-k 2 --out my-qwen3-moe   a dense checkpoint made an MoE
 """
 
@@ -69,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sdmoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_train_parser, _generate_parser, _analyze_parser, _compare_parser, _study_parser,
+                _upcycle_compare_parser, _finetune_compare_parser, _evaluate_parser, _upcycle_parser, _report_parser):
+        add(sub)
+    return parser
 
+
+def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a MoE language model (baseline or SD-MoE)",
                        description="Train a transformers MoE language model on real text. Checkpoints are atomic; "
                                    "--resume continues exactly where a run stopped. The final model is a "
@@ -102,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="sample text from a saved model directory",
                        formatter_class=_Help)
     g.add_argument("model_dir", metavar="DIR", help="a save_pretrained directory, e.g. runs/demo-baseline-seed0/model")
@@ -112,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = no top-k cut")
     g.add_argument("--seed", type=int, default=0)
 
+
+def _analyze_parser(sub) -> None:
     a = sub.add_parser("analyze", help="measure the paper's three spectral findings on a MoE checkpoint",
                        description="Parameter overlap, gradient alignment and gating bias of every MoE layer, plus "
                                    "expert load and specialisation. PATH is any local transformers MoE checkpoint "
@@ -130,59 +142,96 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--weights-only", action="store_true",
                    help="parameter findings alone, read layer by layer without loading the model "
                         "(for checkpoints larger than memory)")
-    c = sub.add_parser("compare", help="baseline against SD-MoE: matched seeds, sweeps, one report with verdicts",
-                       description="Train matched pairs (same initial weights, data order and seed; the only "
-                                   "difference is SD-MoE) plus the control and the sweeps of the preset, then write "
-                                   "OUT/report.html: every claim of the paper with our measured figure, its 95% "
-                                   "interval and a verdict computed from the runs. Re-running the same command "
-                                   "skips finished runs and resumes interrupted ones.",
-                       formatter_class=_Help)
-    c.add_argument("--preset", default="demo", help="demo (about 10 min on 2 cores) | lab (the lab model: default against the "
-                                                   "paper's own split, 3 seeds at the baseline's tuned rate 6e-3; 2-3 hours on "
-                                                   "CPU) | paper (the full "
-                                                   "grid; hours on CPU) | upcycle (a dense parent upcycled by copy and Drop-Upcycling, "
-                                                   "continued with and without SD-MoE, 3 seeds) | finetune (an MoE of two domains adapted "
-                                                   "to the third, with and without SD-MoE: forgetting) | tiny")
-    c.add_argument("--styles", help="comma-separated model styles (default: the preset's, qwen2_moe,deepseek_v3)")
+
+
+def _experiment_parser(sub, command: str, help: str, description: str) -> argparse.ArgumentParser:
+    """An experiment's subcommand: its presets (from the registry, each with what it runs and how long)."""
+    from sdmoe.experiments.presets import default_preset, preset_help
+
+    p = sub.add_parser(command, help=help, description=description, formatter_class=_Help)
+    p.add_argument("--preset", default=default_preset(command), help=preset_help(command).replace("%", "%%"))
+    return p
+
+
+def _experiment_tail(p: argparse.ArgumentParser, out: str) -> None:
+    """The flags every experiment ends with: --set on every run, the device, --out, --quiet."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="train-config override applied to every run, e.g. --set loop.threads=2")
+    _add_device(p, "every run")
+    p.add_argument("--out", help=f"{out}; the same command resumes it (finished runs skipped, interrupted ones "
+                                 "resumed), other settings are refused")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _compare_parser(sub) -> None:
+    from sdmoe.experiments.grid import VARIANT_NAMES
+
+    c = _experiment_parser(
+        sub, "compare", "baseline against SD-MoE: matched seeds, sweeps, one report with verdicts",
+        "Train matched pairs (same initial weights, data order and seed; the only difference is SD-MoE) plus the "
+        "control and the sweeps of the preset, then write OUT/report.html: every claim of the paper with our "
+        "measured figure, its 95% interval and a verdict computed from the runs (reproduced, not as stated, "
+        "not reproduced, inconclusive, not measurable). `make demo` runs --preset demo, the first look (about 8 "
+        "minutes on 2 cores); --preset demo-full is the whole demo grid. The old spelling --preset "
+        "upcycle|finetune still runs `sdmoe upcycle-compare` / `sdmoe finetune-compare`.")
+    c.add_argument("--styles", help="comma-separated model styles (default: the preset's)")
     c.add_argument("--init", metavar="PATH",
                    help="every run starts from this local MoE checkpoint (as `train --init`): baseline and SD-MoE "
-                        "paired from the same weights, the seeds setting the data order; with --preset upcycle, a "
-                        "dense checkpoint: the parent to upcycle, instead of training one")
+                        "paired from the same weights, the seeds setting the data order")
     c.add_argument("--seeds", type=int, help="seeds per pair (default: the preset's)")
     c.add_argument("--steps", type=int, help="training steps per run (default: the train preset's)")
-    c.add_argument("--variants", help="comma-separated variants trained for every style and seed (default: "
-                                      "baseline,sd-moe,control); names: baseline, sd-moe, control, fixed-weights, "
-                                      "fixed-gradients, per-expert, router-residual, normalized-tails, paper (the "
-                                      "paper's own two-sided split), paper-one-sided, paper-refresh-1, "
-                                      "paper-no-refresh, paper-rank-d4, paper-after-warmup, tracker-lag (the default split "
-                                      "in the last step's tracked basis: one pass), rank-<r>, tail-lr-<m>, "
-                                      "shared-lr-<m>, tracker-<n>, reestimate-<k>")
+    c.add_argument("--variants", help="comma-separated variants trained for every style and seed (default: the "
+                                      f"preset's, baseline,sd-moe,control); names: {', '.join(VARIANT_NAMES)}")
     c.add_argument("--ablations", help="comma-separated further variants, trained at the tuned rate")
-    c.add_argument("--lr-multipliers", help="comma-separated multiples of the preset's tuned rate for the LR sweep "
-                                            "(default: 1,2,4)")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="train-config override applied to every run, e.g. --set loop.threads=2")
+    c.add_argument("--lr-multipliers", help="comma-separated multiples of the preset's tuned rate for the LR sweep, "
+                                            "1 among them (default: the preset's)")
     _add_text(c)
-    _add_device(c, "every run")
-    c.add_argument("--out", help="compare directory (default: runs/compare-<preset>)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _experiment_tail(c, "compare directory (default: runs/compare-<preset>)")
 
-    st = sub.add_parser("study", help="when does SD-MoE help? text, repetition and size, one factor at a time",
-                        description="Paired compares (demo preset, qwen2_moe, baseline against the default SD-MoE) "
-                                    "with one factor changed at a time: the text (each bundled domain alone, and "
-                                    "the mix; the control too), repetition (passes over the training text at the "
-                                    "same step count, and more steps on the same text) and size (d=64, 96, 128 at "
-                                    "fixed tokens per parameter). Writes OUT/study.md (a table per factor: the gain "
-                                    "with its 95%% interval), OUT/study.json and OUT/study.png; every cell is a "
-                                    "resumable compare in OUT/FACTOR/CELL. About 20 s a run on 2 cores at d=64.",
-                        formatter_class=_Help)
+
+def _study_parser(sub) -> None:
+    st = _experiment_parser(
+        sub, "study", "when does SD-MoE help? text, repetition and size, one factor at a time",
+        "Paired compares (the demo model, qwen2_moe, baseline against the default SD-MoE) with one factor "
+        "changed at a time: the text (each bundled domain alone, and the mix; the control too), repetition "
+        "(passes over the training text at the same step count, and more steps on the same text) and size "
+        "(d=64, 96, 128 at fixed tokens per parameter). Writes OUT/study.md (a table per factor: the gain with "
+        "its 95% interval), OUT/study.json and OUT/study.png; every cell is a resumable compare in "
+        "OUT/FACTOR/CELL, and one OUT grows factor by factor.")
     st.add_argument("--factor", default="text", help="text | repetition | size | all (comma-separated)")
-    st.add_argument("--seeds", type=int, default=3, help="paired seeds per cell")
-    st.add_argument("--sizes", default="64,96,128", help="hidden sizes of the size factor")
-    st.add_argument("--out", default="runs/study", help="study directory")
-    _add_device(st, "every run")
-    st.add_argument("--quiet", action="store_true", help="no progress bars")
+    st.add_argument("--seeds", type=int, help="paired seeds per cell (default: the preset's, 3)")
+    st.add_argument("--sizes", help="hidden sizes of the size factor (default: the preset's, 64,96,128)")
+    _experiment_tail(st, "study directory (default: runs/study)")
 
+
+def _upcycle_compare_parser(sub) -> None:
+    u = _experiment_parser(
+        sub, "upcycle-compare", "upcycled experts (copy, Drop-Upcycling) continued with and without SD-MoE",
+        "A dense parent (a qwen3 trained here, or --init DENSE), upcycled by copy (identical experts) and "
+        "Drop-Upcycling, per seed; then five arms continued from the same weights, paired by seed: copy, "
+        "copy + SD-MoE, drop, drop + SD-MoE and the dense parent trained on; the copy baseline's seed 0 twice "
+        "(the same-seed noise). Writes OUT/upcycle.md and upcycle.json: each arm's gain over copy with its 95% "
+        "interval and verdict, steps to copy's final loss, the experts' overlap, load and specialisation.")
+    u.add_argument("--init", metavar="DENSE", help="your dense checkpoint as the parent (any family `sdmoe upcycle` "
+                                                   "maps), instead of training one")
+    u.add_argument("--seeds", type=int, help="paired seeds (default: the preset's, 3)")
+    u.add_argument("--steps", type=int, help="each arm's continued training steps (default: the preset's, 300)")
+    _add_text(u)
+    _experiment_tail(u, "upcycle compare directory (default: runs/compare-<preset>)")
+
+
+def _finetune_compare_parser(sub) -> None:
+    f = _experiment_parser(
+        sub, "finetune-compare", "an MoE of two domains adapted to the third, with and without SD-MoE",
+        "An MoE trained on two bundled domains, then adapted to the third alone from its weights and tokenizer, "
+        "baseline against SD-MoE, paired by seed. Writes OUT/finetune.md and finetune.json: the validation loss "
+        "on the new domain and on the old ones (forgetting) after adapting, each gain with its 95% interval.")
+    f.add_argument("--seeds", type=int, help="paired seeds (default: the preset's, 3)")
+    f.add_argument("--steps", type=int, help="adaptation steps (default: the preset's, 200)")
+    _experiment_tail(f, "finetune compare directory (default: runs/compare-<preset>)")
+
+
+def _evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="downstream-style tasks (cloze, multiple choice) with lm-evaluation-harness",
                        description="Builds, from each domain's held-out text, a LAMBADA-style last-word cloze and a "
                                    "HellaSwag-style 4-way multiple-choice task as lm-evaluation-harness task files "
@@ -199,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(e, "the harness's model")
     e.add_argument("--out", help="write the scores here as JSON")
 
+
+def _upcycle_parser(sub) -> None:
     u = sub.add_parser("upcycle", help="turn a dense transformers checkpoint into an MoE checkpoint (copy, noise, "
                                        "drop; routers from prompts; BTX from fine-tunes)",
                        description="Upcycle a dense checkpoint (qwen3 -> qwen3_moe, qwen2 -> qwen2_moe, mistral or llama\n"
@@ -252,16 +303,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "(BTX's recipe) | base (DENSE's own)")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    r = sub.add_parser("report", help="rebuild a compare's report.html, summary.json and summary.csv from its run files")
-    r.add_argument("out", metavar="DIR", help="a directory written by `sdmoe compare`")
-    return parser
+
+def _report_parser(sub) -> None:
+    r = sub.add_parser("report", help="rebuild an experiment's report from its run files (compare: report.html, "
+                                      "summary.json, summary.csv; study, upcycle-compare, finetune-compare: their tables)")
+    r.add_argument("out", metavar="DIR", help="a directory written by `sdmoe compare` (or study, upcycle-compare, "
+                                              "finetune-compare)")
 
 
 def _train(args) -> int:
     from pathlib import Path
 
-    from sdmoe.train.config import (apply_overrides, config_file_sets, load_config_file, preset, set_value,
-                                    start_from_checkpoint, validate)
+    from sdmoe.train.config import (
+        apply_overrides,
+        config_file_sets,
+        load_config_file,
+        preset,
+        set_value,
+        start_from_checkpoint,
+        validate,
+    )
     from sdmoe.train.loop import train
 
     cfg = load_config_file(args.config, preset(args.preset)) if args.config else preset(args.preset)
@@ -310,90 +371,20 @@ def _analyze(args) -> int:
     return 0
 
 
-def _compare(args) -> int:
-    from sdmoe.config_fields import assign
-    from sdmoe.experiments.compare import run_compare
-    from sdmoe.experiments.grid import compare_preset
+EXPERIMENT_FLAGS = ("styles", "init", "seeds", "steps", "variants", "ablations", "lr_multipliers", "overrides", "text",
+                    "factor", "sizes")
 
-    if args.preset.startswith(("upcycle", "finetune")):
-        return _compare_from_a_parent(args)
-    cfg = compare_preset(args.preset)
-    # Each flag sets its compare setting through the setting's declaration (type, range, finite numbers).
-    if args.init:  # every run starts from the checkpoint: its style is the compare's one style
-        from sdmoe.train.config import RunConfig, start_from_checkpoint
 
-        if args.styles:
-            raise UserError("--styles with --init: the style is the checkpoint's; drop --styles")
-        start = RunConfig()
-        start_from_checkpoint(start, args.init)  # every check `train --init` makes, before anything is written
-        cfg.styles, cfg.init = [start.model.style], start.init
-    flags = {"styles": args.styles, "seeds": args.seeds, "steps": args.steps, "variants": args.variants,
-             "ablations": args.ablations, "lr_multipliers": args.lr_multipliers, "text": list(args.text) or None}
-    for key, value in flags.items():
-        if value is not None:
-            try:
-                assign(cfg, key, value)
-            except UserError as e:
-                raise UserError(f"--{key.replace('_', '-')}: {e}") from None
-    cfg.overrides = list(cfg.overrides) + list(args.overrides)
-    result = run_compare(cfg, args.out or f"runs/compare-{args.preset}", progress=not args.quiet, device=args.device)
+def _experiment(args) -> int:
+    """compare, study, upcycle-compare, finetune-compare: the preset and the flags given, run on the engine."""
+    from sdmoe.experiments.engine import run_experiment
+    from sdmoe.experiments.presets import configure, default_out
+
+    flags = {k: getattr(args, k) for k in EXPERIMENT_FLAGS if getattr(args, k, None) not in (None, [])}
+    experiment = configure(args.command, args.preset, flags)
+    result = run_experiment(experiment, args.out or default_out(args.command, args.preset), progress=not args.quiet,
+                            device=args.device)
     print(result.text)
-    return 0
-
-
-def _compare_from_a_parent(args) -> int:
-    """`compare --preset upcycle`: a dense parent, upcycled, continued with and without SD-MoE; `--preset finetune`:
-    an MoE trained on two domains, adapted to the third with and without SD-MoE (grids of their own)."""
-    from pathlib import Path
-
-    from sdmoe.config_fields import assign
-    from sdmoe.experiments.finetune import finetune_preset, run_finetune_compare
-    from sdmoe.experiments.upcycle import run_upcycle_compare, upcycle_preset
-
-    upcycling = args.preset.startswith("upcycle")
-    cfg = upcycle_preset(args.preset) if upcycling else finetune_preset(args.preset)
-    unsupported = [f"--{n}" for n in ("styles", "variants", "ablations", "lr_multipliers") if getattr(args, n, None)]
-    if args.init and not upcycling:
-        unsupported.append("--init")
-    if unsupported:
-        raise UserError(f"{', '.join(unsupported)} with --preset {args.preset}: its arms are fixed; drop them")
-    if args.text and not upcycling:
-        raise UserError("--text with --preset finetune: its domains are the bundled ones; drop --text")
-    for key, value in {"seeds": args.seeds, "steps": args.steps, "text": list(args.text) or None}.items():
-        if value is not None:
-            assign(cfg, key, value)
-    cfg.overrides = list(args.overrides)
-    if args.init:  # the dense parent to upcycle, instead of training one
-        from sdmoe.moe.checkpoint import check_model_dir
-
-        check_model_dir(args.init)
-        cfg.init = str(Path(args.init).expanduser().resolve())
-    out = Path(args.out or f"runs/compare-{args.preset}")
-    (run_upcycle_compare if upcycling else run_finetune_compare)(cfg, out, progress=not args.quiet)
-    print((out / ("upcycle.md" if upcycling else "finetune.md")).read_text(encoding="utf-8"))
-    return 0
-
-
-def _study(args) -> int:
-    from sdmoe.experiments.study import FACTORS, run_study
-
-    factors = list(FACTORS) if args.factor == "all" else [f.strip() for f in args.factor.split(",") if f.strip()]
-    unknown = [f for f in factors if f not in FACTORS]
-    if unknown or not factors:
-        raise UserError(f"--factor {args.factor!r}: choose from {', '.join(FACTORS)} or all")
-    try:
-        sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"--sizes takes comma-separated hidden sizes such as 64,96,128, got {args.sizes!r}") from None
-    if not sizes or any(d < 8 or d % 8 for d in sizes):
-        raise UserError(f"--sizes {args.sizes!r}: each hidden size must be a multiple of 8 (4 heads of even size)")
-    if args.seeds < 2:
-        raise UserError(f"--seeds {args.seeds}: a paired interval needs at least 2 seeds")
-    payload = run_study(factors, args.out, seeds=args.seeds, sizes=sizes, progress=not args.quiet, device=args.device)
-    from pathlib import Path
-
-    print((Path(args.out) / "study.md").read_text(encoding="utf-8"))
-    print(f"study: {len(payload['cells'])} cells; {Path(args.out) / 'study.md'}, study.json, study.png")
     return 0
 
 
@@ -424,14 +415,15 @@ def _upcycle(args) -> int:
 
 
 def _report(args) -> int:
-    from sdmoe.experiments.compare import rebuild_report
+    from sdmoe.experiments.presets import rebuild_report
 
     print(rebuild_report(args.out))
     return 0
 
 
-COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze, "compare": _compare, "study": _study,
-            "evaluate": _evaluate, "upcycle": _upcycle, "report": _report}
+COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze, "compare": _experiment, "study": _experiment,
+            "upcycle-compare": _experiment, "finetune-compare": _experiment, "evaluate": _evaluate,
+            "upcycle": _upcycle, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

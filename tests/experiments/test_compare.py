@@ -107,7 +107,10 @@ def test_compare_runs_the_papers_own_split_beside_the_default(tmp_path, tiny_dat
 
 
 def test_a_compare_saved_before_the_timing_settings_still_resumes(tmp_path):
-    from sdmoe.experiments.compare import claim_out_dir
+    from sdmoe.experiments.engine import claim_out_dir as claim
+
+    def claim_out_dir(out, cfg):
+        return claim(out, cfg, "compare.json", "compare")
 
     cfg = _cfg()
     old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("timing_")}

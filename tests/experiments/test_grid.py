@@ -1,12 +1,12 @@
 import pytest
 
 from sdmoe.errors import UserError
-from sdmoe.experiments.grid import (
-    CompareConfig,
-    compare_preset,
-    plan,
-    variant_overrides,
-)
+from sdmoe.experiments.grid import CompareConfig, plan, variant_overrides
+from sdmoe.experiments.presets import PRESETS
+
+
+def compare_preset(name: str) -> CompareConfig:
+    return PRESETS[name].build()
 
 
 def _differs_only_in_method(a, b):
@@ -16,8 +16,23 @@ def _differs_only_in_method(a, b):
     return da == db
 
 
-def test_demo_plan_contents():
+def test_the_first_look_is_one_style_on_the_mix_then_drama_alone():
+    """`make demo`: 3 paired seeds of baseline, SD-MoE and the control on the mix, the same-seed rerun, then
+    baseline against SD-MoE on drama alone: 16 runs (about 8 minutes on 2 cores)."""
+    from sdmoe.experiments.compare import per_text_config, per_text_domains
+
     cfg = compare_preset("demo")
+    specs = plan(cfg)
+    assert len(specs) == 3 * 3 + 1 and {s.style for s in specs} == {"qwen2_moe"} and {s.lr_mult for s in specs} == {1}
+    assert per_text_domains(cfg) == ["drama"] and len(plan(per_text_config(cfg, "drama"))) == 6
+    assert cfg.analyze and cfg.timing_processes == 4
+    cfg.per_text_domains = ["poetry"]
+    with pytest.raises(UserError, match="per_text_domains names poetry, which the text does not have"):
+        per_text_domains(cfg)
+
+
+def test_the_full_demo_plan_contents():
+    cfg = compare_preset("demo-full")
     specs = plan(cfg)
     ids = [s.run_id for s in specs]
     assert len(ids) == len(set(ids)) == 18 + 1 + 4  # main grid, the same-seed rerun, the rate sweep
@@ -41,7 +56,7 @@ def test_demo_plan_contents():
 
 
 def test_pairs_share_everything_but_the_method():
-    specs = plan(compare_preset("demo"))
+    specs = plan(compare_preset("demo-full"))
     groups = {}
     for s in specs:
         groups.setdefault(s.pair_key, []).append(s)
@@ -59,7 +74,7 @@ def test_pairs_share_everything_but_the_method():
 
 
 def test_variants_set_the_sdmoe_section():
-    cfgs = {s.variant: s.run_config() for s in plan(compare_preset("demo")) if s.lr_mult == 1.0}
+    cfgs = {s.variant: s.run_config() for s in plan(compare_preset("demo-full")) if s.lr_mult == 1.0}
     assert cfgs["baseline"].method == "baseline"
     assert cfgs["sd-moe"].method == "sd-moe" and cfgs["sd-moe"].sdmoe.gradient_split == "per_step"
     assert cfgs["control"].sdmoe.gradient_split == "none"

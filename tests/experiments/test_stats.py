@@ -3,7 +3,7 @@ import math
 import pytest
 
 from sdmoe.experiments import stats
-from sdmoe.experiments.claims import _tails_overlap, steps_ratio
+from sdmoe.experiments.runs import _tails_overlap, steps_ratio
 
 
 def test_t_quantiles():

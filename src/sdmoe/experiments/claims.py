@@ -21,10 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from sdmoe.experiments import stats, timing
-from sdmoe.experiments.compare import ANALYSIS_FILE, COMPARE_RUN_FILE, TIMING_FILE
 from sdmoe.experiments.grid import CompareConfig, fmt_mult, plan
-from sdmoe.files import read_json_or_none, read_jsonl_lenient
-from sdmoe.train.run_record import read_run_record
+from sdmoe.experiments.judging import (  # noqa: F401 - ONE_PAIR_FIX, gain_figure: the judging every table shares
+    ONE_PAIR_FIX,
+    TUNED,
+    fmt_value,
+    gain_figure,
+    interval_figure,
+    judge,
+    paired_gains,
+)
+from sdmoe.experiments.judging import ci as _ci
+from sdmoe.experiments.judging import reasons as _reasons
+from sdmoe.experiments.runs import load_run, median_step_time, steps_ratio
+from sdmoe.experiments.runs import mean as _mean
+from sdmoe.experiments.timing import TIMING_FILE
+from sdmoe.files import read_json_or_none
 
 PAPER_OVERLAP = 0.1  # the paper's inter-expert similarity of SD-MoE tails
 PAPER_STEPS_RATIO = 0.7
@@ -32,9 +44,8 @@ PAPER_STEPS_RATIO = 0.7
 # "How verdicts are made"): the whole 95% interval of the steps ratio within 0.7 +- 0.1.
 STEPS_RATIO_TOLERANCE = 0.1
 STEP_TIME_LIMIT = 1.05
-# The rate multiplier of the preset's own (tuned) learning rate: every claim but (f) pairs runs at it,
-# and the LR sweep's other rates are relative to it.
-TUNED = 1.0
+# TUNED (judging): the rate multiplier of the preset's own (tuned) learning rate: every claim but (f) pairs
+# runs at it, and the LR sweep's other rates are relative to it.
 
 
 @dataclass(frozen=True)
@@ -57,169 +68,7 @@ class Claim:
         return self.judged_by(self, paired)
 
 
-# -- reading runs -------------------------------------------------------------------
-
-
-def _mean(xs) -> float:
-    xs = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
-    return sum(xs) / len(xs) if xs else math.nan
-
-
-def _tails_overlap(rec: dict) -> float | None:
-    """The SD-MoE tails' mean overlap in a monitor record, whatever shape it was logged in."""
-    vals = []
-    for key, v in rec.items():
-        if isinstance(v, (int, float)) and "tail" in key and "overlap" in key:
-            if key.endswith("/mean"):
-                return float(v)
-            vals.append(float(v))
-    for layer in rec.get("layers", []) or []:
-        if isinstance(layer, dict) and isinstance(layer.get("tails_overlap"), dict):
-            vals.extend(float(x) for x in layer["tails_overlap"].values() if x is not None)
-    sd = rec.get("sdmoe")
-    if isinstance(sd, dict) and not vals:
-        t = _tails_overlap(sd)
-        if t is not None:
-            return t
-    return _mean(vals) if vals else None
-
-
-def load_run(run_dir: Path, spec=None) -> dict[str, Any]:
-    """One run's figures from its files (missing files give empty fields, never an error)."""
-    run = read_run_record(run_dir)
-    mine = read_json_or_none(run_dir / COMPARE_RUN_FILE) or {}
-    metrics = read_jsonl_lenient(run_dir / "metrics.jsonl")
-    analysis = read_json_or_none(run_dir / ANALYSIS_FILE)
-    cfg = run.get("config", {})
-    status = "missing"
-    if run:
-        status = "done" if run.get("status") == "done" else "running"
-    if mine.get("status") == "diverged":
-        status = "diverged"
-    evals = sorted((r for r in metrics if r.get("event") == "eval"), key=lambda r: r["step"])
-    logs = sorted((r for r in metrics if "step_time" in r and "event" not in r), key=lambda r: r["step"])
-    monitors = sorted((r for r in metrics if r.get("event") == "monitor"), key=lambda r: r["step"])
-    start = next((r for r in metrics if r.get("event") == "start"), {})
-    split = next((r for r in metrics if r.get("event") == "split"), None)
-    final = run.get("val_loss") if status == "done" else None
-    if status == "diverged":
-        final = {"mean": math.inf}
-    spec_fields = {k: getattr(spec, k) for k in ("style", "variant", "seed", "lr_mult")} if spec else \
-        {k: mine.get(k) for k in ("style", "variant", "seed", "lr_mult")}
-    rec: dict[str, Any] = {
-        "run_id": spec.run_id if spec else mine.get("run_id", str(run_dir)),
-        **spec_fields,
-        "status": status,
-        "method": cfg.get("method"),
-        "steps": cfg.get("loop", {}).get("steps"),
-        "log_every": cfg.get("loop", {}).get("log_every"),
-        "split_step": cfg.get("sdmoe", {}).get("split_step") if cfg.get("method") == "sd-moe" else None,
-        "lr": cfg.get("optim", {}).get("lr"),
-        "final": final,
-        "final_mean": (final or {}).get("mean", math.nan) if final else math.nan,
-        "curve": {"step": [r["step"] for r in evals], "mean": [r["val"]["mean"] for r in evals],
-                  "domains": {d: [r["val"].get(d) for r in evals] for d in (evals[0]["val"] if evals else {})
-                              if d != "mean"}},
-        "log": {"step": [r["step"] for r in logs], "step_time": [r["step_time"] for r in logs],
-                "loss": [r.get("loss") for r in logs]},
-        "monitor": {"step": [r["step"] for r in monitors],
-                    "param_overlap": [r.get("param_overlap/mean") for r in monitors],
-                    "tails_overlap": [_tails_overlap(r) for r in monitors],
-                    "baseline": next((r.get("overlap_baseline") for r in monitors if r.get("overlap_baseline")), None)},
-        "trainable_parameters": start.get("trainable_parameters"),
-        "train_tokens": start.get("train_tokens"),
-        "passes": start.get("passes"),  # tokens the run draws / training tokens the text holds
-        "unigram_entropy": start.get("unigram_entropy"),
-        "trainable_parameters_after_split": (split or {}).get("trainable_parameters")
-        or mine.get("trainable_parameters_after_split"),
-        "wall_s": mine.get("wall_s"),
-        "specialisation": _specialisation(analysis),
-    }
-    if split is not None:
-        rec["split_logits_rel_change"] = split.get("logits_rel_change")
-    return rec
-
-
-def paired_gains(runs: list[dict], style: str, variant: str, mult: float = TUNED) -> dict[int, float]:
-    """{seed: baseline - variant final loss} over the seeds where both `load_run` records of `style` at
-    rate multiplier `mult` finished."""
-    finals = {v: {r["seed"]: r["final_mean"] for r in runs if r["style"] == style and r["variant"] == v
-                  and r["lr_mult"] == mult and r["status"] == "done"} for v in ("baseline", variant)}
-    return stats.paired_differences(finals["baseline"], finals[variant])
-
-
-def _specialisation(analysis: dict | None) -> dict | None:
-    if not analysis:
-        return None
-    fun = analysis.get("functional") or []
-    if not fun:
-        return None
-    return {
-        "domain_mi_normalized": _mean(f.get("domain_mi_normalized") for f in fun),
-        "domain_mi_nats": _mean(f.get("domain_mi_nats") for f in fun),
-        "shared_experts": sum(len(f.get("shared_experts") or []) for f in fun),
-        "load_entropy": _mean(f.get("load_entropy") for f in fun),
-        "output_cosine_mean": _mean(f.get("output_cosine_mean") for f in fun),
-    }
-
-
-# -- per-pair measurements ------------------------------------------------------------
-
-
-def median_step_time(run: dict, after: int | None) -> float:
-    """Median per-step time over log windows that start at or after step `after`."""
-    every = run.get("log_every") or 1
-    vals = [t for s, t in zip(run["log"]["step"], run["log"]["step_time"])
-            if after is None or s - every >= after]
-    return statistics.median(vals) if vals else math.nan
-
-
-def steps_ratio(sd: dict, base: dict) -> tuple[float | None, float | None]:
-    """(steps ratio, wall-clock ratio) for SD-MoE to reach the baseline's final loss; None when never."""
-    target, n = base["final_mean"], base["steps"] or (base["curve"]["step"][-1] if base["curve"]["step"] else None)
-    if not (n and math.isfinite(target)) or sd["status"] != "done":
-        return None, None
-    cross = stats.crossing_step(sd["curve"]["step"], sd["curve"]["mean"], target, max_step=n)
-    if cross is None:
-        return None, None
-    xs, ys = stats.cumulative_time(sd["log"]["step"], sd["log"]["step_time"])
-    bxs, bys = stats.cumulative_time(base["log"]["step"], base["log"]["step_time"])
-    wall = stats.interp(xs, ys, cross) / stats.interp(bxs, bys, n) if len(bxs) > 1 and len(xs) > 1 else None
-    return cross / n, wall
-
-
-# -- judging and formatting: the claims table, the gain per text and the study's tables -------------
-
-
-def _ci(values) -> dict:
-    return stats.t_interval(list(values)).to_dict()
-
-
-ONE_PAIR_FIX = "run two seeds or more (--seeds 2)"
-
-
-def judge(values: dict, threshold: float, direction: int, missing: str,
-          one_pair_fix: str = ONE_PAIR_FIX) -> tuple[dict, str, str]:
-    """(interval, verdict, reason) of per-pair values against a threshold.
-
-    Not measurable, with its reason, where the values give no interval: none
-    (`missing` says why), one pair, or pairs that all agree exactly (zero spread).
-    """
-    iv = _ci(values.values())
-    n = iv["n"]
-    if n == 0:
-        return iv, stats.NOT_MEASURABLE, missing
-    if n == 1:
-        pair = next(k for k, v in values.items() if v is not None and math.isfinite(v))
-        return iv, stats.NOT_MEASURABLE, f"one pair ({pair}) gives no interval; {one_pair_fix}"
-    if not iv["std"]:
-        return iv, stats.NOT_MEASURABLE, (f"all {n} pairs gave exactly {fmt_value(iv['mean'], '.4g')}: no spread to "
-                                          "form an interval from")
-    return iv, stats.verdict(iv["lo"], iv["hi"], threshold, direction), ""
-
-
-def _reasons(*parts: str) -> str:
-    return "; ".join(dict.fromkeys(p for p in parts if p))
+# -- rows: the claims table's and the gain per text's ----------------------------------------------
 
 
 def _claim_row(claim: Claim, interval: dict, verdict: str, figure: str, note: str = "", reason: str = "",
@@ -230,31 +79,6 @@ def _claim_row(claim: Claim, interval: dict, verdict: str, figure: str, note: st
             "figure": figure, "mean": interval.get("mean"), "lo": interval.get("lo"), "hi": interval.get("hi"),
             "n": interval.get("n"), "values": interval.get("values"), "verdict": verdict,
             "badge": stats.BADGE[verdict], "reason": reason, "note": note, **extra}
-
-
-def fmt_value(x, spec=".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
-def interval_figure(iv: dict, spec: str = ".3f", unit: str = "", what: str = "pairs", *, empty: str = "no data",
-                    one: str = "n=1, no interval", count: bool = True) -> str:
-    """An interval (`stats.Interval.to_dict()`) as the tables print it: "mean [lo, hi] (n=N)".
-
-    Without an interval, why: no values (`empty`), one value (`one`), or values that all
-    agree (no spread). `count`: whether n follows the interval."""
-    if iv.get("n", 0) == 0:
-        return empty
-    if iv["n"] < 2:
-        return f"{fmt_value(iv['mean'], spec)}{unit} ({one})"
-    if not iv["std"]:
-        return f"{fmt_value(iv['mean'], spec)}{unit} in all {iv['n']} {what} (no spread, no interval)"
-    figure = f"{fmt_value(iv['mean'], spec)}{unit} [{fmt_value(iv['lo'], spec)}, {fmt_value(iv['hi'], spec)}]"
-    return figure + (f" (n={iv['n']})" if count else "")
-
-
-def gain_figure(iv: dict, one: str = "one pair, no interval", what: str = "pairs") -> str:
-    """A signed gain as the per-text and study tables print it: "+0.050 [+0.025, +0.075]"; "-" for none."""
-    return interval_figure(iv, "+.3f", what=what, empty="-", one=one, count=False)
 
 
 def text_gain_row(label: str, runs: list[dict], style: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`sdmoe compare --preset finetune`: adapting a trained MoE to a new domain, with and without SD-MoE.
+"""`sdmoe finetune-compare`: adapting a trained MoE to a new domain, with and without SD-MoE.
 
     base     an MoE trained from scratch on two domains (drama and encyclopedia by default)
     adapt    from the base's weights and tokenizer, trained on the third domain alone (fairy tales),
@@ -11,20 +11,19 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import check_tree, setting
+from sdmoe.config_fields import assign, check_tree, setting
 from sdmoe.errors import UserError
-from sdmoe.experiments import stats
-from sdmoe.experiments.claims import ONE_PAIR_FIX, gain_figure, interval_figure, judge
-from sdmoe.experiments.compare import _Datasets, claim_out_dir
-from sdmoe.experiments.upcycle import train_if_needed
-from sdmoe.files import read_json_or_none, write_json_atomic, write_text_atomic
+from sdmoe.experiments.arms import Arm, Arms
+from sdmoe.experiments.engine import Experiment, ExperimentResult, PlannedRun, Session, run_probes, validate_runs
+from sdmoe.experiments.judging import interval_figure
+from sdmoe.files import read_json_or_none, tmp_file_name, write_json_atomic, write_text_atomic
 
-METHODS = ("baseline", "sd-moe")
+ARMS = Arms((Arm("baseline", {"method": "baseline"}), Arm("sd-moe", {"method": "sd-moe"})), reference="baseline")
+METHODS = tuple(ARMS)
 FINETUNE_FILE = "finetune_compare.json"  # the compare's settings, written first: a rerun resumes, another is refused
 
 
@@ -42,18 +41,9 @@ class FinetuneConfig:
     overrides: list[str] = setting([])
 
 
-def finetune_preset(name: str) -> FinetuneConfig:
-    if name == "finetune":
-        return FinetuneConfig()
-    if name == "finetune-tiny":
-        return FinetuneConfig(preset="tiny", hidden_size=32, expert_ffn=32, base_steps=10, steps=8, seeds=2)
-    raise UserError(f"unknown fine-tuning preset {name!r}; choose finetune or finetune-tiny")
-
-
-def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, method: str, init: str | None,
-                model=None):
-    """One run's config. `model`: the model section of a start `init` not written yet (the base's, for the
-    checks before the first write); without it, `init` is read as `train --init` reads it."""
+def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, init: str | None, model=None):
+    """One run's config (its method set by its arm). `model`: the model section of a start `init` not written
+    yet (the base's, for the checks before the first write); without it, `init` is read as `train --init` does."""
     from sdmoe.train.config import apply_overrides, preset, refuse_model_settings, set_value, start_from_checkpoint
 
     rc = preset(cfg.preset)
@@ -67,7 +57,7 @@ def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, 
         set_value(rc, "model.hidden_size", cfg.hidden_size)
         set_value(rc, "model.expert_ffn", cfg.expert_ffn)
     apply_overrides(rc, list(cfg.overrides))
-    for key, value in {"data.domains": domains, "loop.steps": steps, "loop.seed": seed, "method": method,
+    for key, value in {"data.domains": domains, "loop.steps": steps, "loop.seed": seed, "method": "baseline",
                        "optim.lr": cfg.lr, "sdmoe.split_step": 0, "name": f"seed{seed}"}.items():
         set_value(rc, key, value)
     rc.loop.eval_every = max(1, steps // 8)
@@ -75,37 +65,45 @@ def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, 
     return rc
 
 
-def check_finetune_compare(cfg: FinetuneConfig, out: Path) -> None:
-    """Every check before the first write: the settings, and every run's config (the --set values of the
-    base and of every adapted run)."""
-    from sdmoe.train.config import validate
+class FinetuneCompare(Experiment):
+    command, what, settings_file = "finetune-compare", "finetune compare", FINETUNE_FILE
+    settings = FinetuneConfig
 
-    check_tree(cfg, "finetune")
-    if cfg.new in cfg.old:
-        raise UserError(f"the new domain {cfg.new!r} is one of the base's ({', '.join(cfg.old)}); choose another")
-    base = _run_config(cfg, list(cfg.old), cfg.base_steps, 0, "baseline", None)
-    validate(base)
-    for method in METHODS:
-        validate(_run_config(cfg, [cfg.new], cfg.steps, 0, method, str(out / "base" / "model"), base.model))
+    def base_run(self) -> PlannedRun:
+        cfg = self.config
+        return PlannedRun("base", _run_config(cfg, list(cfg.old), cfg.base_steps, 0, None),
+                          {"arm": "base", "seed": 0}, dir="base")
 
+    def runs(self, out: Path, model=None) -> list[PlannedRun]:
+        """The adapted runs; `model`: the base's model section, before the base exists."""
+        cfg = self.config
+        start = str(out / "base" / "model")
+        return ARMS.runs(cfg.seeds, lambda arm, seed: _run_config(cfg, [cfg.new], cfg.steps, seed, start, model))
 
-def run_finetune_compare(cfg: FinetuneConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    out = Path(out)
-    check_finetune_compare(cfg, out)
-    claim_out_dir(out, cfg, FINETUNE_FILE, "finetune compare")
-    datasets = _Datasets()
-    base = out / "base"
-    train_if_needed(_run_config(cfg, list(cfg.old), cfg.base_steps, 0, "baseline", None), base, datasets, progress)
-    runs = [(m, s) for s in range(cfg.seeds) for m in METHODS] + [("baseline-rerun", 0)]
-    for i, (method, s) in enumerate(runs):
-        if progress:
-            print(f"[{i + 1}/{len(runs)}] {method} seed {s}", flush=True)
-        rc = _run_config(cfg, [cfg.new], cfg.steps, s, method.removesuffix("-rerun"), str(base / "model"))
-        train_if_needed(rc, out / "runs" / method / f"seed{s}", datasets, progress)
-    payload = summarize(out, cfg)
-    write_json_atomic(out / "finetune.json", payload)
-    write_text_atomic(out / "finetune.md", render(payload))
-    return payload
+    def check(self, out: Path) -> None:
+        """The settings, and every run's config (the --set values of the base and of every adapted run)."""
+        cfg = self.config
+        check_tree(cfg, "finetune")
+        if cfg.new in cfg.old:
+            raise UserError(f"the new domain {cfg.new!r} is one of the base's ({', '.join(cfg.old)}); choose another")
+        base = self.base_run()
+        self._checked = [base, *self.runs(out, base.config.model)]
+        validate_runs(self._checked, self.what)
+
+    def probes(self, out: Path) -> list[str]:
+        return run_probes(self._checked) + [tmp_file_name(n) for n in ("finetune.json", "finetune.md")]
+
+    def execute(self, session: Session) -> None:
+        session.say("base: an MoE of the old domains")
+        if session.train(self.base_run()) is not None:
+            session.train_all(self.runs(session.out), "finetune compare")
+
+    def report(self, out: Path) -> ExperimentResult:
+        payload = summarize(out, self.config)
+        write_json_atomic(out / "finetune.json", payload)
+        text = render(payload)
+        write_text_atomic(out / "finetune.md", text)
+        return ExperimentResult(out, self.config, text, payload, out / "finetune.md")
 
 
 def _losses_on_every_domain(model_dir: Path, cfg: FinetuneConfig) -> dict[str, float]:
@@ -128,22 +126,20 @@ def _losses_on_every_domain(model_dir: Path, cfg: FinetuneConfig) -> dict[str, f
 
 def summarize(out: Path, cfg: FinetuneConfig) -> dict[str, Any]:
     before = _losses_on_every_domain(out / "base" / "model", cfg)
-    after = {(m, s): _losses_on_every_domain(out / "runs" / m / f"seed{s}" / "model", cfg)
-             for m in (*METHODS, "baseline-rerun") for s in (range(cfg.seeds) if m in METHODS else [0])}
+    after = {(arm.name, s): _losses_on_every_domain(out / "runs" / run_id / "model", cfg)
+             for arm, s, run_id in ARMS.planned(cfg.seeds)}
 
     def old_loss(d: dict) -> float:
         return sum(d[k] for k in cfg.old) / len(cfg.old)
 
     rows = []
     for what, value in (("new domain", lambda d: d[cfg.new]), ("old domains", old_loss)):
-        gains = {s: value(after[("baseline", s)]) - value(after[("sd-moe", s)]) for s in range(cfg.seeds)}
-        gains = {s: g for s, g in gains.items() if math.isfinite(g)}
-        iv, verdict, why = judge(gains, 0.0, +1, "no finished pair", ONE_PAIR_FIX)
-        rows.append({"what": what, "before": value(before),
-                     "baseline": stats.t_interval([value(after[("baseline", s)]) for s in range(cfg.seeds)]).to_dict(),
-                     "sd-moe": stats.t_interval([value(after[("sd-moe", s)]) for s in range(cfg.seeds)]).to_dict(),
-                     "gain": iv, "gain_figure": gain_figure(iv), "verdict": verdict, "reason": why,
-                     "same_seed_noise": abs(value(after[("baseline-rerun", 0)]) - value(after[("baseline", 0)]))})
+        figure = {key: value(losses) for key, losses in after.items()}
+        judged = {r["arm"]: r for r in ARMS.judge(figure, cfg.seeds)}
+        sd = judged["sd-moe"]
+        rows.append({"what": what, "before": value(before), "baseline": judged["baseline"]["value"],
+                     "sd-moe": sd["value"], "gain": sd["gain"], "gain_figure": sd["gain_figure"],
+                     "verdict": sd["verdict"], "reason": sd["reason"], "same_seed_noise": ARMS.same_seed_noise(figure)})
     return {"config": asdict(cfg), "before": before, "rows": rows}
 
 
@@ -160,8 +156,21 @@ def render(payload: dict) -> str:
              "same-seed noise |",
              "|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
+        noise = "-" if r["same_seed_noise"] is None else f"{r['same_seed_noise']:.4f}"
         lines.append(f"| {r['what']} | {r['before']:.3f} | {interval_figure(r['baseline'], count=False)} | "
-                     f"{interval_figure(r['sd-moe'], count=False)} | {r['gain_figure']} | {r['verdict']} | "
-                     f"{r['same_seed_noise']:.4f} |")
+                     f"{interval_figure(r['sd-moe'], count=False)} | {r['gain_figure']} | {r['verdict']} | {noise} |")
     lines += ["", "Forgetting is the old domains' loss after adapting minus before; a gain there is less forgetting."]
     return "\n".join(lines) + "\n"
+
+
+# -- flags: what `sdmoe finetune-compare` (and the old `compare --preset finetune`) set -------------------
+
+FLAGS = ("seeds", "steps", "overrides")
+
+
+def apply_flags(cfg: FinetuneConfig, flags: dict[str, Any]) -> FinetuneConfig:
+    for key in ("seeds", "steps"):
+        if flags.get(key) is not None:
+            assign(cfg, key, flags[key])
+    cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
+    return cfg

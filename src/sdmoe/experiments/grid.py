@@ -1,6 +1,6 @@
 """The plan of a compare: matched runs of the baseline, SD-MoE, its control and ablations.
 
-    cfg = compare_preset("demo")
+    cfg = presets.configure("compare", "demo", {}).config   # or CompareConfig(...) itself
     for spec in plan(cfg):
         spec.run_id        # "qwen2_moe/sd-moe/lr1/seed0"
         spec.run_config()  # the full RunConfig of that run
@@ -69,6 +69,7 @@ _PARAM_VARIANTS = {
     "reestimate": "sdmoe.reestimate_every",
 }
 _PARAM_RE = re.compile(r"^(rank|shared-lr|tracker|reestimate)-([0-9]+(?:\.[0-9]+)?)$")
+VARIANT_NAMES = (*FIXED_VARIANTS, "rank-<r>", "shared-lr-<m>", "tracker-<n>", "reestimate-<k>")  # what --help lists
 
 
 def variant_overrides(name: str) -> dict[str, Any]:
@@ -88,8 +89,7 @@ def variant_overrides(name: str) -> dict[str, Any]:
             return {"method": "sd-moe", "sdmoe.gradient_split": "fixed", "sdmoe.form": "lowrank",
                     "sdmoe.basis_source": "gradients", key: value}
         return {"method": "sd-moe", key: value}
-    known = ", ".join(list(FIXED_VARIANTS) + ["rank-<r>", "shared-lr-<m>", "tracker-<n>", "reestimate-<k>"])
-    raise UserError(f"unknown compare variant {name!r}; choose from {known}")
+    raise UserError(f"unknown compare variant {name!r}; choose from {', '.join(VARIANT_NAMES)}")
 
 
 def variant_sdmoe_config(name: str, split_step: int = 0):
@@ -140,6 +140,8 @@ class CompareConfig:
     # first style, same seeds): the report then opens with the gain per text. It adds compares, not runs
     # of this grid, so a resume may turn it on or off.
     per_text: bool = setting(False, resume="any")
+    # the domains that get such a sub-compare; empty = every domain of the text (resume="any" as per_text)
+    per_text_domains: list[str] = setting([], unique=True, resume="any")
     timing_processes: int = setting(4, ge=0, note="0 = no timing; claim (e) is then not measurable", resume="any")
     timing_rounds: int = setting(6, ge=2, resume="any")
 
@@ -170,53 +172,6 @@ class CompareConfig:
             if "=" not in item:
                 raise UserError(f"compare override {item!r} is not key=value (e.g. loop.threads=2)")
         return self
-
-
-def compare_preset(name: str) -> CompareConfig:
-    """`demo`: ~15 min on 2 CPU cores (the mix, then each domain alone); `lab`: the lab model, default against the paper's own split (about
-    27 runs of 4-6 min, 2-3 hours on 2 cores; `make reproduce`); `paper`: the full grid (hours on CPU);
-    `tiny`: tests."""
-    if name == "demo":
-        # The main job in about 15 minutes on 2 cores: both styles, 3 seeds, the control, the baseline's
-        # rate check (0.5x) and the stability claim's 4x; then baseline against SD-MoE on each bundled
-        # domain alone (per_text), so the report opens with the gain per text.
-        return CompareConfig(lr_multipliers=[0.5, 1.0, 4.0], per_text=True)
-    if name == "paper":
-        return CompareConfig(
-            preset="small",
-            styles=["qwen2_moe", "deepseek_v3"],
-            seeds=3,
-            variants=["baseline", "sd-moe", "control"],
-            lr_multipliers=[0.5, 1.0, 2.0, 4.0],
-            lr_sweep_styles=2,
-            lr_sweep_seeds=3,
-            lr_sweep_variants=["baseline", "sd-moe", "control"],
-            rank_sweep=[4, 8, 16, 64],  # d=128: 4..d/2; d/4 = 32 is the sd-moe row itself
-            ablations=["fixed-weights", "reestimate-50", "per-expert", "shared-lr-2", "tracker-2"],
-        )
-    if name == "lab":
-        # issue 18: 3 paired seeds of baseline, default, the paper's split and the control on the spec's lab
-        # model; the rate grid 0.5x-4x (one seed) for baseline, default and paper; the paper's ablations. At
-        # the baseline's tuned rate, 6e-3 (the small train preset's 1.2e-2 is not: docs/results.md), so the
-        # grid 3e-3..2.4e-2 has the baseline's optimum inside it and the paired seeds are at it.
-        return CompareConfig(
-            preset="small",
-            overrides=["optim.lr=0.006"],
-            styles=["qwen3_moe"],
-            seeds=3,
-            variants=["baseline", "sd-moe", "paper", "control"],
-            lr_multipliers=[0.5, 1.0, 2.0, 4.0],
-            lr_sweep_styles=1,
-            lr_sweep_seeds=1,
-            lr_sweep_variants=["baseline", "sd-moe", "paper"],
-            ablations=["paper-one-sided", "paper-refresh-1", "paper-no-refresh", "paper-rank-d4", "fixed-gradients"],
-            ablation_seeds=1,
-        )
-    if name == "tiny":
-        return CompareConfig(preset="tiny", styles=["qwen2_moe"], seeds=2, variants=["baseline", "sd-moe"],
-                             lr_multipliers=[1.0], lr_sweep_styles=0, analyze=False,
-                             timing_processes=0)  # each timing process costs seconds of start-up: tests opt in
-    raise UserError(f"unknown compare preset {name!r}; choose demo, lab, paper or tiny")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`sdmoe study`: when does SD-MoE help? One factor at a time, every cell a paired `sdmoe compare`.
+"""`sdmoe study`: when does SD-MoE help? One factor at a time, every cell a paired compare on the engine.
 
     sdmoe study --factor text          each bundled domain alone, and the mix
     sdmoe study --factor repetition    passes over the data: the same step count on less text
@@ -15,20 +15,44 @@ per text). Re-running the command skips finished cells and runs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdmoe.config_fields import assign, check_tree, setting
 from sdmoe.errors import UserError
-from sdmoe.experiments.claims import TUNED, gain_figure, load_run, paired_gains
+from sdmoe.experiments.engine import Experiment, ExperimentResult, Session, run_experiment
 from sdmoe.experiments.grid import CompareConfig, fmt_mult, plan
+from sdmoe.experiments.judging import TUNED, gain_figure, paired_gains
+from sdmoe.experiments.runs import load_run
 from sdmoe.experiments.stats import t_interval
-from sdmoe.files import write_json_atomic, write_text_atomic
+from sdmoe.files import tmp_file_name, write_json_atomic, write_text_atomic
 
 FACTORS = ("text", "repetition", "size")
 TEXTS = ("drama", "encyclopedia", "fairy_tales", "mix")
 BASE_STEPS = 400  # the demo preset's
 TOKENS_PER_STEP = 16 * 64  # the demo preset's batch x sequence
+STUDY_FILE = "study_config.json"  # the study's settings; study.json holds its results
+OUTPUTS = ("study.json", "study.md", "study.png")
+
+
+@dataclass
+class StudyConfig:
+    preset: str = setting("demo", label="train preset")  # every cell's runs start from it
+    seeds: int = setting(3, ge=2)
+    sizes: list[int] = setting([64, 96, 128], min_len=1, unique=True, ge=8)  # the size factor's hidden sizes
+    width: int = setting(64, ge=8)  # d of the text and repetition cells
+    steps: int = setting(BASE_STEPS, ge=1)  # a cell's steps at `width` (the size cells scale them)
+    overrides: list[str] = setting([])  # key=value on every run
+    # the factors run so far: a study grows factor by factor in one --out, so a resume may add one
+    factors: list[str] = setting(["text"], min_len=1, unique=True, resume="any")
+
+    def tokens_per_step(self) -> int:
+        from sdmoe.train.config import preset
+
+        data = preset(self.preset).data
+        return data.batch_size * data.seq_len
 
 
 @dataclass(frozen=True)
@@ -45,57 +69,105 @@ class Cell:
     variants: tuple[str, ...] = ("baseline", "sd-moe")
     rate_check: bool = False  # the baseline at 0.5x and 2x the rate on seed 0: is 1x its tuned rate here?
 
-    def compare_config(self, seeds: int) -> CompareConfig:
+    def compare_config(self, seeds: int, study: StudyConfig | None = None) -> CompareConfig:
+        study = study or StudyConfig()
         ov = [f"model.hidden_size={self.d}", f"model.expert_ffn={self.d}"]
         if self.text != "mix":
             ov.append(f"data.domains={self.text}")
         if self.max_train_tokens:
             ov.append(f"data.max_train_tokens={self.max_train_tokens}")
         return CompareConfig(
-            preset="demo", styles=["qwen2_moe"], seeds=seeds, variants=list(self.variants), steps=self.steps,
+            preset=study.preset, styles=["qwen2_moe"], seeds=seeds, variants=list(self.variants), steps=self.steps,
             lr_multipliers=[0.5, 1.0, 2.0] if self.rate_check else [1.0], lr_sweep_styles=int(self.rate_check),
-            lr_sweep_seeds=1, lr_sweep_variants=["baseline"], overrides=ov, analyze=False,
+            lr_sweep_seeds=1, lr_sweep_variants=["baseline"], overrides=[*study.overrides, *ov], analyze=False,
             rerun_baseline=self.factor == "text", timing_processes=0)  # the study reads losses, not step times
 
 
-def demo_parameters(d: int) -> int:
+def demo_parameters(d: int, layers: int = 2, experts: int = 8) -> int:
     """Non-embedding parameters of the demo preset's model at width d (2 layers, 8 experts of width d, a
     shared expert of width d, attention d x d four times): the size the tokens-per-parameter rule scales."""
-    per_layer = 4 * d * d + 8 * 3 * d * d + 3 * d * d + 8 * d + d
-    return 2 * per_layer
+    per_layer = 4 * d * d + experts * 3 * d * d + 3 * d * d + experts * d + d
+    return layers * per_layer
 
 
-def cells(factor: str, sizes: tuple[int, ...] = (64, 96, 128)) -> list[Cell]:
+def cells(factor: str, sizes: tuple[int, ...] = (64, 96, 128), study: StudyConfig | None = None) -> list[Cell]:
     """The cells of one factor, in the order they run."""
+    study = study or StudyConfig(sizes=list(sizes))
+    steps, width = study.steps, study.width
     if factor == "text":
-        return [Cell("text", t, t, t, variants=("baseline", "sd-moe", "control"), rate_check=True) for t in TEXTS]
+        return [Cell("text", t, t, t, d=width, steps=steps, variants=("baseline", "sd-moe", "control"),
+                     rate_check=True) for t in TEXTS]
     if factor == "repetition":
         out = []
-        # the same 400 steps over less text: 1, 2, 4 and 8 passes (the whole text is the text factor's cell)
+        # the same steps over less text: 1, 2, 4 and 8 passes (the whole text is the text factor's cell)
         for text in ("encyclopedia", "drama"):
             for passes in (1, 2, 4, 8):
-                tokens = BASE_STEPS * TOKENS_PER_STEP // passes
-                out.append(Cell("repetition", f"{text}-{passes}x", text, f"{passes} passes (truncated)",
-                                max_train_tokens=tokens))
+                tokens = steps * study.tokens_per_step() // passes
+                out.append(Cell("repetition", f"{text}-{passes}x", text, f"{passes} passes (truncated)", d=width,
+                                steps=steps, max_train_tokens=tokens))
         # the converse: the whole text, more steps
-        for steps in (800, 1600):
-            out.append(Cell("repetition", f"encyclopedia-{steps}-steps", "encyclopedia", f"{steps} steps (whole text)",
-                            steps=steps))
+        for more in (2 * steps, 4 * steps):
+            out.append(Cell("repetition", f"encyclopedia-{more}-steps", "encyclopedia", f"{more} steps (whole text)",
+                            d=width, steps=more))
         return out
     if factor == "size":
-        base = demo_parameters(64)
-        return [Cell("size", f"d{d}", "mix", f"d={d}", d=d,
-                     steps=round(BASE_STEPS * demo_parameters(d) / base)) for d in sizes]
+        base = demo_parameters(width)
+        return [Cell("size", f"d{d}", "mix", f"d={d}", d=d, steps=round(steps * demo_parameters(d) / base))
+                for d in study.sizes]
     raise UserError(f"unknown study factor {factor!r}; choose {', '.join(FACTORS)} or all")
+
+
+# -- the experiment: every cell a compare -------------------------------------------------------------
+
+
+class Study(Experiment):
+    command, what, settings_file = "study", "study", STUDY_FILE
+    settings = StudyConfig
+
+    def plan(self) -> list[Cell]:
+        return [c for f in self.config.factors for c in cells(f, study=self.config)]
+
+    def check(self, out: Path) -> None:
+        """The settings, then every run of every cell (each cell's `plan` validates its runs)."""
+        check_tree(self.config, "study")
+        for f in self.config.factors:
+            if f not in FACTORS:
+                raise UserError(f"unknown study factor {f!r}; choose {', '.join(FACTORS)} or all")
+        for cell in self.plan():
+            plan(cell.compare_config(self.config.seeds, self.config))
+
+    def adopts(self, out: Path) -> bool:
+        """A study written before its settings file: only factor folders and the study's own files."""
+        return all(p.name in (*FACTORS, *OUTPUTS) for p in out.iterdir())
+
+    def probes(self, out: Path) -> list[str]:
+        return [tmp_file_name(n) for n in OUTPUTS]
+
+    def execute(self, session: Session) -> None:
+        from sdmoe.experiments.compare import Compare
+
+        todo = self.plan()
+        for i, cell in enumerate(todo):
+            session.say(f"study cell {i + 1}/{len(todo)}: {cell.factor} {cell.name}")
+            result = run_experiment(Compare(cell.compare_config(self.config.seeds, self.config)),
+                                    session.out / cell.factor / cell.name, session.progress, session.device,
+                                    session.max_runs)
+            session.records += result.runs
+
+    def report(self, out: Path) -> ExperimentResult:
+        payload = write_study(out, study=self.config)
+        text = (out / "study.md").read_text(encoding="utf-8") + \
+            f"\nstudy: {len(payload['cells'])} cells; {out / 'study.md'}, study.json, study.png"
+        return ExperimentResult(out, self.config, text, payload, out / "study.md")
 
 
 # -- reading the cells ---------------------------------------------------------------------------
 
 
-def cell_result(cell: Cell, out: Path, seeds: int = 3) -> dict[str, Any]:
+def cell_result(cell: Cell, out: Path, seeds: int = 3, study: StudyConfig | None = None) -> dict[str, Any]:
     """The paired gains of one finished (or partly finished) cell, from its runs' files."""
     root = out / cell.factor / cell.name / "runs"
-    runs = [load_run(root / spec.run_id, spec) for spec in plan(cell.compare_config(seeds))]
+    runs = [load_run(root / spec.run_id, spec) for spec in plan(cell.compare_config(seeds, study))]
     style = runs[0]["style"]
     gains = {v: t_interval(list(paired_gains(runs, style, v).values())) for v in cell.variants if v != "baseline"}
     done = [r for r in runs if r["status"] == "done"]
@@ -112,29 +184,54 @@ def cell_result(cell: Cell, out: Path, seeds: int = 3) -> dict[str, Any]:
 
 
 def run_study(factors: list[str], out_dir: str | Path, seeds: int = 3, sizes: tuple[int, ...] = (64, 96, 128),
-              progress: bool = True, device: str = "auto") -> dict:
+              progress: bool = True, device: str = "auto", study: StudyConfig | None = None) -> dict:
     """Run (or resume) every cell of `factors`, then write study.json, study.md and study.png."""
-    from sdmoe.experiments.compare import run_compare
-
-    out = Path(out_dir)
-    plan = [c for f in factors for c in cells(f, sizes)]
-    for i, cell in enumerate(plan):
-        if progress:
-            print(f"study cell {i + 1}/{len(plan)}: {cell.factor} {cell.name}", flush=True)
-        run_compare(cell.compare_config(seeds), out / cell.factor / cell.name, progress=progress, device=device)
-    return write_study(out, factors, sizes, seeds)
+    cfg = dataclasses.replace(study or StudyConfig(), seeds=seeds, sizes=list(sizes), factors=list(factors))
+    return run_experiment(Study(cfg), out_dir, progress, device).summary
 
 
-def write_study(out: Path, factors: list[str], sizes: tuple[int, ...] = (64, 96, 128), seeds: int = 3) -> dict:
-    """study.json, study.md and study.png from the cells' run files (cells not started are left out)."""
-    results = [cell_result(c, out, seeds) for f in factors for c in cells(f, sizes)
+def write_study(out: Path, factors: list[str] | None = None, sizes: tuple[int, ...] = (64, 96, 128), seeds: int = 3,
+                study: StudyConfig | None = None) -> dict:
+    """study.json, study.md and study.png from the cells' run files: every cell of every factor started in
+    `out` (`factors`: only these), cells not started left out."""
+    study = study or StudyConfig(seeds=seeds, sizes=list(sizes))
+    results = [cell_result(c, out, study.seeds, study) for f in (factors or FACTORS) for c in cells(f, study=study)
                if (out / c.factor / c.name).is_dir()]
-    payload = {"version": 1, "factors": factors, "cells": results}
+    payload = {"version": 1, "factors": sorted({r["factor"] for r in results}, key=FACTORS.index), "cells": results}
     write_json_atomic(out / "study.json", payload)
     write_text_atomic(out / "study.md", study_markdown(results))
     if results:
         plot_study(results, out / "study.png")
     return payload
+
+
+# -- flags: what `sdmoe study` sets -----------------------------------------------------------------
+
+FLAGS = ("factor", "seeds", "sizes")
+
+
+def apply_flags(cfg: StudyConfig, flags: dict[str, Any]) -> StudyConfig:
+    """--factor text|repetition|size|all (comma-separated), --seeds, --sizes 64,96,128: each checked in one line."""
+    if flags.get("factor") is not None:
+        raw = flags["factor"]
+        factors = list(FACTORS) if raw == "all" else [f.strip() for f in raw.split(",") if f.strip()]
+        if not factors or any(f not in FACTORS for f in factors):
+            raise UserError(f"--factor {raw!r}: choose from {', '.join(FACTORS)} or all")
+        cfg.factors = factors
+    if flags.get("seeds") is not None:
+        if flags["seeds"] < 2:
+            raise UserError(f"--seeds {flags['seeds']}: a paired interval needs at least 2 seeds")
+        assign(cfg, "seeds", flags["seeds"])
+    if flags.get("sizes") is not None:
+        raw = flags["sizes"]
+        try:
+            sizes = [int(x) for x in raw.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--sizes takes comma-separated hidden sizes such as 64,96,128, got {raw!r}") from None
+        if not sizes or any(d < 8 or d % 8 for d in sizes):
+            raise UserError(f"--sizes {raw!r}: each hidden size must be a multiple of 8 (4 heads of even size)")
+        cfg.sizes = sizes
+    return cfg
 
 
 def study_markdown(results: list[dict]) -> str:

@@ -35,6 +35,7 @@ import numpy as np
 
 from sdmoe.experiments import stats
 
+TIMING_FILE = "timing.json"  # a compare's samples, {style: sample}: measured once (delete it to measure again)
 STEPS_PER_ROUND = 8  # steps per side in a round; the round's figure is their median
 WARMUP_STEPS = 3  # per side, untimed: allocator and kernel caches settle
 CLOCKS = ("cpu", "wall")

@@ -1,4 +1,4 @@
-"""`sdmoe compare --preset upcycle`: does SD-MoE help experts that start identical?
+"""`sdmoe upcycle-compare`: does SD-MoE help experts that start identical?
 
     parent   a dense qwen3 model trained on the text (`sdmoe train` with one expert: the router of
              one expert always weighs it 1, so the model is the dense one; `densify` saves it as such),
@@ -17,22 +17,27 @@ domain specialisation of the routing. Every run resumes; a finished one is skipp
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import check_tree, setting
+from sdmoe.config_fields import assign, check_tree, setting
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
-from sdmoe.experiments.claims import ONE_PAIR_FIX, gain_figure, interval_figure, judge, load_run, steps_ratio
-from sdmoe.experiments.compare import _Datasets, analyze_run, claim_out_dir, run_state
-from sdmoe.files import write_json_atomic, write_text_atomic
+from sdmoe.experiments.arms import Arm, Arms
+from sdmoe.experiments.engine import Experiment, ExperimentResult, PlannedRun, Session, run_probes, validate_runs
+from sdmoe.experiments.judging import gain_row, interval_figure
+from sdmoe.experiments.runs import load_run, steps_ratio
+from sdmoe.files import read_jsonl_lenient, tmp_file_name, write_json_atomic, write_text_atomic
 
-# arm -> (upcycling method or None for the dense parent, training method)
-ARMS = {"copy": ("copy", "baseline"), "copy+sd-moe": ("copy", "sd-moe"), "drop": ("drop", "baseline"),
-        "drop+sd-moe": ("drop", "sd-moe"), "dense": (None, "baseline")}
-REFERENCE = "copy"  # every gain is over the copy baseline, the upcycling everyone does
+ARMS = Arms((Arm("copy", {"method": "baseline"}, start="copy"),
+             Arm("copy+sd-moe", {"method": "sd-moe"}, start="copy"),
+             Arm("drop", {"method": "baseline"}, start="drop"),
+             Arm("drop+sd-moe", {"method": "sd-moe"}, start="drop"),
+             Arm("dense", {"method": "baseline"}, start="dense")),  # the dense parent, trained on
+            reference="copy")  # every gain is over the copy baseline, the upcycling everyone does
 UPCYCLE_FILE = "upcycle_compare.json"  # the compare's settings, written first: a rerun resumes, another is refused
+ANALYSIS_RANK = 4
 
 
 @dataclass
@@ -49,22 +54,13 @@ class UpcycleConfig:
     lr: float = setting(3e-3, gt=0)
     text: list[str] = setting([])
     overrides: list[str] = setting([])  # key=value on every run (e.g. loop.threads=2)
-    # a dense checkpoint to start from instead of training the parent (`compare --preset upcycle --init DENSE`)
+    # a dense checkpoint to start from instead of training the parent (`upcycle-compare --init DENSE`)
     init: str = ""
 
 
-def upcycle_preset(name: str) -> UpcycleConfig:
-    if name == "upcycle":
-        return UpcycleConfig()
-    if name == "upcycle-tiny":  # tests: seconds
-        return UpcycleConfig(preset="tiny", hidden_size=32, dense_ffn=32, experts=4, parent_steps=10, steps=8,
-                             seeds=2)
-    raise UserError(f"unknown upcycle preset {name!r}; choose upcycle or upcycle-tiny")
-
-
-def _run_config(cfg: UpcycleConfig, steps: int, seed: int, method: str, init: str | None, model=None):
-    """One run's config. `model`: the model section of a start `init` that is not written yet (the checks
-    before the first write); without it, `init` is read as `train --init` reads it."""
+def _run_config(cfg: UpcycleConfig, steps: int, seed: int, init: str | None, model=None):
+    """One run's config (its method set by its arm). `model`: the model section of a start `init` that is not
+    written yet (the checks before the first write); without it, `init` is read as `train --init` reads it."""
     from sdmoe.train.config import apply_overrides, preset, refuse_model_settings, set_value, start_from_checkpoint
 
     rc = preset(cfg.preset)
@@ -78,7 +74,7 @@ def _run_config(cfg: UpcycleConfig, steps: int, seed: int, method: str, init: st
                            "model.num_experts": 1, "model.top_k": 1, "model.expert_ffn": cfg.dense_ffn}.items():
             set_value(rc, key, value)
     apply_overrides(rc, list(cfg.overrides))
-    for key, value in {"loop.steps": steps, "loop.seed": seed, "method": method, "optim.lr": cfg.lr,
+    for key, value in {"loop.steps": steps, "loop.seed": seed, "method": "baseline", "optim.lr": cfg.lr,
                        "sdmoe.split_step": 0, "name": f"seed{seed}"}.items():
         set_value(rc, key, value)
     rc.loop.monitor_every = max(1, steps // 6)
@@ -86,39 +82,6 @@ def _run_config(cfg: UpcycleConfig, steps: int, seed: int, method: str, init: st
     if cfg.text:
         set_value(rc, "data.text", list(cfg.text))
     return rc
-
-
-def check_upcycle_compare(cfg: UpcycleConfig, out: Path) -> None:
-    """Every check of the compare before its first write: its settings, the user's dense parent (config.json
-    against every tensor, every tensor finite, its tokenizer, what upcycle asks of it), every run's config
-    (the --set values of every arm), and the output directory."""
-    from dataclasses import replace
-
-    from sdmoe.models.upcycle import UpcycleRequest, check_request
-    from sdmoe.moe.checkpoint import check_model_dir
-    from sdmoe.train.config import validate
-
-    check_tree(cfg, "upcycle")
-    if cfg.top_k > cfg.experts:
-        raise UserError(f"top_k={cfg.top_k} exceeds experts={cfg.experts}")
-    if cfg.init:  # what upcycle and `train --init` would refuse of the parent, named by the user's path
-        from sdmoe.models.checks import check_checkpoint, check_tokenizer_fits
-        from sdmoe.models.pretrained import load_tokenizer
-
-        family = check_request(check_model_dir(cfg.init), Path(cfg.init),
-                               UpcycleRequest(cfg.experts, cfg.top_k, "drop", drop_ratio=cfg.drop_ratio))
-        checked = check_checkpoint(cfg.init, read_values=True)
-        check_tokenizer_fits(load_tokenizer(cfg.init), checked.embedding_rows, cfg.init)
-        parent = _upcycled_model(checked.config, family.moe, 1, 1)
-        moe = _upcycled_model(checked.config, family.moe, cfg.experts, cfg.top_k)
-    else:
-        own = _run_config(cfg, cfg.parent_steps, 0, "baseline", None)
-        validate(own)
-        parent, moe = own.model, replace(own.model, num_experts=cfg.experts, top_k=cfg.top_k)
-    for s in range(cfg.seeds):
-        for arm, (method, train_method) in ARMS.items():
-            validate(_run_config(cfg, cfg.steps, s, train_method, str(out / "checkpoints" / arm),
-                                 moe if method else parent))
 
 
 def _upcycled_model(config, style: str, experts: int, top_k: int):
@@ -131,63 +94,96 @@ def _upcycled_model(config, style: str, experts: int, top_k: int):
                        expert_ffn=config.intermediate_size, max_seq_len=config.max_position_embeddings)
 
 
-def train_if_needed(rc, run_dir: Path, datasets: _Datasets, progress: bool) -> None:
-    """Train `rc` into `run_dir` unless it is done; resume it where it stopped."""
-    from sdmoe.train.loop import train
-
-    state = run_state(run_dir)
-    if state in ("done", "diverged"):
-        return
-    if state == "new" and run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    train(rc, run_dir, resume=state == "partial", progress=progress, dataset=datasets.get(rc))
+def _start(out: Path, arm: Arm, seed: int, cfg: UpcycleConfig) -> Path:
+    """The checkpoint an arm's run of `seed` continues from."""
+    if arm.start == "dense":  # the dense arm trains on as a one-expert model: the parent's own, or the user's
+        return out / "checkpoints" / "dense-one-expert" if cfg.init else out / "parent" / "model"
+    return out / "checkpoints" / f"{arm.start}-seed{seed}"
 
 
-def run_upcycle_compare(cfg: UpcycleConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Train the parent, upcycle it, train every arm and seed, write upcycle.md / upcycle.json."""
-    from sdmoe.models.upcycle import densify, upcycle
+class UpcycleCompare(Experiment):
+    command, what, settings_file = "upcycle-compare", "upcycle compare", UPCYCLE_FILE
+    settings = UpcycleConfig
 
-    out = Path(out)
-    check_upcycle_compare(cfg, out)
-    claim_out_dir(out, cfg, UPCYCLE_FILE, "upcycle compare")
-    datasets = _Datasets()
-    if cfg.init:  # the user's dense parent; the dense arm trains on it as a one-expert model of its MoE family
-        dense, parent = Path(cfg.init), out / "checkpoints" / "dense-one-expert"
-        if not parent.is_dir():
-            upcycle(dense, parent, 1, 1, progress=False, min_experts=1)
-    else:  # our parent: trained as a one-expert qwen3_moe, saved as the dense qwen3 it computes
-        parent = out / "parent" / "model"
-        train_if_needed(_run_config(cfg, cfg.parent_steps, 0, "baseline", None), parent.parent, datasets, progress)
-        dense = out / "checkpoints" / "dense"
-        if not dense.is_dir():
-            densify(parent, dense)
-    starts = {}
-    for s in range(cfg.seeds):
-        for method in ("copy", "drop"):
-            path = out / "checkpoints" / f"{method}-seed{s}"
-            if not path.is_dir():
-                upcycle(dense, path, cfg.experts, cfg.top_k, method=method, drop_ratio=cfg.drop_ratio, seed=s,
-                        progress=False)
-            starts[(method, s)] = path
-    runs = []
-    for s in range(cfg.seeds):
-        for arm, (method, train_method) in ARMS.items():
-            init = starts[(method, s)] if method else parent
-            runs.append((arm, s, out / "runs" / arm / f"seed{s}", init, train_method))
-    runs.append(("copy-rerun", 0, out / "runs" / "copy-rerun" / "seed0", starts[("copy", 0)], "baseline"))
-    for i, (arm, s, run_dir, init, method) in enumerate(runs):
-        if progress:
-            print(f"[{i + 1}/{len(runs)}] {arm} seed {s}", flush=True)
-        rc = _run_config(cfg, cfg.steps, s, method, str(init))
-        train_if_needed(rc, run_dir, datasets, progress)
-        if arm != "dense" and not (run_dir / "analysis.json").is_file():
-            analyze_run(run_dir, datasets.get(rc), k=4)
-    payload = summarize(out, cfg, starts)
-    write_json_atomic(out / "upcycle.json", payload)
-    write_text_atomic(out / "upcycle.md", render(payload))
-    return payload
+    def _models(self):
+        """(the dense arm's model section, the upcycled arms'), before any of them is written: the user's
+        parent checked as upcycle and `train --init` check it, named by the user's path."""
+        cfg = self.config
+        if not cfg.init:
+            from sdmoe.train.config import validate
+
+            own = _run_config(cfg, cfg.parent_steps, 0, None)
+            validate(own)
+            return own.model, replace(own.model, num_experts=cfg.experts, top_k=cfg.top_k)
+        from sdmoe.models.checks import check_checkpoint, check_tokenizer_fits
+        from sdmoe.models.pretrained import load_tokenizer
+        from sdmoe.models.upcycle import UpcycleRequest, check_request
+        from sdmoe.moe.checkpoint import check_model_dir
+
+        family = check_request(check_model_dir(cfg.init), Path(cfg.init),
+                               UpcycleRequest(cfg.experts, cfg.top_k, "drop", drop_ratio=cfg.drop_ratio))
+        checked = check_checkpoint(cfg.init, read_values=True)
+        check_tokenizer_fits(load_tokenizer(cfg.init), checked.embedding_rows, cfg.init)
+        return (_upcycled_model(checked.config, family.moe, 1, 1),
+                _upcycled_model(checked.config, family.moe, cfg.experts, cfg.top_k))
+
+    def parent_run(self) -> PlannedRun:
+        cfg = self.config
+        return PlannedRun("parent", _run_config(cfg, cfg.parent_steps, 0, None), {"arm": "parent", "seed": 0},
+                          dir="parent")
+
+    def runs(self, out: Path, models=None) -> list[PlannedRun]:
+        """Every arm's runs; `models` (from `_models`): their model sections before their starts exist."""
+        cfg = self.config
+
+        def config_of(arm: Arm, seed: int):
+            start = str(_start(out, arm, seed, cfg))
+            return _run_config(cfg, cfg.steps, seed, start, None if models is None else
+                               models[0] if arm.start == "dense" else models[1])
+
+        return ARMS.runs(cfg.seeds, config_of, lambda arm: None if arm.start == "dense" else ANALYSIS_RANK)
+
+    def check(self, out: Path) -> None:
+        """Its settings, the user's dense parent (config.json against every tensor, every tensor finite, its
+        tokenizer, what upcycle asks of it), every run's config (the --set values of every arm)."""
+        cfg = self.config
+        check_tree(cfg, "upcycle")
+        if cfg.top_k > cfg.experts:
+            raise UserError(f"top_k={cfg.top_k} exceeds experts={cfg.experts}")
+        self._checked = self.runs(out, self._models())
+        validate_runs(self._checked, self.what)
+
+    def probes(self, out: Path) -> list[str]:
+        return run_probes(self._checked) + [tmp_file_name(n) for n in ("upcycle.json", "upcycle.md")]
+
+    def execute(self, session: Session) -> None:
+        from sdmoe.models.upcycle import densify, upcycle
+
+        cfg, out = self.config, session.out
+        if cfg.init:  # the user's dense parent; the dense arm trains on it as a one-expert model of its family
+            dense = Path(cfg.init)
+            session.checkpoint(_start(out, ARMS["dense"], 0, cfg),
+                               lambda p: upcycle(dense, p, 1, 1, progress=False, min_experts=1))
+        else:  # our parent: trained as a one-expert qwen3_moe, saved as the dense qwen3 it computes
+            parent = self.parent_run()
+            session.say("parent: a dense qwen3 as a one-expert MoE")
+            if session.train(parent) is None:
+                return
+            dense = session.checkpoint(out / "checkpoints" / "dense",
+                                       lambda p: densify(out / parent.dir / "model", p))
+        for s in range(cfg.seeds):
+            for method in ("copy", "drop"):
+                session.checkpoint(out / "checkpoints" / f"{method}-seed{s}",
+                                   lambda p, m=method, s=s: upcycle(dense, p, cfg.experts, cfg.top_k, method=m,
+                                                                    drop_ratio=cfg.drop_ratio, seed=s, progress=False))
+        session.train_all(self.runs(out), "upcycle compare")
+
+    def report(self, out: Path) -> ExperimentResult:
+        payload = summarize(out, self.config)
+        write_json_atomic(out / "upcycle.json", payload)
+        text = render(payload)
+        write_text_atomic(out / "upcycle.md", text)
+        return ExperimentResult(out, self.config, text, payload, out / "upcycle.md")
 
 
 def _start_overlap(path: Path) -> float:
@@ -202,8 +198,6 @@ def _start_overlap(path: Path) -> float:
 
 def _imbalance(run_dir: Path) -> float | None:
     """The last logged window's load: the busiest expert's share times E, mean over layers (1 = balanced)."""
-    from sdmoe.files import read_jsonl_lenient
-
     logs = [r for r in read_jsonl_lenient(run_dir / "metrics.jsonl") if "load" in r and "event" not in r]
     if not logs:
         return None
@@ -211,46 +205,44 @@ def _imbalance(run_dir: Path) -> float | None:
     return sum(max(row) * len(row) for row in load) / len(load)
 
 
-def summarize(out: Path, cfg: UpcycleConfig, starts: dict) -> dict[str, Any]:
-    recs = {(arm, s): load_run(out / "runs" / arm / f"seed{s}") for arm in ARMS for s in range(cfg.seeds)}
-    rerun = load_run(out / "runs" / "copy-rerun" / "seed0")
-    ref = {s: recs[(REFERENCE, s)] for s in range(cfg.seeds)}
-    same_seed = abs(rerun["final_mean"] - ref[0]["final_mean"]) if math.isfinite(rerun["final_mean"]) else None
+def _arm_figures(out: Path, cfg: UpcycleConfig, arm: str, recs: dict, ref: dict) -> dict[str, Any]:
+    """What the table shows of one arm beside its gain: steps to the copy baseline's loss, overlap, load, MI."""
+    seeds = range(cfg.seeds)
+    ratios = {}
+    for s in seeds:
+        r, _ = steps_ratio(recs[(arm, s)], ref[s])
+        ratios[s] = 1.0 if r is None else r
+    start = ARMS[arm].start
+    overlap_start = [_start_overlap(out / "checkpoints" / f"{start}-seed{s}") for s in seeds] \
+        if start != "dense" and all((out / "checkpoints" / f"{start}-seed{s}").is_dir() for s in seeds) else []
+    mon = [recs[(arm, s)]["monitor"] for s in seeds]
+    overlap = {"start": stats.t_interval(overlap_start).mean if overlap_start else None, "steps": mon[0]["step"],
+               "mean": [stats.t_interval([m["param_overlap"][i] for m in mon if i < len(m["param_overlap"])]).mean
+                        for i in range(len(mon[0]["param_overlap"]))]}
+    spec = [recs[(arm, s)]["specialisation"] for s in seeds]
+    mi = [sp.get("domain_mi_normalized") if isinstance(sp, dict) else None for sp in spec]
+    imb = [_imbalance(out / "runs" / arm / f"seed{s}") for s in seeds]
+    return {"steps_to_copy": stats.t_interval(list(ratios.values())).to_dict(), "overlap": overlap,
+            "mi": stats.t_interval(mi).to_dict(), "imbalance": stats.t_interval(imb).to_dict()}
+
+
+def summarize(out: Path, cfg: UpcycleConfig) -> dict[str, Any]:
+    seeds = cfg.seeds
+    recs = {(arm, s): load_run(out / "runs" / arm / f"seed{s}") for arm in ARMS for s in range(seeds)}
+    recs[(ARMS.rerun, 0)] = load_run(out / "runs" / ARMS.rerun / "seed0")
+    loss = {key: r["final_mean"] for key, r in recs.items()}
+    ref = {s: recs[(ARMS.reference, s)] for s in range(seeds)}
     rows = []
-    for arm in ARMS:
-        gains = {s: ref[s]["final_mean"] - recs[(arm, s)]["final_mean"] for s in range(cfg.seeds)
-                 if math.isfinite(ref[s]["final_mean"]) and math.isfinite(recs[(arm, s)]["final_mean"])}
-        iv, verdict, why = judge(gains, 0.0, +1, "no finished pair", ONE_PAIR_FIX)
-        ratios = {}
-        for s in range(cfg.seeds):
-            r, _ = steps_ratio(recs[(arm, s)], ref[s])
-            ratios[s] = 1.0 if r is None else r
-        method = ARMS[arm][0]
-        overlap_start = [_start_overlap(starts[(method, s)]) for s in range(cfg.seeds)] if method else []
-        mon = [recs[(arm, s)]["monitor"] for s in range(cfg.seeds)]
-        overlap = {"start": stats.t_interval(overlap_start).mean if overlap_start else None,
-                   "steps": mon[0]["step"],
-                   "mean": [stats.t_interval([m["param_overlap"][i] for m in mon if i < len(m["param_overlap"])]).mean
-                            for i in range(len(mon[0]["param_overlap"]))]}
-        spec = [recs[(arm, s)]["specialisation"] for s in range(cfg.seeds)]
-        mi = [sp.get("domain_mi_normalized") if isinstance(sp, dict) else None for sp in spec]
-        imb = [_imbalance(out / "runs" / arm / f"seed{s}") for s in range(cfg.seeds)]
-        rows.append({"arm": arm, "final": stats.t_interval([recs[(arm, s)]["final_mean"] for s in range(cfg.seeds)])
-                     .to_dict(), "gain": iv, "verdict": verdict, "reason": why, "gain_figure": gain_figure(iv),
-                     "per_seed": gains, "steps_to_copy": stats.t_interval(list(ratios.values())).to_dict(),
-                     "overlap": overlap, "mi": stats.t_interval(mi).to_dict(),
-                     "imbalance": stats.t_interval(imb).to_dict()})
+    for row in ARMS.judge(loss, seeds):
+        gain = row.get("gain", stats.t_interval([]).to_dict())
+        rows.append({"arm": row["arm"], "final": row["value"], "gain": gain, "verdict": row.get("verdict"),
+                     "reason": row.get("reason", ""), "gain_figure": row.get("gain_figure", "-"),
+                     "per_seed": row.get("per_seed", {}), **_arm_figures(out, cfg, row["arm"], recs, ref)})
     # SD-MoE's own gain on each start: the arm with SD-MoE against the same start without it, paired by seed
-    own = []
-    for start in ("copy", "drop"):
-        gains = {s: recs[(start, s)]["final_mean"] - recs[(f"{start}+sd-moe", s)]["final_mean"]
-                 for s in range(cfg.seeds)}
-        gains = {s: g for s, g in gains.items() if math.isfinite(g)}
-        iv, verdict, why = judge(gains, 0.0, +1, "no finished pair", ONE_PAIR_FIX)
-        own.append({"start": start, "gain": iv, "gain_figure": gain_figure(iv), "verdict": verdict, "reason": why,
-                    "per_seed": gains})
-    return {"config": asdict(cfg), "same_seed_noise": same_seed, "rows": rows, "reference": REFERENCE,
-            "sdmoe_on_each_start": own}
+    own = [{"start": start, **gain_row(ARMS.paired(loss, f"{start}+sd-moe", seeds, against=start))}
+           for start in ("copy", "drop")]
+    return {"config": asdict(cfg), "same_seed_noise": ARMS.same_seed_noise(loss), "rows": rows,
+            "reference": ARMS.reference, "sdmoe_on_each_start": own}
 
 
 def _num(x, spec=".3f") -> str:
@@ -274,11 +266,11 @@ def render(payload: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     words = {stats.REPRODUCED: "better than copy", stats.NOT_REPRODUCED: "worse than copy"}
     for r in payload["rows"]:
-        ov = r["overlap"]
+        ov, ref = r["overlap"], r["arm"] == payload["reference"]
         end = ov["mean"][-1] if ov["mean"] else None
         lines.append(f"| {r['arm']} | {interval_figure(r['final'], count=False)} | "
-                     f"{r['gain_figure'] if r['arm'] != payload['reference'] else '(reference)'} | "
-                     f"{words.get(r['verdict'], r['verdict']) if r['arm'] != payload['reference'] else '-'} | "
+                     f"{'(reference)' if ref else r['gain_figure']} | "
+                     f"{'-' if ref else words.get(r['verdict'], r['verdict'])} | "
                      f"{interval_figure(r['steps_to_copy'], '.2f', count=False)} | {_num(ov['start'])} -> {_num(end)} | "
                      f"{interval_figure(r['imbalance'], '.2f', count=False)} | "
                      f"{interval_figure(r['mi'], '.3f', count=False)} |")
@@ -290,3 +282,22 @@ def render(payload: dict) -> str:
               "validation loss reaches the copy baseline's final one (1.0 = not before the end)."]
     return "\n".join(lines) + "\n"
 
+
+# -- flags: what `sdmoe upcycle-compare` (and the old `compare --preset upcycle`) set ---------------------
+
+FLAGS = ("seeds", "steps", "text", "overrides", "init")
+
+
+def apply_flags(cfg: UpcycleConfig, flags: dict[str, Any]) -> UpcycleConfig:
+    """Each flag through its setting's declaration; --init checked as a checkpoint directory and kept as an
+    absolute path (the runs find it from any working directory)."""
+    for key in ("seeds", "steps", "text"):
+        if flags.get(key) is not None:
+            assign(cfg, key, flags[key])
+    cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
+    if flags.get("init"):  # the dense parent to upcycle, instead of training one
+        from sdmoe.moe.checkpoint import check_model_dir
+
+        check_model_dir(flags["init"])
+        cfg.init = str(Path(flags["init"]).expanduser().resolve())
+    return cfg
