@@ -104,3 +104,18 @@ def test_a_run_that_fails_leaves_the_process_as_it_found_it(tmp_path, tiny_confi
     with pytest.raises(NonFiniteError):
         train(tiny_config, tmp_path / "run", progress=False, dataset=tiny_dataset)
     _assert_as_before(before)
+
+
+@pytest.mark.gpu
+def test_the_run_devices_generator_is_seeded_and_put_back():
+    """On a GPU its generator too (`cuda:N`, or plain `cuda`: the current device); the CPU only in the dry run."""
+    gpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = (lambda: torch.cuda.get_rng_state(gpu)) if gpu.type == "cuda" else torch.get_rng_state
+    before = state()
+    with process_state(LoopConfig(seed=5), gpu):
+        drawn = torch.rand(4, device=gpu)
+    assert torch.equal(state(), before)
+    indexed = torch.device("cuda", torch.cuda.current_device()) if gpu.type == "cuda" else gpu
+    with process_state(LoopConfig(seed=5), indexed):
+        assert torch.equal(torch.rand(4, device=gpu), drawn)
+    assert torch.equal(state(), before)
