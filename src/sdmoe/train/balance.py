@@ -15,6 +15,7 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from sdmoe.moe import MoEBlock
+from sdmoe.remedies.balance import GlobalBatchBalance
 
 
 class LoadTracker:
@@ -39,18 +40,23 @@ class LoadTracker:
 
         return record
 
-    def aux_loss(self, coef: float) -> torch.Tensor | None:
+    def aux_loss(self, coef: float, logits: list[torch.Tensor]) -> torch.Tensor | None:
         """Switch-style balance loss for hosts that compute none themselves."""
-        if not self.logits or coef == 0:
+        if not logits or coef == 0:
             return None
-        return coef * load_balancing_loss_func(tuple(self.logits), self.step_LE.shape[1], self.top_k)
+        return coef * load_balancing_loss_func(tuple(logits), self.step_LE.shape[1], self.top_k)
 
-    def balance_loss(self, host_aux: torch.Tensor | None, coef: float) -> torch.Tensor | None:
-        """The step's balance loss: the host's own auxiliary loss where it computes one (`host_aux`), none
-        where a router bias balances the load (DeepSeek-V3), else the Switch loss on the recorded logits."""
-        if host_aux is not None:
-            return coef * host_aux
-        return None if self.has_bias() else self.aux_loss(coef)
+    def balance_loss(self, host_aux: torch.Tensor | None, coef: float,
+                     global_batch: GlobalBatchBalance | None = None) -> torch.Tensor | None:
+        """The micro-batch's balance loss (the logits its forward recorded, then cleared): none where a router
+        bias balances the load (DeepSeek-V3); the global-batch loss where asked (`global_batch`); else the
+        host's own auxiliary loss where it computes one (`host_aux`), or the Switch loss on the logits."""
+        logits, self.logits = self.logits, []
+        if self.has_bias():
+            return None
+        if global_batch is not None:
+            return None if coef == 0 else coef * global_batch.loss(logits)
+        return coef * host_aux if host_aux is not None else self.aux_loss(coef, logits)
 
     def has_bias(self) -> bool:
         return any(getattr(b.router, "e_score_correction_bias", None) is not None for b in self.blocks)

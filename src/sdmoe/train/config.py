@@ -86,6 +86,26 @@ class LoopConfig:
     # shards (sdmoe.train.fsdp.build_sharded): no rank holds it whole. The same seed gives the same model on
     # any number of ranks, but not build_model's (DDP's, one process's) draws. With --init it is always so.
     meta_init: bool = setting(False, resume="any")
+    # gradient accumulation: each step's batch (this process's rows of it) in this many micro-batches, one
+    # forward and backward each, the gradients summed before the optimizer steps (their mean loss)
+    micro_batches: int = setting(1, ge=1)
+
+
+Balance = Literal["micro_batch", "global_batch"]
+
+
+@dataclass
+class AuxConfig:
+    """The other specialisation remedies, as loss terms beside the language-model loss (`sdmoe.remedies`)."""
+
+    # Where the balance loss counts the experts' shares: each micro-batch's own (the host model's Switch
+    # loss), or the global batch's (every micro-batch of the step and every data-parallel rank; Qwen's
+    # global-batch balancing). The same with one micro-batch on one process: see loop.micro_batches.
+    balance: Balance = "micro_batch"
+    # Guo et al.'s terms: each one's target magnitude; its weight is the power of ten that brings the first
+    # step's value nearest to it (the authors' rule). 0 = off; the authors' targets are 1e-4 and 1e-2.
+    orthogonality: float = setting(0.0, ge=0, note="0 = off; the authors' target 1e-4")
+    variance: float = setting(0.0, ge=0, note="0 = off; the authors' target 1e-2")
 
 
 @dataclass
@@ -100,6 +120,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     sdmoe: SDMoEConfig = field(default_factory=SDMoEConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -374,4 +395,11 @@ def validate(cfg: RunConfig) -> None:
                 f"sdmoe.split_step={cfg.sdmoe.split_step} is not before loop.steps={cfg.loop.steps}: the run would end "
                 "before SD-MoE splits the experts; lower sdmoe.split_step or raise --steps"
             )
+    if cfg.data.batch_size % cfg.loop.micro_batches:
+        raise UserError(f"loop.micro_batches={cfg.loop.micro_batches} does not divide data.batch_size="
+                        f"{cfg.data.batch_size}; choose a divisor of it")
+    if cfg.aux.balance == "global_batch" and cfg.model.style == "deepseek_v3" and not cfg.init:
+        raise UserError("aux.balance=global_batch changes where the Switch balance loss counts, and deepseek_v3 "
+                        "balances with its router bias instead (no such loss); use another model.style, or "
+                        "aux.balance=micro_batch")
     check_launch(cfg.loop.parallel)  # last: a rule between fields names the field to fix first

@@ -273,6 +273,7 @@ def _resume(run: Run, resume: bool) -> dict | None:
     # before the optimizer's state: a split run's optimizer has the split's groups
     run.handle.load_state_dict(_sdmoe_state(found[-1], state))
     par.load_model_state(run.model, model_state)
+    run.train_step.load_state_dict(state.get("aux"))  # Guo et al.'s weights, fixed at the first step
     ckpt.set_rng_state(state["rng"])
     run.start_step = run.handle.step = state["step"]
     if par.is_main:
@@ -357,6 +358,9 @@ def _steps(run: Run, end_step: int, progress: bool) -> dict[str, float]:
                       "load": train_step.loads.take_window().tolist()}
             if losses.balance is not None:
                 record["balance_loss"] = losses.balance.item()
+            if losses.aux is not None:  # Guo et al.'s terms: weighted sum, and each unweighted (layer mean)
+                record["aux_loss"] = losses.aux.item()
+                record.update({f"{k}_loss": v for k, v in train_step.specialise.last.items()})
             log.write(record)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
             window_t0, window_steps = time.perf_counter(), 0
@@ -380,7 +384,8 @@ def _save(run: Run, step: int) -> None:
         return
     sd = run.handle.state_dict()
     state = {"config": run.cfg.to_dict(), "parallel": run.par.checkpoint_format,
-             "sdmoe": {"version": sd["version"], "split_done": sd["split_done"]} if sd else {}}
+             "sdmoe": {"version": sd["version"], "split_done": sd["split_done"]} if sd else {},
+             "aux": run.train_step.state_dict()}
     try:
         ckpt.save_checkpoint(run.ckpt_root, step, model_state, optim_state, state, run.cfg.loop.keep_checkpoints, sd)
     except Exception as e:  # torch and safetensors raise their own types for a full disk

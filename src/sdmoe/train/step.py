@@ -13,11 +13,14 @@ import torch
 from torch import nn
 
 from sdmoe.device import autocast as device_autocast
+from sdmoe.errors import UserError
 from sdmoe.eval.perplexity import causal_lm_loss
 from sdmoe.method.driver import attach
 from sdmoe.models import build_model
 from sdmoe.models.pretrained import load_init_model
 from sdmoe.moe import find_moe_blocks
+from sdmoe.remedies.balance import GlobalBatchBalance
+from sdmoe.remedies.specialisation import SpecialisationLosses
 from sdmoe.train.balance import LoadTracker
 from sdmoe.train.config import RunConfig
 
@@ -29,6 +32,7 @@ NO_HOST_AUX = ("deepseek_v2", "deepseek_v3")
 class StepLosses:
     lm: torch.Tensor  # the language-model loss (0-dim, on the device: reading it waits for the step)
     balance: torch.Tensor | None  # the load-balancing loss added to it, if any
+    aux: torch.Tensor | None = None  # Guo et al.'s terms added to it (aux.orthogonality, aux.variance), if any
 
 
 def start_model(cfg: RunConfig, tokenizer, device) -> nn.Module:
@@ -55,18 +59,61 @@ class TrainStep:
         self.handle.on("step", lambda step, skipped: self.loads.end_step(0.0 if skipped else rate))
         self.host_aux = cfg.model.style not in NO_HOST_AUX
         self.autocast = device_autocast(cfg.loop.precision, device)  # bf16 on CUDA by default, float32 on the CPU
+        # the other remedies (sdmoe.remedies): the balance counted over the global batch, Guo et al.'s terms
+        self.global_batch = self._global_batch(cfg, reduce)
+        aux = cfg.aux
+        self.specialise = (SpecialisationLosses(model, aux.orthogonality, aux.variance)
+                           if aux.orthogonality or aux.variance else None)
+
+    def _global_batch(self, cfg: RunConfig, reduce) -> GlobalBatchBalance | None:
+        if cfg.aux.balance != "global_batch":
+            return None
+        if self.loads.has_bias():
+            raise UserError("aux.balance=global_batch changes where the Switch balance loss counts, and this "
+                            "model balances with a router bias instead; set aux.balance=micro_batch")
+        global_batch = GlobalBatchBalance(self.loads.step_LE.shape[1], self.loads.top_k, reduce=reduce)
+        self.handle.on("step", lambda step, skipped: global_batch.end_step())
+        return global_batch
 
     def __call__(self, input_ids: torch.Tensor) -> StepLosses:
-        with self.autocast:
-            out = self.engine(input_ids=input_ids)
-            lm_loss = causal_lm_loss(out.logits, input_ids)
-            balance = self.loads.balance_loss(getattr(out, "aux_loss", None) if self.host_aux else None, self.cfg.model.aux_loss_coef)
-            loss = lm_loss if balance is None else lm_loss + balance
-        loss.backward()
+        """One optimizer step over `input_ids` (this process's rows), in loop.micro_batches forward/backward
+        passes whose gradients add up to the whole batch's mean loss."""
+        micro = self.cfg.loop.micro_batches
+        lm_total, balance_total, aux_total = None, None, None
+        for ids in input_ids.chunk(micro) if micro > 1 else (input_ids,):
+            with self.autocast:
+                out = self.engine(input_ids=ids)
+                lm_loss = causal_lm_loss(out.logits, ids)
+                host_aux = getattr(out, "aux_loss", None) if self.host_aux else None
+                balance = self.loads.balance_loss(host_aux, self.cfg.model.aux_loss_coef, self.global_batch)
+                aux = self.specialise.loss() if self.specialise is not None else None
+                loss = sum((x for x in (balance, aux) if x is not None), lm_loss)
+            (loss / micro if micro > 1 else loss).backward()
+            lm_total, balance_total, aux_total = _add(lm_total, lm_loss), _add(balance_total, balance), _add(aux_total, aux)
         self.optimizer.step()  # hooks: the SD-MoE split, the clip, the shared update, the bias update
-        return StepLosses(lm_loss, balance)
+        if micro > 1:
+            lm_total, balance_total, aux_total = (None if x is None else x.detach() / micro
+                                                  for x in (lm_total, balance_total, aux_total))
+        return StepLosses(lm_total, balance_total, aux_total)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs beside the model, optimizer and SD-MoE: Guo et al.'s calibrated weights."""
+        return {"specialise": self.specialise.state_dict()} if self.specialise is not None else {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.specialise is not None:
+            self.specialise.load_state_dict((state or {}).get("specialise"))
 
     def close(self) -> None:
-        """Remove the hooks (the driver's and the load tracker's)."""
+        """Remove the hooks (the driver's, the load tracker's, the specialisation terms')."""
         self.handle.detach()
         self.loads.remove()
+        if self.specialise is not None:
+            self.specialise.remove()
+
+
+def _add(total: torch.Tensor | None, x: torch.Tensor | None) -> torch.Tensor | None:
+    """The micro-batches' sum of a loss term, detached (None while the term is absent)."""
+    if x is None:
+        return total
+    return x.detach() if total is None else total + x.detach()
