@@ -1,6 +1,6 @@
 """SD-MoE configuration: every variant of the method is a value here.
 
-See docs/design (sd-moe-spec.md, "The method") for the math. Each field's type
+See docs/spec.md ("The method") for the math. Each field's type
 and range are declared next to it (`sdmoe.config_fields`); `validate` checks
 them and the rules between fields that need no model; `resolve_ranks` checks
 the ranks against the model's hidden size and layer count. The strings that
