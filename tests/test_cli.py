@@ -22,7 +22,8 @@ def test_module_entry_point_prints_help():
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "analyze", "compare", "evaluate", "report"])
+@pytest.mark.parametrize("command", ["train", "generate", "analyze", "compare", "study", "upcycle-compare",
+                                     "finetune-compare", "evaluate", "upcycle", "report"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -67,6 +68,15 @@ def test_empty_corpus_file(tmp_path, capsys):
     empty.write_text("   \n")
     assert main(["train", "--preset", "tiny", "--text", str(empty), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "empty" in _error_line(capsys)
+
+
+def test_each_experiment_command_lists_its_presets_with_their_time(capsys):
+    for command, fragment in (("compare", "demo (the first look, about 7 min on 2 cores"),
+                              ("study", "study-tiny (tests"), ("upcycle-compare", "upcycle (a dense qwen3"),
+                              ("finetune-compare", "finetune-tiny (tests")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert fragment in " ".join(capsys.readouterr().out.split())
 
 
 def test_compare_then_report_from_the_command_line(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""End to end on the tiny preset: interrupted compare, resume, skip, report, rebuild, refusal."""
+"""End to end on the tiny preset: interrupted compare, resume, skip, report, rebuild, refusal (slow tier: the
+default tier's end-to-end compare is tests/test_cli.py's, its resume rules tests/experiments/test_engine.py's)."""
 
 import json
 from html import escape
@@ -20,6 +21,7 @@ def _cfg(**kw):
     return CompareConfig(**base)
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tmp_path, tiny_dataset):
     cfg, out = _cfg(), tmp_path / "cmp"
     specs = plan(cfg)
@@ -93,6 +95,7 @@ def test_refuses_a_foreign_directory(tmp_path):
         run_compare(_cfg(), tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_compare_runs_the_papers_own_split_beside_the_default(tmp_path, tiny_dataset):
     cfg = _cfg(seeds=1, variants=["baseline", "sd-moe", "paper", "control"], analyze=False, steps=8,
                timing_processes=0)
@@ -123,6 +126,7 @@ def test_a_compare_saved_before_the_timing_settings_still_resumes(tmp_path):
         claim_out_dir(tmp_path, _cfg(seeds=3))
 
 
+@pytest.mark.slow
 def test_per_text_compares_each_domain_and_opens_the_report_with_the_gain_per_text(tmp_path):
     """`per_text`: a sub-compare per domain of the text, and the report's first section the gain per text,
     with every run's passes over its data."""

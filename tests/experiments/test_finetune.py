@@ -1,4 +1,5 @@
-"""`compare --preset finetune-tiny`: base on two domains, adapted to the third, with and without SD-MoE."""
+"""`sdmoe finetune-compare --preset finetune-tiny`: base on two domains, adapted to the third, with and without
+SD-MoE; the old spelling `compare --preset finetune-tiny`."""
 
 import json
 
@@ -7,7 +8,7 @@ from sdmoe.cli import main
 
 def test_the_finetune_compare_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "ft"
-    assert main(["compare", "--preset", "finetune-tiny", "--out", str(out), "--quiet"]) == 0
+    assert main(["finetune-compare", "--preset", "finetune-tiny", "--out", str(out), "--quiet"]) == 0
     payload = json.loads((out / "finetune.json").read_text())
     assert set(payload["before"]) == {"drama", "encyclopedia", "fairy_tales", "mean"}
     rows = {r["what"]: r for r in payload["rows"]}
@@ -20,6 +21,11 @@ def test_the_finetune_compare_runs_end_to_end(tmp_path, capsys):
     assert base == ["drama", "encyclopedia"] and adapted["data"]["domains"] == ["fairy_tales"]
     assert adapted["init"].endswith("base/model")
     assert "| new domain |" in (out / "finetune.md").read_text()
+    # the same command resumes: nothing trains again
+    mtimes = {p: p.stat().st_mtime for p in out.glob("runs/*/*/run.json")}
+    assert len(mtimes) == 2 * 2 + 1  # baseline and SD-MoE x 2 seeds, and the baseline's rerun
+    assert main(["finetune-compare", "--preset", "finetune-tiny", "--out", str(out), "--quiet"]) == 0
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/run.json")} == mtimes
 
 
 def test_text_is_refused(tmp_path, capsys):

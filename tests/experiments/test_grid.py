@@ -18,7 +18,7 @@ def _differs_only_in_method(a, b):
 
 def test_the_first_look_is_one_style_on_the_mix_then_drama_alone():
     """`make demo`: 3 paired seeds of baseline, SD-MoE and the control on the mix, the same-seed rerun, then
-    baseline against SD-MoE on drama alone: 16 runs (about 8 minutes on 2 cores)."""
+    baseline against SD-MoE on drama alone: 16 runs (about 7 minutes on 2 cores)."""
     from sdmoe.experiments.compare import per_text_config, per_text_domains
 
     cfg = compare_preset("demo")

@@ -129,6 +129,45 @@ def test_the_study_pairs_runs_by_seed(tmp_path):
     assert "| drama | drama | 1.50 | 400 | 4.100 | +0.117 [" in md and (tmp_path / "study.png").is_file()
 
 
+def test_a_tiny_study_runs_resumes_and_rebuilds_its_report(tmp_path, capsys):
+    """`sdmoe study --preset study-tiny --factor size`: two widths, each cell a compare, study.md from the cells;
+    the same command trains nothing again; another factor grows the same --out; `sdmoe report` rebuilds it."""
+    out = tmp_path / "study"
+    argv = ["study", "--preset", "study-tiny", "--factor", "size", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| d=32 | mix |" in printed and "| d=48 | mix |" in printed and "study: 2 cells" in printed
+    payload = json.loads((out / "study.json").read_text())
+    assert [c["cell"] for c in payload["cells"]] == ["d32", "d48"]
+    assert all(c["gains"]["sd-moe"]["n"] == 2 for c in payload["cells"])
+    assert json.loads((out / "study_config.json").read_text())["config"]["factors"] == ["size"]
+    mtimes = {p: p.stat().st_mtime for p in out.glob("size/*/runs/**/run.json")}
+    assert len(mtimes) == 2 * 2 * 2  # 2 widths x baseline, sd-moe x 2 seeds
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime for p in out.glob("size/*/runs/**/run.json")} == mtimes
+    assert main([*argv, "--seeds", "3"]) == 2  # other settings, same --out
+    assert "holds a study with other settings" in capsys.readouterr().err
+    (out / "study.md").unlink()
+    assert main(["report", str(out)]) == 0 and "| d=48 | mix |" in (out / "study.md").read_text()
+
+
+def test_a_study_written_before_its_settings_file_is_adopted(tmp_path):
+    from sdmoe.experiments.engine import claim_out_dir
+    from sdmoe.experiments.study import Study, StudyConfig
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "study.md").write_text("# old")
+    study = Study(StudyConfig())
+    claim_out_dir(tmp_path, study.config, study.settings_file, study.what, study.adopts)
+    assert (tmp_path / "study_config.json").is_file()
+    (tmp_path / "mine.txt").write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    with pytest.raises(UserError, match="is not empty and holds no study"):
+        claim_out_dir(other, study.config, study.settings_file, study.what, study.adopts)
+
+
 def test_the_study_table_says_why_a_gain_has_no_interval():
     def row(**gains):
         return {"factor": "text", "label": "drama", "text": "drama", "passes": None, "steps": 400, "baseline_loss": 4.0,

@@ -1,6 +1,9 @@
-"""`compare --preset upcycle-tiny`: the parent, the upcycled starts, every arm and the report, end to end."""
+"""`sdmoe upcycle-compare --preset upcycle-tiny`: the parent, the upcycled starts, every arm and the report, end to
+end; the old spelling `compare --preset upcycle-tiny`."""
 
 import json
+
+import pytest
 
 from sdmoe.cli import main
 from sdmoe.experiments.upcycle import ARMS
@@ -8,7 +11,7 @@ from sdmoe.experiments.upcycle import ARMS
 
 def test_the_upcycle_compare_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "upc"
-    assert main(["compare", "--preset", "upcycle-tiny", "--out", str(out), "--quiet"]) == 0
+    assert main(["upcycle-compare", "--preset", "upcycle-tiny", "--out", str(out), "--quiet"]) == 0
     payload = json.loads((out / "upcycle.json").read_text())
     rows = {r["arm"]: r for r in payload["rows"]}
     assert set(rows) == set(ARMS)
@@ -20,12 +23,17 @@ def test_the_upcycle_compare_runs_end_to_end_and_resumes(tmp_path, capsys):
                                                                         "inconclusive", "not measurable")
     assert payload["same_seed_noise"] == 0.0  # the copy baseline trained twice from the same start: bit-identical
     assert "| copy+sd-moe |" in (out / "upcycle.md").read_text()
-    # a second call trains nothing and writes the same report
+    # a second call (the old spelling) trains nothing and writes the same report; `sdmoe report` rebuilds it
     before = (out / "upcycle.md").read_text()
     mtimes = {p: p.stat().st_mtime for p in out.glob("runs/*/*/run.json")}
+    assert len(mtimes) == 2 * len(ARMS.arms) + 1  # every arm and seed, and the copy baseline's rerun
     assert main(["compare", "--preset", "upcycle-tiny", "--out", str(out), "--quiet"]) == 0
     assert (out / "upcycle.md").read_text() == before
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/run.json")} == mtimes
+    (out / "upcycle.md").unlink()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert (out / "upcycle.md").read_text() == before and "| copy+sd-moe |" in capsys.readouterr().out
 
 
 def test_an_moe_as_the_parent_is_refused_before_anything_is_written(tmp_path, tiny_dataset, capsys):
@@ -37,7 +45,7 @@ def test_an_moe_as_the_parent_is_refused_before_anything_is_written(tmp_path, ti
     build_model(cfg, len(tok), eos_token_id=tok.eos_token_id).save_pretrained(tmp_path / "moe")
     tok.save_pretrained(tmp_path / "moe")
     capsys.readouterr()
-    assert main(["compare", "--preset", "upcycle-tiny", "--init", str(tmp_path / "moe"), "--out",
+    assert main(["upcycle-compare", "--preset", "upcycle-tiny", "--init", str(tmp_path / "moe"), "--out",
                  str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "already an MoE" in err and len(err.splitlines()) == 1
@@ -50,6 +58,7 @@ def test_its_arms_are_fixed(tmp_path, capsys):
     assert "its arms are fixed" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a second end-to-end upcycle compare; the default tier has one
 def test_a_users_dense_checkpoint_is_the_parent(tmp_path, tiny_dataset, capsys):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -61,7 +70,7 @@ def test_a_users_dense_checkpoint_is_the_parent(tmp_path, tiny_dataset, capsys):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "mine")
     tok.save_pretrained(tmp_path / "mine")
     out = tmp_path / "upc"
-    assert main(["compare", "--preset", "upcycle-tiny", "--init", str(tmp_path / "mine"), "--out", str(out),
+    assert main(["upcycle-compare", "--preset", "upcycle-tiny", "--init", str(tmp_path / "mine"), "--out", str(out),
                  "--quiet"]) == 0
     assert not (out / "parent").exists()  # nothing trained before upcycling
     dense_arm = json.loads((out / "runs" / "dense" / "seed0" / "run.json").read_text())["config"]

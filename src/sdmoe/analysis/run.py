@@ -285,8 +285,6 @@ def analyze_path(
     `weights_only`: finding 1 alone, read layer by layer; the model is never loaded whole
     (the way to analyse a checkpoint larger than memory).
     """
-    from sdmoe.data import DataConfig, prepare_dataset
-
     t0 = time.perf_counter()
     path = Path(path).expanduser()
     if not write:
@@ -296,7 +294,30 @@ def analyze_path(
     if out is not None:
         check_out_dir(out, force)  # before any work
     target = resolve_device(device)  # a missing GPU fails before any work too
-    for name, v in (("n_batches", n_batches), ("seq_len", seq_len), ("batch_size", batch_size)):
+    ckpt = _checked_checkpoint(path, layers, rank, weights_only, n_batches=n_batches, seq_len=seq_len,
+                               batch_size=batch_size)
+    with ckpt:
+        bar = tqdm(total=len(layers or ckpt.layers), desc="parameter spectra", unit="layer", disable=not progress or None, leave=False)
+        params = parameter_findings(ckpt.iter_layers(layers, dtype=torch.float32), rank, rank, progress=bar)
+        bar.close()
+    meta = {"model": str(path), "model_type": ckpt.config.get("model_type", ""), "layers": layers or ckpt.layers,
+            "num_experts": ckpt.num_experts, "hidden_size": ckpt.hidden_size, "expert_ffn": ckpt.expert_ffn,
+            "top_k": ckpt.top_k, "k": rank, "r": rank, "n_batches": 0, "n_tokens": 0}
+    if weights_only:
+        result = AnalysisResult({**meta, "weights_only": True}, params, [], [], [], [])
+    else:
+        result = _live_analysis(path, meta, params, target, text, layers, rank, n_batches, seq_len, batch_size, seed,
+                                progress)
+    result.meta["seconds"] = round(time.perf_counter() - t0, 2)
+    if out is not None:
+        result.save(out, force=force)
+    return result
+
+
+def _checked_checkpoint(path: Path, layers: list[int] | None, rank: int, weights_only: bool,
+                        **sizes: int) -> ExpertCheckpoint:
+    """The checkpoint's expert weights opened lazily, after every check of the request that needs no model."""
+    for name, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "seq_len" else 1):
             raise UserError(f"{name}={v!r} is invalid; pass a positive integer{' >= 2' if name == 'seq_len' else ''}")
     if layers is not None and not list(layers):
@@ -306,27 +327,18 @@ def analyze_path(
         # Everything the model load later needs (no custom code, a known model type, tokenizer
         # files), checked before minutes of parameter spectra rather than after.
         check_model_dir(path)
-    d = ckpt.hidden_size
-    _validate_rank(rank, d)
+    _validate_rank(rank, ckpt.hidden_size)
     if layers is not None:
         missing = sorted(set(layers) - set(ckpt.layers))
         if missing:
             raise UserError(f"layers {missing} hold no MoE block in {path}; MoE layers are {ckpt.layers}")
+    return ckpt
 
-    with ckpt:
-        bar = tqdm(total=len(layers or ckpt.layers), desc="parameter spectra", unit="layer", disable=not progress or None, leave=False)
-        params = parameter_findings(ckpt.iter_layers(layers, dtype=torch.float32), rank, rank, progress=bar)
-        bar.close()
 
-    if weights_only:
-        meta = {"model": str(path), "model_type": ckpt.config.get("model_type", ""), "layers": layers or ckpt.layers,
-                "num_experts": ckpt.num_experts, "hidden_size": d, "expert_ffn": ckpt.expert_ffn,
-                "top_k": ckpt.top_k, "k": rank, "r": rank, "n_batches": 0, "n_tokens": 0, "weights_only": True,
-                "seconds": round(time.perf_counter() - t0, 2)}
-        result = AnalysisResult(meta, params, [], [], [], [])
-        if out is not None:
-            result.save(out, force=force)
-        return result
+def _live_analysis(path: Path, meta: dict, params, target, text, layers, rank: int, n_batches: int, seq_len: int,
+                   batch_size: int, seed: int, progress: bool) -> AnalysisResult:
+    """Findings 2, 3 and the functional signs: the model loaded and run on the text, with its own tokenizer."""
+    from sdmoe.data import DataConfig, prepare_dataset
 
     model, tokenizer = _load_model_and_tokenizer(path)
     model.to(target)
@@ -345,32 +357,11 @@ def analyze_path(
             "need; add text (--text) or lower n_batches / batch_size / seq_len"
         )
     sampled = [ds.train.sample(i) for i in range(n_batches)]
-    batches = [ids for ids, _ in sampled]
-    domain_ids = [dom for _, dom in sampled]
     grads, data, gating, functional = _live_findings(
-        model, batches, domain_ids, ds.domains, rank, rank, layers, params, progress
+        model, [ids for ids, _ in sampled], [dom for _, dom in sampled], ds.domains, rank, rank, layers, params,
+        progress
     )
-    cfg = model.config
-    meta = {
-        "model": str(path),
-        "model_type": getattr(cfg, "model_type", ""),
-        "layers": layers or ckpt.layers,
-        "num_experts": ckpt.num_experts,
-        "hidden_size": d,
-        "expert_ffn": ckpt.expert_ffn,
-        "top_k": model_top_k(model),
-        "k": rank,
-        "r": rank,
-        "n_batches": n_batches,
-        "n_tokens": n_batches * batch_size * seq_len,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "domains": ds.domains,
-        "text": [str(t) for t in text] if text else "bundled corpora",
-        "seconds": None,
-    }
-    result = AnalysisResult(meta, params, grads, data, gating, functional)
-    meta["seconds"] = round(time.perf_counter() - t0, 2)
-    if out is not None:
-        result.save(out, force=force)
-    return result
+    meta = {**meta, "model_type": getattr(model.config, "model_type", ""), "top_k": model_top_k(model),
+            "n_batches": n_batches, "n_tokens": need, "seq_len": seq_len, "batch_size": batch_size,
+            "domains": ds.domains, "text": [str(t) for t in text] if text else "bundled corpora", "seconds": None}
+    return AnalysisResult(meta, params, grads, data, gating, functional)

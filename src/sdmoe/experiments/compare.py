@@ -55,9 +55,13 @@ class Compare(Experiment):
     settings = CompareConfig
 
     def check(self, out: Path) -> None:
-        """The settings, and every run's config (`plan` validates each): a bad --set does not wait for its run."""
+        """The settings, and every run's config (`plan` validates each), the per-text sub-compares' too: a bad
+        --set does not wait for its run."""
         self.config.validate()
         self.specs = plan(self.config)
+        self.texts = per_text_domains(self.config) if self.config.per_text else []
+        for domain in self.texts:
+            plan(per_text_config(self.config, domain))
 
     def probes(self, out: Path) -> list[str]:
         top = [tmp_file_name(n) for n in (TIMING_FILE, *REPORT_FILES)]
@@ -70,7 +74,7 @@ class Compare(Experiment):
             return
         _measure_step_times(cfg, self.specs, session)
         if cfg.per_text:
-            for domain in per_text_domains(cfg):
+            for domain in self.texts:
                 session.say(f"per text: {domain} alone")
                 run_experiment(Compare(per_text_config(cfg, domain)), session.out / TEXTS_DIR / domain,
                                session.progress, session.device)
@@ -238,5 +242,7 @@ def apply_flags(cfg: CompareConfig, flags: dict[str, Any]) -> CompareConfig:
                 assign(cfg, key, flags[key])
             except UserError as e:
                 raise UserError(f"--{key.replace('_', '-')}: {e}") from None
+    if flags.get("text"):  # the preset's texts alone (the first look's drama) are bundled domains: yours, each one
+        cfg.per_text_domains = []
     cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
     return cfg

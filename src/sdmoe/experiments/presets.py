@@ -77,7 +77,7 @@ def _settings(module: str, cls: str, **kw):
 FIRST_LOOK = dict(styles=["qwen2_moe"], variants=["baseline", "sd-moe", "control"], lr_multipliers=[1.0],
                   lr_sweep_styles=0, per_text=True, per_text_domains=["drama"])
 PRESETS = {p.name: p for p in (
-    Preset("demo", "compare", "the first look, about 8 min on 2 cores: qwen2_moe at d=64, 3 paired seeds of "
+    Preset("demo", "compare", "the first look, about 7 min on 2 cores: qwen2_moe at d=64, 3 paired seeds of "
            "baseline, SD-MoE and the control on the mix, then on drama alone (16 runs)",
            lambda: _compare(**FIRST_LOOK)),
     Preset("demo-full", "compare", "the full demo grid, about 15-20 min on 2 cores: both styles, the rate check "
@@ -165,12 +165,10 @@ def default_out(command: str, preset: str) -> str:
 def rebuild_report(out: str | Path) -> str:
     """`sdmoe report DIR`: the report of whichever experiment DIR holds, from its run files alone."""
     out = Path(out)
-    for kind in KINDS.values():
-        module = kind.load()
-        cls = getattr(module, kind.experiment)
+    classes = [getattr(kind.load(), kind.experiment) for kind in KINDS.values()]
+    for cls in classes:
         if (out / cls.settings_file).is_file():
             return cls.load(out).report(out).text
-    from sdmoe.experiments.compare import load_compare_config
-
-    load_compare_config(out)  # the compare's own one-line refusal: "holds no compare.json"
-    raise AssertionError("unreachable")
+    files = ", ".join(cls.settings_file for cls in classes)
+    raise UserError(f"{out} holds no experiment (none of {files}); point at a directory written by `sdmoe compare`, "
+                    "`sdmoe study`, `sdmoe upcycle-compare` or `sdmoe finetune-compare`")

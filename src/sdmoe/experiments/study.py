@@ -207,7 +207,7 @@ def write_study(out: Path, factors: list[str] | None = None, sizes: tuple[int, .
 
 # -- flags: what `sdmoe study` sets -----------------------------------------------------------------
 
-FLAGS = ("factor", "seeds", "sizes")
+FLAGS = ("factor", "seeds", "sizes", "overrides")
 
 
 def apply_flags(cfg: StudyConfig, flags: dict[str, Any]) -> StudyConfig:
@@ -231,6 +231,7 @@ def apply_flags(cfg: StudyConfig, flags: dict[str, Any]) -> StudyConfig:
         if not sizes or any(d < 8 or d % 8 for d in sizes):
             raise UserError(f"--sizes {raw!r}: each hidden size must be a multiple of 8 (4 heads of even size)")
         cfg.sizes = sizes
+    cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
     return cfg
 
 

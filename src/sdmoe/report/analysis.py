@@ -103,7 +103,7 @@ def render_plots(d: dict) -> dict[str, bytes]:
 
 
 def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
-    """The HTML report of one analysis dict (figures embedded inline)."""
+    """The HTML report of one analysis dict (figures embedded inline): the overview, then one section per finding."""
     pngs = render_plots(d) if pngs is None else pngs
     meta = d.get("meta", {})
     doc = HtmlReport("SD-MoE analysis", subtitle=f"{meta.get('model', '')}")
@@ -112,7 +112,12 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
     summary = d.get("summary")
     if summary:
         ov.code(summary)
+    for section in (_parameters_section, _gradients_section, _gating_section, _functional_section):
+        section(doc, d, pngs)
+    return doc
 
+
+def _parameters_section(doc: HtmlReport, d: dict, pngs: dict[str, bytes]) -> None:
     params = d.get("parameters", [])
     sec = doc.section(
         SECTION_TITLES["parameters"],
@@ -137,6 +142,8 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
         )
         _images(sec, pngs, ("param_overlap", "spectra_"))
 
+
+def _gradients_section(doc: HtmlReport, d: dict, pngs: dict[str, bytes]) -> None:
     grads, data = d.get("gradients", []), d.get("data", [])
     sec = doc.section(
         SECTION_TITLES["gradients"],
@@ -175,6 +182,8 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
         )
     _images(sec, pngs, ("grad_overlap", "data_spectrum"))
 
+
+def _gating_section(doc: HtmlReport, d: dict, pngs: dict[str, bytes]) -> None:
     gating = d.get("gating", [])
     sec = doc.section(
         SECTION_TITLES["gating"],
@@ -206,6 +215,8 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
         if "router_alignment.png" in pngs:
             sec.image(pngs["router_alignment.png"], "router alignment")
 
+
+def _functional_section(doc: HtmlReport, d: dict, pngs: dict[str, bytes]) -> None:
     func = d.get("functional", [])
     sec = doc.section(
         SECTION_TITLES["functional"],
@@ -231,7 +242,6 @@ def build_report(d: dict, pngs: dict[str, bytes] | None = None) -> HtmlReport:
             floatfmt="{:.3f}",
         )
         _images(sec, pngs, ("load_", "coactivation_"))
-    return doc
 
 
 def _overlap_cells(r: dict) -> dict:

@@ -86,6 +86,7 @@ def per_pair_matrix(claims: list[dict]) -> list[dict]:
 
 
 def write_report(out: str | Path, summary: dict) -> Path:
+    """report.html of a compare: the headline, the gain per text, the claims, then the tables and figures."""
     out = Path(out)
     cfg = summary["config"]
     doc = HtmlReport(
@@ -95,17 +96,27 @@ def write_report(out: str | Path, summary: dict) -> Path:
                  f"{summary['n_done']} of {summary['n_runs']} runs done"
                  + (f", {summary['n_diverged']} diverged" if summary["n_diverged"] else ""),
     )
-    runs = summary["runs"]
+    for section in (_per_text_section, _claims_section, _loss_section, _spectral_section, _lr_section,
+                    _ablation_section, _compute_section, _runs_section):
+        section(doc, summary)
+    target = out / "report.html"
+    doc.write(target)
+    return target
 
-    if summary.get("per_text"):
-        sec = doc.section("Gain per text", intro=summary["per_text_sentence"] + " Gain = the plain MoE's final "
-                          "validation loss - SD-MoE's (nats/token), paired by seed, mean [95% interval]; each "
-                          "domain's compare is in texts/<domain>/report.html.")
-        sec.table([{"text": r["text"], "training tokens": r["train_tokens"], "passes": r["passes"],
-                    "pairs": r["n"], "gain (nats)": r["figure"],
-                    "verdict": Raw(badge_html(r["verdict"], r["badge"]))}
-                   for r in summary["per_text"]], floatfmt="{:.2f}")
 
+def _per_text_section(doc: HtmlReport, summary: dict) -> None:
+    if not summary.get("per_text"):
+        return
+    sec = doc.section("Gain per text", intro=summary["per_text_sentence"] + " Gain = the plain MoE's final "
+                      "validation loss - SD-MoE's (nats/token), paired by seed, mean [95% interval]; each "
+                      "domain's compare is in texts/<domain>/report.html.")
+    sec.table([{"text": r["text"], "training tokens": r["train_tokens"], "passes": r["passes"],
+                "pairs": r["n"], "gain (nats)": r["figure"],
+                "verdict": Raw(badge_html(r["verdict"], r["badge"]))}
+               for r in summary["per_text"]], floatfmt="{:.2f}")
+
+
+def _claims_section(doc: HtmlReport, summary: dict) -> None:
     sec = doc.section("Claims", intro="Each verdict is computed from the runs: reproduced when the 95% t-interval "
                                       "lies wholly on the claimed side (and, for a claim that states a number, "
                                       "within the stated tolerance of it), not as stated when it lies on the "
@@ -126,6 +137,9 @@ def write_report(out: str | Path, summary: dict) -> Path:
             "One row per pair (style/seed; step time: per timing process), one column per claim: the paired "
             "value each verdict is computed from.").table(matrix, floatfmt="{:.4f}")
 
+
+def _loss_section(doc: HtmlReport, summary: dict) -> None:
+    cfg, runs = summary["config"], summary["runs"]
     sec = doc.section("Validation loss", intro="Final mean validation loss over domains (nats/token) at the tuned "
                                                "rate, mean and 95% interval over seeds; std = seed-to-seed spread.")
     sec.table(summary["variants"], floatfmt="{:.4f}")
@@ -139,6 +153,9 @@ def write_report(out: str | Path, summary: dict) -> Path:
                                                      "gain = paired baseline - variant loss (nats) with its interval.")
     sec.table(summary["domains"], floatfmt="{:.3f}")
 
+
+def _spectral_section(doc: HtmlReport, summary: dict) -> None:
+    cfg, runs = summary["config"], summary["runs"]
     sec = doc.section("Spectral similarity over training",
                       intro="Mean off-diagonal overlap of the experts' top-k subspaces (solid) and of SD-MoE's tails "
                             "(dashed), from the trainer's monitor records; dotted: random subspaces (k/d).")
@@ -157,6 +174,8 @@ def write_report(out: str | Path, summary: dict) -> Path:
         else:
             sec.paragraph(f"{st}: no monitor records (loop.monitor_every = 0?)")
 
+
+def _lr_section(doc: HtmlReport, summary: dict) -> None:
     sec = doc.section("Learning-rate sweep", intro="Rates relative to the preset's tuned rate; the baseline's best "
                                                    "multiplier should be 1 for the comparison to be fair.")
     if summary["lr_sweep"]:
@@ -168,6 +187,8 @@ def write_report(out: str | Path, summary: dict) -> Path:
     else:
         sec.paragraph("no learning-rate sweep in this compare")
 
+
+def _ablation_section(doc: HtmlReport, summary: dict) -> None:
     sec = doc.section("Ablations", intro="Each variant at the tuned rate; gain = paired baseline - variant final "
                                          "loss (nats) with its 95% interval; step time relative to the paired "
                                          "baseline after the split.")
@@ -178,6 +199,8 @@ def write_report(out: str | Path, summary: dict) -> Path:
         rows.append({**{k: v for k, v in r.items() if k != "verdict"}, "vs baseline": Raw(badge_html(label, badge))})
     sec.table(rows, floatfmt="{:.4f}")
 
+
+def _compute_section(doc: HtmlReport, summary: dict) -> None:
     sec = doc.section("Compute and parameters")
     claim_e = next((c for c in summary["claims"] if c["claim"] == "e"), None)
     if claim_e:
@@ -191,11 +214,11 @@ def write_report(out: str | Path, summary: dict) -> Path:
     sec.table(summary["parameters"])
     sec.paragraph("while_training: trainable parameters after the split (SD-MoE's shared parts are extra).")
 
+
+def _runs_section(doc: HtmlReport, summary: dict) -> None:
+    runs = summary["runs"]
     sec = doc.section("Runs", intro="passes: how many times the run read its training text (tokens drawn / "
                                     "training tokens held).")
     sec.table([{"run": r["run_id"], "status": r["status"], "final loss": r["final_mean"],
                 "wall s": r["wall_s"], "steps": r["steps"], "passes": r.get("passes")} for r in runs],
               floatfmt="{:.4g}")
-    target = out / "report.html"
-    doc.write(target)
-    return target
