@@ -140,3 +140,42 @@ def test_arms_apply_their_transform_and_judge_against_the_reference():
     assert arms.same_seed_noise(loss) == pytest.approx(0.001)
     with pytest.raises(UserError, match="include the reference"):
         Arms((Arm("a"),), reference="b")
+
+
+def test_an_arms_experiment_is_a_short_declaration(tmp_path):
+    """What a new experiment (the next issue's remedies head-to-head) declares: its settings, its arms, a
+    run's config; the engine checks, trains, resumes and judges every arm against the reference."""
+    from dataclasses import dataclass
+
+    from sdmoe.config_fields import setting
+    from sdmoe.experiments.arms import ArmsExperiment
+    from sdmoe.train.config import preset, set_value
+
+    @dataclass
+    class Settings:
+        seeds: int = setting(2, ge=2)
+        steps: int = setting(4, ge=1)
+
+    class Remedies(ArmsExperiment):
+        command, what, settings_file, settings = "remedies", "remedies compare", "remedies.json", Settings
+        arms = Arms((Arm("baseline"), Arm("sd-moe", {"method": "sd-moe"}), Arm("slow", {"optim.lr": 1e-4})),
+                    reference="baseline")
+
+        def config_of(self, arm, seed, out, model=None):
+            rc = preset("tiny")
+            for key, value in {"loop.steps": self.config.steps, "loop.seed": seed, "sdmoe.split_step": 1,
+                               "loop.monitor_every": 0, "loop.eval_every": 2}.items():
+                set_value(rc, key, value)
+            return rc
+
+    result = run_experiment(Remedies(Settings()), tmp_path / "r", progress=False)
+    assert [r["action"] for r in result.runs] == ["trained"] * 7
+    table = result.summary["tables"]["final validation loss"]
+    rows = {r["arm"]: r for r in table["rows"]}
+    assert table["same_seed_noise"] == 0.0 and rows["baseline"]["reference"]
+    assert rows["slow"]["gain"]["n"] == 2 and rows["slow"]["gain"]["mean"] < 0  # 30x the smaller rate: worse
+    assert "| slow |" in result.text and (tmp_path / "r" / "remedies.md").read_text() == result.text
+    again = run_experiment(Remedies(Settings()), tmp_path / "r", progress=False)
+    assert {r["action"] for r in again.runs} == {"skipped"} and again.text == result.text
+    with pytest.raises(UserError, match="holds a remedies compare with other settings"):
+        run_experiment(Remedies(Settings(steps=5)), tmp_path / "r", progress=False)

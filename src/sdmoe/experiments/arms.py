@@ -1,29 +1,48 @@
 """Arms: an experiment declared as named run-config transforms, judged against a reference arm.
 
-    ARMS = Arms((Arm("baseline"), Arm("sd-moe", {"method": "sd-moe"}),
-                 Arm("ortho", {"remedies.orthogonality": 1e-2})), reference="baseline")
-    runs = ARMS.runs(seeds=3, config_of=lambda arm, seed: my_run_config(arm, seed))   # PlannedRun per arm x seed
-    ...                                     # the engine trains them (`engine.Session.train_all`)
-    rows = ARMS.judge(final_losses, seeds=3)   # every arm against the reference, paired by seed
+    class Remedies(ArmsExperiment):                    # a whole experiment, declared
+        command, what, settings_file, settings = "remedies", "remedies compare", "remedies.json", RemediesConfig
+        arms = Arms((Arm("baseline"), Arm("sd-moe", {"method": "sd-moe"}),
+                     Arm("ortho", {"aux.orthogonality": 1e-4}),
+                     Arm("ortho+sd-moe", {"aux.orthogonality": 1e-4, "method": "sd-moe"}),
+                     Arm("global-batch", {"aux.balance": "global_batch"})), reference="baseline")
+
+        def config_of(self, arm, seed, out, model=None):  # a run's config before its arm's transform
+            return my_run_config(self.config, seed)
+
+    run_experiment(Remedies(RemediesConfig(seeds=3)), "runs/remedies")   # checked, trained, resumable, judged
 
 Every arm runs every seed from the same start (weights and data order per seed), so two arms of one
 seed differ only by their transform; the reference's seed 0 runs twice (`<reference>-rerun`), and that
 pair's difference is the same-seed noise every gain is read beside. A figure is {(arm, seed): value};
-lower is better (a loss) unless `lower_is_better=False`. `sdmoe upcycle-compare` and
-`sdmoe finetune-compare` are declared this way.
+lower is better (a loss) unless `lower_is_better=False`. `ArmsExperiment` writes one table per figure
+(the final validation loss by default; `figures` adds more): each arm's value, its gain over the
+reference with its 95% interval and verdict. `sdmoe upcycle-compare` and `sdmoe finetune-compare` are
+declared this way (their starts made in `prepare`, their own tables in `report`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from sdmoe.config_fields import check_tree
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
-from sdmoe.experiments.engine import PlannedRun
-from sdmoe.experiments.judging import gain_row
+from sdmoe.experiments.engine import (
+    Experiment,
+    ExperimentResult,
+    PlannedRun,
+    Session,
+    run_probes,
+    validate_runs,
+)
+from sdmoe.experiments.judging import gain_row, interval_figure
+from sdmoe.files import tmp_file_name, write_json_atomic, write_text_atomic
 
 RERUN = "-rerun"
 
@@ -67,8 +86,8 @@ class Arms:
             out.append((Arm(self.rerun, ref.sets, ref.start), 0, f"{self.rerun}/seed0"))
         return out
 
-    def runs(self, seeds: int, config_of: Callable[[Arm, int], Any], analysis_rank: Callable[[Arm], int | None]
-             = lambda arm: None) -> list[PlannedRun]:
+    def runs(self, seeds: int, config_of: Callable[[Arm, int], Any],
+             analysis_rank: Callable[[Arm], int | None] = lambda arm: None) -> list[PlannedRun]:
         """Every run: `config_of(arm, seed)` is the run's config before the arm's transform; the transform
         (`arm.sets`) is applied here, so two arms of one seed differ by it alone."""
         from sdmoe.train.config import set_value
@@ -112,3 +131,87 @@ class Arms:
                 row.update(gain_row(self.paired(figure, arm, seeds, lower_is_better=lower_is_better)))
             rows.append(row)
         return rows
+
+
+class ArmsExperiment(Experiment):
+    """An experiment of `arms` x `config.seeds`: set `arms` and implement `config_of`; `prepare` makes what the
+    runs start from (a parent, upcycled checkpoints), `start_models` says their model sections before they
+    exist (so every run is checked before the first write), `figures` measures more than the final loss."""
+
+    arms: Arms
+    analysis_rank: int | None = None  # analyse each final model at this rank (routing, domain MI)
+    stem = ""  # its report files: <stem>.json, <stem>.md (default: the command's name)
+
+    def config_of(self, arm: Arm, seed: int, out: Path, model=None):
+        """The run's config before its arm's transform; `model`: its start's model section while that start
+        does not exist yet (from `start_models`), None once it does."""
+        raise NotImplementedError
+
+    def start_models(self, out: Path) -> dict[str | None, Any]:
+        """{start name: the model section `train --init` will read from it}, for starts made in `prepare`."""
+        return {}
+
+    def analysis_rank_of(self, arm: Arm) -> int | None:
+        return self.analysis_rank
+
+    def runs(self, out: Path, models: dict[str | None, Any] | None = None) -> list[PlannedRun]:
+        models = models or {}
+        return self.arms.runs(self.config.seeds, lambda arm, s: self.config_of(arm, s, out, models.get(arm.start)),
+                              self.analysis_rank_of)
+
+    def prepare(self, session: Session) -> bool:
+        """Make the runs' starts; False when `max_runs` stopped the session first."""
+        return True
+
+    def check(self, out: Path) -> None:
+        check_tree(self.config, self.command.removesuffix("-compare"))
+        self._checked = self.extra_runs() + self.runs(out, self.start_models(out))
+        validate_runs(self._checked, self.what)
+
+    def extra_runs(self) -> list[PlannedRun]:
+        """Runs `prepare` trains before the arms (a parent, a base), checked with them."""
+        return []
+
+    def probes(self, out: Path) -> list[str]:
+        stem = self.stem or self.command
+        return run_probes(self._checked) + [tmp_file_name(f"{stem}.{ext}") for ext in ("json", "md")]
+
+    def execute(self, session: Session) -> None:
+        if self.prepare(session):
+            session.train_all(self.runs(session.out), self.what)
+
+    def figures(self, out: Path) -> dict[str, dict[tuple[str, int], float]]:
+        """{figure name: {(arm, seed): value}}, lower is better; the final mean validation loss by default."""
+        from sdmoe.experiments.runs import load_run
+
+        return {"final validation loss": {(arm.name, s): load_run(out / "runs" / run_id)["final_mean"]
+                                          for arm, s, run_id in self.arms.planned(self.config.seeds)}}
+
+    def report(self, out: Path) -> ExperimentResult:
+        seeds = self.config.seeds
+        tables = {name: {"rows": self.arms.judge(figure, seeds), "same_seed_noise": self.arms.same_seed_noise(figure)}
+                  for name, figure in self.figures(out).items()}
+        payload = {"config": dataclasses.asdict(self.config), "reference": self.arms.reference, "tables": tables}
+        stem = self.stem or self.command
+        write_json_atomic(out / f"{stem}.json", payload)
+        text = render_tables(self.what, payload)
+        write_text_atomic(out / f"{stem}.md", text)
+        return ExperimentResult(out, self.config, text, payload, out / f"{stem}.md")
+
+
+def render_tables(title: str, payload: dict) -> str:
+    """One markdown table per figure: each arm's value, its gain over the reference, the verdict."""
+    ref = payload["reference"]
+    lines = [f"# {title}", "", f"Gain: {ref}'s value minus the arm's (> 0: the arm is better), paired by seed, "
+             "mean [95% t-interval]; verdict: better / worse when the whole interval lies above / below 0."]
+    words = {stats.REPRODUCED: "better", stats.NOT_REPRODUCED: "worse"}
+    for name, table in payload["tables"].items():
+        noise = table["same_seed_noise"]
+        lines += ["", f"## {name}", "", f"same-seed noise ({ref} seed 0 twice): "
+                  + ("-" if noise is None else f"{noise:.4f}"), "", f"| arm | {name} | gain over {ref} | verdict |",
+                  "|---|---|---|---|"]
+        for r in table["rows"]:
+            gain, verdict = ("(reference)", "-") if r["reference"] else (r["gain_figure"],
+                                                                           words.get(r["verdict"], r["verdict"]))
+            lines.append(f"| {r['arm']} | {interval_figure(r['value'], count=False)} | {gain} | {verdict} |")
+    return "\n".join(lines) + "\n"

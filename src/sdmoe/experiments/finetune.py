@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import assign, check_tree, setting
+from sdmoe.config_fields import assign, setting
 from sdmoe.errors import UserError
-from sdmoe.experiments.arms import Arm, Arms
-from sdmoe.experiments.engine import Experiment, ExperimentResult, PlannedRun, Session, run_probes, validate_runs
+from sdmoe.experiments.arms import Arm, Arms, ArmsExperiment
+from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session
 from sdmoe.experiments.judging import interval_figure
-from sdmoe.files import read_json_or_none, tmp_file_name, write_json_atomic, write_text_atomic
+from sdmoe.files import read_json_or_none, write_json_atomic, write_text_atomic
 
 ARMS = Arms((Arm("baseline", {"method": "baseline"}), Arm("sd-moe", {"method": "sd-moe"})), reference="baseline")
 METHODS = tuple(ARMS)
@@ -65,38 +65,36 @@ def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, 
     return rc
 
 
-class FinetuneCompare(Experiment):
-    command, what, settings_file = "finetune-compare", "finetune compare", FINETUNE_FILE
-    settings = FinetuneConfig
+class FinetuneCompare(ArmsExperiment):
+    command, what, settings_file, settings = "finetune-compare", "finetune compare", FINETUNE_FILE, FinetuneConfig
+    arms, stem = ARMS, "finetune"
 
     def base_run(self) -> PlannedRun:
         cfg = self.config
         return PlannedRun("base", _run_config(cfg, list(cfg.old), cfg.base_steps, 0, None),
                           {"arm": "base", "seed": 0}, dir="base")
 
-    def runs(self, out: Path, model=None) -> list[PlannedRun]:
-        """The adapted runs; `model`: the base's model section, before the base exists."""
+    def config_of(self, arm: Arm, seed: int, out: Path, model=None):
+        """An adapted run: from the base's weights and tokenizer, on the new domain alone."""
         cfg = self.config
-        start = str(out / "base" / "model")
-        return ARMS.runs(cfg.seeds, lambda arm, seed: _run_config(cfg, [cfg.new], cfg.steps, seed, start, model))
+        return _run_config(cfg, [cfg.new], cfg.steps, seed, str(out / "base" / "model"), model)
+
+    def start_models(self, out: Path) -> dict:
+        return {None: self.base_run().config.model}
+
+    def extra_runs(self) -> list[PlannedRun]:
+        return [self.base_run()]
 
     def check(self, out: Path) -> None:
         """The settings, and every run's config (the --set values of the base and of every adapted run)."""
         cfg = self.config
-        check_tree(cfg, "finetune")
         if cfg.new in cfg.old:
             raise UserError(f"the new domain {cfg.new!r} is one of the base's ({', '.join(cfg.old)}); choose another")
-        base = self.base_run()
-        self._checked = [base, *self.runs(out, base.config.model)]
-        validate_runs(self._checked, self.what)
+        super().check(out)
 
-    def probes(self, out: Path) -> list[str]:
-        return run_probes(self._checked) + [tmp_file_name(n) for n in ("finetune.json", "finetune.md")]
-
-    def execute(self, session: Session) -> None:
+    def prepare(self, session: Session) -> bool:
         session.say("base: an MoE of the old domains")
-        if session.train(self.base_run()) is not None:
-            session.train_all(self.runs(session.out), "finetune compare")
+        return session.train(self.base_run()) is not None
 
     def report(self, out: Path) -> ExperimentResult:
         payload = summarize(out, self.config)

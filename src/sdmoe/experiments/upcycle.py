@@ -21,14 +21,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import assign, check_tree, setting
+from sdmoe.config_fields import assign, setting
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
-from sdmoe.experiments.arms import Arm, Arms
-from sdmoe.experiments.engine import Experiment, ExperimentResult, PlannedRun, Session, run_probes, validate_runs
+from sdmoe.experiments.arms import Arm, Arms, ArmsExperiment
+from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session
 from sdmoe.experiments.judging import gain_row, interval_figure
 from sdmoe.experiments.runs import load_run, steps_ratio
-from sdmoe.files import read_jsonl_lenient, tmp_file_name, write_json_atomic, write_text_atomic
+from sdmoe.files import read_jsonl_lenient, write_json_atomic, write_text_atomic
 
 ARMS = Arms((Arm("copy", {"method": "baseline"}, start="copy"),
              Arm("copy+sd-moe", {"method": "sd-moe"}, start="copy"),
@@ -101,20 +101,19 @@ def _start(out: Path, arm: Arm, seed: int, cfg: UpcycleConfig) -> Path:
     return out / "checkpoints" / f"{arm.start}-seed{seed}"
 
 
-class UpcycleCompare(Experiment):
-    command, what, settings_file = "upcycle-compare", "upcycle compare", UPCYCLE_FILE
-    settings = UpcycleConfig
+class UpcycleCompare(ArmsExperiment):
+    command, what, settings_file, settings = "upcycle-compare", "upcycle compare", UPCYCLE_FILE, UpcycleConfig
+    arms, stem = ARMS, "upcycle"
 
-    def _models(self):
-        """(the dense arm's model section, the upcycled arms'), before any of them is written: the user's
-        parent checked as upcycle and `train --init` check it, named by the user's path."""
+    def start_models(self, out: Path) -> dict:
+        """The model sections of the starts before they exist: the user's parent checked as upcycle and
+        `train --init` check it (config.json against every tensor, every tensor finite, its tokenizer, what
+        upcycle asks of it), named by the user's path."""
         cfg = self.config
         if not cfg.init:
-            from sdmoe.train.config import validate
-
-            own = _run_config(cfg, cfg.parent_steps, 0, None)
-            validate(own)
-            return own.model, replace(own.model, num_experts=cfg.experts, top_k=cfg.top_k)
+            own = self.parent_run().config
+            moe = replace(own.model, num_experts=cfg.experts, top_k=cfg.top_k)
+            return {"dense": own.model, "copy": moe, "drop": moe}
         from sdmoe.models.checks import check_checkpoint, check_tokenizer_fits
         from sdmoe.models.pretrained import load_tokenizer
         from sdmoe.models.upcycle import UpcycleRequest, check_request
@@ -124,39 +123,32 @@ class UpcycleCompare(Experiment):
                                UpcycleRequest(cfg.experts, cfg.top_k, "drop", drop_ratio=cfg.drop_ratio))
         checked = check_checkpoint(cfg.init, read_values=True)
         check_tokenizer_fits(load_tokenizer(cfg.init), checked.embedding_rows, cfg.init)
-        return (_upcycled_model(checked.config, family.moe, 1, 1),
-                _upcycled_model(checked.config, family.moe, cfg.experts, cfg.top_k))
+        moe = _upcycled_model(checked.config, family.moe, cfg.experts, cfg.top_k)
+        return {"dense": _upcycled_model(checked.config, family.moe, 1, 1), "copy": moe, "drop": moe}
 
     def parent_run(self) -> PlannedRun:
         cfg = self.config
         return PlannedRun("parent", _run_config(cfg, cfg.parent_steps, 0, None), {"arm": "parent", "seed": 0},
                           dir="parent")
 
-    def runs(self, out: Path, models=None) -> list[PlannedRun]:
-        """Every arm's runs; `models` (from `_models`): their model sections before their starts exist."""
-        cfg = self.config
+    def extra_runs(self) -> list[PlannedRun]:
+        return [] if self.config.init else [self.parent_run()]
 
-        def config_of(arm: Arm, seed: int):
-            start = str(_start(out, arm, seed, cfg))
-            return _run_config(cfg, cfg.steps, seed, start, None if models is None else
-                               models[0] if arm.start == "dense" else models[1])
+    def config_of(self, arm: Arm, seed: int, out: Path, model=None):
+        return _run_config(self.config, self.config.steps, seed, str(_start(out, arm, seed, self.config)), model)
 
-        return ARMS.runs(cfg.seeds, config_of, lambda arm: None if arm.start == "dense" else ANALYSIS_RANK)
+    def analysis_rank_of(self, arm: Arm) -> int | None:
+        return None if arm.start == "dense" else ANALYSIS_RANK  # the dense arm has one expert: nothing to route
 
     def check(self, out: Path) -> None:
-        """Its settings, the user's dense parent (config.json against every tensor, every tensor finite, its
-        tokenizer, what upcycle asks of it), every run's config (the --set values of every arm)."""
         cfg = self.config
-        check_tree(cfg, "upcycle")
         if cfg.top_k > cfg.experts:
             raise UserError(f"top_k={cfg.top_k} exceeds experts={cfg.experts}")
-        self._checked = self.runs(out, self._models())
-        validate_runs(self._checked, self.what)
+        super().check(out)
 
-    def probes(self, out: Path) -> list[str]:
-        return run_probes(self._checked) + [tmp_file_name(n) for n in ("upcycle.json", "upcycle.md")]
-
-    def execute(self, session: Session) -> None:
+    def prepare(self, session: Session) -> bool:
+        """The parent (trained, or the user's), its one-expert form for the dense arm, and per seed its copy and
+        Drop-Upcycling starts."""
         from sdmoe.models.upcycle import densify, upcycle
 
         cfg, out = self.config, session.out
@@ -168,15 +160,14 @@ class UpcycleCompare(Experiment):
             parent = self.parent_run()
             session.say("parent: a dense qwen3 as a one-expert MoE")
             if session.train(parent) is None:
-                return
-            dense = session.checkpoint(out / "checkpoints" / "dense",
-                                       lambda p: densify(out / parent.dir / "model", p))
+                return False
+            dense = session.checkpoint(out / "checkpoints" / "dense", lambda p: densify(out / parent.dir / "model", p))
         for s in range(cfg.seeds):
             for method in ("copy", "drop"):
                 session.checkpoint(out / "checkpoints" / f"{method}-seed{s}",
                                    lambda p, m=method, s=s: upcycle(dense, p, cfg.experts, cfg.top_k, method=m,
                                                                     drop_ratio=cfg.drop_ratio, seed=s, progress=False))
-        session.train_all(self.runs(out), "upcycle compare")
+        return True
 
     def report(self, out: Path) -> ExperimentResult:
         payload = summarize(out, self.config)
