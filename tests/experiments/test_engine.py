@@ -179,3 +179,10 @@ def test_an_arms_experiment_is_a_short_declaration(tmp_path):
     assert {r["action"] for r in again.runs} == {"skipped"} and again.text == result.text
     with pytest.raises(UserError, match="holds a remedies compare with other settings"):
         run_experiment(Remedies(Settings(steps=5)), tmp_path / "r", progress=False)
+
+
+def test_default_out_directories_are_the_ones_the_docs_name():
+    from sdmoe.experiments.presets import default_out
+
+    assert default_out("compare", "demo") == "runs/compare-demo" and default_out("study", "study") == "runs/study"
+    assert default_out("upcycle-compare", "upcycle") == default_out("compare", "upcycle") == "runs/compare-upcycle"

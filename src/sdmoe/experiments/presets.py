@@ -159,7 +159,10 @@ def configure(command: str, preset: str, flags: dict[str, Any]):
 
 
 def default_out(command: str, preset: str) -> str:
-    return f"runs/{'compare' if command == 'compare' else command}-{preset}"
+    """runs/study for the study, runs/compare-<preset> for the others (as before they had commands of their own)."""
+    if command == "study":
+        return "runs/study" if preset == "study" else f"runs/{preset}"
+    return f"runs/compare-{preset}"
 
 
 def rebuild_report(out: str | Path) -> str:
