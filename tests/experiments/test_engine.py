@@ -186,3 +186,14 @@ def test_default_out_directories_are_the_ones_the_docs_name():
 
     assert default_out("compare", "demo") == "runs/compare-demo" and default_out("study", "study") == "runs/study"
     assert default_out("upcycle-compare", "upcycle") == default_out("compare", "upcycle") == "runs/compare-upcycle"
+
+
+def test_compare_flags_on_the_first_look():
+    """--lr-multipliers on the first look (which sweeps no rate) sweeps its style; --text compares each of
+    your domains alone, not the bundled drama."""
+    from sdmoe.experiments.grid import plan
+
+    cfg = configure("compare", "demo", {"lr_multipliers": "1,4"}).config
+    assert {(s.variant, s.lr_mult) for s in plan(cfg) if s.lr_mult != 1} == {("baseline", 4.0), ("sd-moe", 4.0)}
+    assert configure("compare", "demo", {"text": ["mine/"]}).config.per_text_domains == []
+    assert configure("compare", "demo", {}).config.per_text_domains == ["drama"]

@@ -244,5 +244,7 @@ def apply_flags(cfg: CompareConfig, flags: dict[str, Any]) -> CompareConfig:
                 raise UserError(f"--{key.replace('_', '-')}: {e}") from None
     if flags.get("text"):  # the preset's texts alone (the first look's drama) are bundled domains: yours, each one
         cfg.per_text_domains = []
+    if flags.get("lr_multipliers") is not None and cfg.lr_sweep_styles == 0:
+        cfg.lr_sweep_styles = 1  # rates asked for on a preset that sweeps none (the first look): the first style
     cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
     return cfg
