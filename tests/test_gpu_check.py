@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # the whole prepared check on the CPU, its own pytest run inside: about a minute
 def test_the_gpu_check_runs_on_the_cpu_and_writes_both_files(tmp_path):
     # no time budget: on a loaded machine a slow section must not turn into a skip, nor the test into a timeout
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu",

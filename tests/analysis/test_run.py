@@ -9,6 +9,7 @@ from sdmoe.errors import UserError
 from sdmoe.report.analysis import SECTION_TITLES
 
 
+@pytest.mark.slow
 def test_analyze_model_summary_and_outputs(make_model, batches, tmp_path):
     import torch
 

@@ -130,7 +130,8 @@ def test_a_model_compiled_before_attach_trains_sd_moe_like_the_eager_one(compile
     _assert_like_eager(compiled_before_attach)
 
 
-@pytest.mark.parametrize(("kind", "how"), [("qwen3_moe", "after"), ("mixtral", "blocks")])
+@pytest.mark.parametrize(("kind", "how"), [("qwen3_moe", "after"),
+                                           pytest.param("mixtral", "blocks", marks=pytest.mark.slow)])
 def test_a_model_compiled_after_attach_or_by_blocks_trains_sd_moe_like_the_eager_one(kind, how):
     _assert_like_eager(_compare(kind, True, how))
 
@@ -215,6 +216,7 @@ def _trainer_run(tmp_path, compile_: bool):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], model, cb
 
 
+@pytest.mark.slow
 def test_the_trainers_torch_compile_trains_like_eager(tmp_path):
     eager_losses, eager, _ = _trainer_run(tmp_path, False)
     losses, model, cb = _trainer_run(tmp_path, True)

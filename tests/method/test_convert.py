@@ -85,6 +85,7 @@ assert not any(m.startswith("sdmoe") for m in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_export_reloads_in_vanilla_transformers(tmp_path):
     """Every style: save_pretrained -> a process without sdmoe."""
     ids = batch()

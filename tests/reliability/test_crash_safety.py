@@ -102,7 +102,7 @@ def _events(out: Path) -> list[tuple]:
     return [(r.get("event", "log"), r["step"], r.get("loss")) for r in read_metrics(out / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("method", ["baseline", "sd-moe"])
+@pytest.mark.parametrize("method", ["baseline", pytest.param("sd-moe", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(method, tmp_path, capsys, restore_threads):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(_argv(method, straight)) == 0  # also warms the tokenizer/token cache for the subprocesses

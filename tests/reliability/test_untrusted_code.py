@@ -126,7 +126,8 @@ def _on_a_terminal(argv, tmp_path) -> tuple[int, str]:
     return rc, out.decode("utf-8", "replace")
 
 
-@pytest.mark.parametrize("via", [_through_a_pipe, _on_a_terminal], ids=["pipe", "tty"])
+@pytest.mark.parametrize("via", [_through_a_pipe, pytest.param(_on_a_terminal, marks=pytest.mark.slow)],
+                         ids=["pipe", "tty"])
 @pytest.mark.parametrize("command", ["generate", "analyze", "evaluate"])
 def test_a_checkpoints_code_never_runs(command, via, evil, tmp_path):
     if command == "evaluate":

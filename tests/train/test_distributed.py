@@ -10,7 +10,7 @@ import torch
 
 from sdmoe.train.metrics import read_metrics
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # processes of their own: minutes; `make test-slow`
 
 
 def _sdmoe(args, out, nproc=1):

@@ -83,6 +83,7 @@ def one_process() -> dict:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "ep2xefsdp2"])
 def test_expert_parallel_matches_one_process(tmp_path, one_process, world, ep):
     ranks = _launch(tmp_path, world, ep)
@@ -95,6 +96,7 @@ def test_expert_parallel_matches_one_process(tmp_path, one_process, world, ep):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_a_local_only_reducer_is_caught(tmp_path, one_process):
     """The bug this file exists for: each rank's sums over its own experts only. The ranks then split in
     bases of their own experts and their shared parts drift apart, and the comparison above sees it."""

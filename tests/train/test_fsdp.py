@@ -102,6 +102,7 @@ def _close(a, b, tol: float) -> bool:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp2_two_processes_match_one(tmp_path):
     """Plain and every SD-MoE gradient split on 2 FSDP2 processes: the one-process losses, the same
     tracked bases on both ranks (and as one process), the monitor seeing all experts."""

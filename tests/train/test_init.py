@@ -94,6 +94,7 @@ def _own_tokenizer(path, vocab: int = 300):
     return fast
 
 
+@pytest.mark.slow
 def test_compare_pairs_baseline_and_sd_moe_from_the_checkpoint(tmp_path):
     path = tmp_path / "own-moe"
     tok = _own_tokenizer(path)

@@ -62,6 +62,7 @@ def _worker(out: str, dirs: list[str]) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_meta_device_build_and_load_match_one_process(tmp_path):
     from transformers import AutoModelForCausalLM
 
