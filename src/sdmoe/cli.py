@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdmoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in (_train_parser, _generate_parser, _analyze_parser, _compare_parser, _study_parser,
-                _upcycle_compare_parser, _finetune_compare_parser, _evaluate_parser, _upcycle_parser, _report_parser):
+                _upcycle_compare_parser, _finetune_compare_parser, _methods_compare_parser, _evaluate_parser,
+                _upcycle_parser, _report_parser):
         add(sub)
     return parser
 
@@ -229,6 +230,21 @@ def _finetune_compare_parser(sub) -> None:
     f.add_argument("--seeds", type=int, help="paired seeds (default: the preset's, 3)")
     f.add_argument("--steps", type=int, help="adaptation steps (default: the preset's, 200)")
     _experiment_tail(f, "finetune compare directory (default: runs/compare-<preset>)")
+
+
+def _methods_compare_parser(sub) -> None:
+    m = _experiment_parser(
+        sub, "methods-compare", "which specialisation remedy? SD-MoE head to head with the others, and combined",
+        "Six arms, paired by seed: the plain MoE (the reference), SD-MoE, Guo et al.'s orthogonality and variance "
+        "losses (aux.orthogonality, aux.variance), global-batch balancing (aux.balance=global_batch), and SD-MoE "
+        "with each. Each arm at its own best rate (and, for Guo et al.'s losses, targets) from a grid on the mix, "
+        "then every cell: a new model on the mix and on one domain alone, and continued from copy-upcycled and "
+        "from Branch-Train-Mix experts. Writes OUT/methods.md and methods.json: per cell and arm the gain over "
+        "plain with its 95% interval and verdict, steps to plain's loss, the experts' overlap (parameters, "
+        "outputs), I(expert; domain), load imbalance and step time; and which method when, from the verdicts.")
+    m.add_argument("--seeds", type=int, help="paired seeds per cell (default: the preset's, 3)")
+    m.add_argument("--steps", type=int, help="a new model's training steps (default: the preset's, 400)")
+    _experiment_tail(m, "methods compare directory (default: runs/compare-<preset>)")
 
 
 def _evaluate_parser(sub) -> None:
@@ -422,7 +438,8 @@ def _report(args) -> int:
 
 
 COMMANDS = {"train": _train, "generate": _generate, "analyze": _analyze, "compare": _experiment, "study": _experiment,
-            "upcycle-compare": _experiment, "finetune-compare": _experiment, "evaluate": _evaluate,
+            "upcycle-compare": _experiment, "finetune-compare": _experiment, "methods-compare": _experiment,
+            "evaluate": _evaluate,
             "upcycle": _upcycle, "report": _report}
 
 

@@ -104,7 +104,7 @@ def test_the_old_spelling_runs_the_new_commands_and_refuses_their_missing_flags(
     with pytest.raises(UserError, match="unknown upcycle-compare preset 'demo'; choose upcycle, upcycle-tiny$"):
         configure("upcycle-compare", "demo", {})
     with pytest.raises(UserError, match="unknown compare preset 'huge'; choose demo, demo-full, lab, paper, tiny; "
-                                        "upcycle and finetune have their own commands"):
+                                        "upcycle, finetune and methods have their own commands"):
         configure("compare", "huge", {})
 
 

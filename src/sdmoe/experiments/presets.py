@@ -56,6 +56,11 @@ KINDS = {k.command: k for k in (
          "an MoE of two domains adapted to the third, with and without SD-MoE",
          {**{f: _FIXED_ARMS for f in ("styles", "variants", "ablations", "lr_multipliers", "init")},
           "text": "its domains are the bundled ones"}),
+    Kind("methods-compare", "methods", "MethodsCompare",
+         "which specialisation remedy? SD-MoE head to head with Guo et al.'s losses and global-batch balancing, "
+         "and combined with them, from scratch and from upcycled starts",
+         {**{f: _FIXED_ARMS for f in ("styles", "variants", "ablations", "lr_multipliers", "init")},
+          "text": "its cells are the bundled mix and one bundled domain"}),
 )}
 
 
@@ -113,6 +118,15 @@ PRESETS = {p.name: p for p in (
                              parent_steps=10, steps=8, seeds=2)),
     Preset("finetune", "finetune-compare", "a qwen3_moe (d=96) of drama and encyclopedia adapted to fairy tales, "
            "3 paired seeds (8 runs, about 3 min on 2 cores)", lambda: _settings("finetune", "FinetuneConfig")),
+    Preset("methods", "methods-compare", "6 arms (plain, SD-MoE, Guo et al.'s losses, global-batch balancing, "
+           "SD-MoE with each) at d=96: each arm's rate from a grid, then 3 paired seeds on the mix, on drama alone, "
+           "from copy-upcycled and from BTX experts (about 100 runs, about 2.5 hours on 2 cores)",
+           lambda: _settings("methods", "MethodsConfig")),
+    Preset("methods-tiny", "methods-compare", "tests: seconds a run",
+           lambda: _settings("methods", "MethodsConfig", preset="tiny", hidden_size=32, steps=8, seeds=2, rates=[1.0],
+                             coefficients=[1.0, 10.0], micro_batches=2, parent_steps=8, finetune_steps=4,
+                             continue_steps=6, experts=4, cells=["mix", "copy", "btx"],
+                             overrides=["loop.eval_every=4", "sdmoe.split_step=2"])),
     Preset("finetune-tiny", "finetune-compare", "tests: seconds",
            lambda: _settings("finetune", "FinetuneConfig", preset="tiny", hidden_size=32, expert_ffn=32, base_steps=10,
                              steps=8, seeds=2)),
@@ -129,7 +143,8 @@ def preset_help(command: str) -> str:
 
 
 def default_preset(command: str) -> str:
-    return {"compare": "demo", "study": "study", "upcycle-compare": "upcycle", "finetune-compare": "finetune"}[command]
+    return {"compare": "demo", "study": "study", "upcycle-compare": "upcycle", "finetune-compare": "finetune",
+            "methods-compare": "methods"}[command]
 
 
 def resolve(command: str, name: str) -> tuple[Preset, Kind]:
@@ -139,7 +154,8 @@ def resolve(command: str, name: str) -> tuple[Preset, Kind]:
     if p is not None and (p.command == command or (command == "compare" and p.command.endswith("-compare"))):
         return p, KINDS[p.command]
     own = ", ".join(x.name for x in presets_of(command))
-    more = "; upcycle and finetune have their own commands (sdmoe upcycle-compare, sdmoe finetune-compare)" \
+    more = ("; upcycle, finetune and methods have their own commands (sdmoe upcycle-compare, sdmoe finetune-compare, "
+            "sdmoe methods-compare)") \
         if command == "compare" else ""
     raise UserError(f"unknown {command} preset {name!r}; choose {own}{more}")
 
@@ -174,4 +190,4 @@ def rebuild_report(out: str | Path) -> str:
             return cls.load(out).report(out).text
     files = ", ".join(cls.settings_file for cls in classes)
     raise UserError(f"{out} holds no experiment (none of {files}); point at a directory written by `sdmoe compare`, "
-                    "`sdmoe study`, `sdmoe upcycle-compare` or `sdmoe finetune-compare`")
+                    "`sdmoe study`, `sdmoe upcycle-compare`, `sdmoe finetune-compare` or `sdmoe methods-compare`")

@@ -154,3 +154,13 @@ def steps_ratio(sd: dict, base: dict) -> tuple[float | None, float | None]:
     bxs, bys = stats.cumulative_time(base["log"]["step"], base["log"]["step_time"])
     wall = stats.interp(xs, ys, cross) / stats.interp(bxs, bys, n) if len(bxs) > 1 and len(xs) > 1 else None
     return cross / n, wall
+
+
+def load_imbalance(run_dir: Path) -> float | None:
+    """The run's last logged window of expert load: the busiest expert's share times E, mean over layers
+    (1 = balanced, E = one expert takes every token); None before a window was logged."""
+    logs = [r for r in read_jsonl_lenient(Path(run_dir) / "metrics.jsonl") if "load" in r and "event" not in r]
+    if not logs:
+        return None
+    load = logs[-1]["load"]
+    return sum(max(row) * len(row) for row in load) / len(load)

@@ -27,8 +27,8 @@ from sdmoe.experiments import stats
 from sdmoe.experiments.arms import Arm, Arms, ArmsExperiment
 from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session
 from sdmoe.experiments.judging import gain_row, interval_figure
-from sdmoe.experiments.runs import load_run, steps_ratio
-from sdmoe.files import read_jsonl_lenient, write_json_atomic, write_text_atomic
+from sdmoe.experiments.runs import load_imbalance, load_run, steps_ratio
+from sdmoe.files import write_json_atomic, write_text_atomic
 
 ARMS = Arms((Arm("copy", {"method": "baseline"}, start="copy"),
              Arm("copy+sd-moe", {"method": "sd-moe"}, start="copy"),
@@ -187,15 +187,6 @@ def _start_overlap(path: Path) -> float:
     return sum(vals) / len(vals)
 
 
-def _imbalance(run_dir: Path) -> float | None:
-    """The last logged window's load: the busiest expert's share times E, mean over layers (1 = balanced)."""
-    logs = [r for r in read_jsonl_lenient(run_dir / "metrics.jsonl") if "load" in r and "event" not in r]
-    if not logs:
-        return None
-    load = logs[-1]["load"]
-    return sum(max(row) * len(row) for row in load) / len(load)
-
-
 def _arm_figures(out: Path, cfg: UpcycleConfig, arm: str, recs: dict, ref: dict) -> dict[str, Any]:
     """What the table shows of one arm beside its gain: steps to the copy baseline's loss, overlap, load, MI."""
     seeds = range(cfg.seeds)
@@ -212,7 +203,7 @@ def _arm_figures(out: Path, cfg: UpcycleConfig, arm: str, recs: dict, ref: dict)
                         for i in range(len(mon[0]["param_overlap"]))]}
     spec = [recs[(arm, s)]["specialisation"] for s in seeds]
     mi = [sp.get("domain_mi_normalized") if isinstance(sp, dict) else None for sp in spec]
-    imb = [_imbalance(out / "runs" / arm / f"seed{s}") for s in seeds]
+    imb = [load_imbalance(out / "runs" / arm / f"seed{s}") for s in seeds]
     return {"steps_to_copy": stats.t_interval(list(ratios.values())).to_dict(), "overlap": overlap,
             "mi": stats.t_interval(mi).to_dict(), "imbalance": stats.t_interval(imb).to_dict()}
 
