@@ -126,17 +126,11 @@ CASES = [
     ("resume_with_other_method", lambda w, o: [*TRAIN, "--resume", "--method", "sd-moe", "--out", str(w.run)], "method 'sd-moe'"),
     ("out_not_empty_not_a_run", lambda w, o: [*TRAIN, "--out", str(w.text)], "not empty and holds no sdmoe run"),
     ("out_under_a_file", lambda w, o: [*TRAIN, "--out", str(w.text / "a_file" / "run")], "cannot write to"),
+    ("analyze_no_tokenizer", lambda w, o: [*_analyze(w.no_tokenizer), "--out", o], "tokenizer"),
 ]
-XFAIL = {
-    # analysis/run.py loads the empty tokenizer transformers 5 builds from config.json alone,
-    # then fails later with a misleading "domain 'drama' has 1 validation tokens" (reported).
-}
-CASES.append(("analyze_no_tokenizer", lambda w, o: [*_analyze(w.no_tokenizer), "--out", o], "tokenizer"))
 
 
-@pytest.mark.parametrize("case, argv, fragment",
-                         [pytest.param(*c, marks=pytest.mark.xfail(reason=XFAIL[c[0]], strict=True) if c[0] in XFAIL else ())
-                          for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case, argv, fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(case, argv, fragment, world, tmp_path, capsys):
     out = tmp_path / "out"
     before = snapshot(world.root)
