@@ -9,7 +9,7 @@ import pytest
 from sdmoe.cli import main
 from sdmoe.errors import UserError
 from sdmoe.experiments.engine import run_experiment
-from sdmoe.experiments.methods import ARMS, MethodsCompare, Tuning, chosen_points, grid
+from sdmoe.experiments.methods import ARMS, MethodsCompare, Tuning, chosen_points, grid, search, tuned_points
 from sdmoe.experiments.presets import PRESETS, configure
 from sdmoe.experiments.runs import load_run
 
@@ -32,6 +32,21 @@ def test_each_arm_has_its_grid_and_guos_arms_their_targets_too():
     assert all(rc.loop.micro_batches == cfg.micro_batches for rc in runs.values())
 
 
+def test_the_search_walks_off_the_grids_edge_to_a_tuned_point():
+    def loss(p):  # lowest at 4x the rate and a hundredth of the targets
+        return (p.rate - 4.0) ** 2 + (p.coef - 0.01) ** 2
+    start = [Tuning(0.5), Tuning(1.0), Tuning(2.0), Tuning(1.0, 0.1), Tuning(1.0, 10.0)]
+    points, best = search(start, loss, guo=False, extra=6)
+    assert best == Tuning(4.0) and Tuning(8.0) in points  # 4x's neighbour ran, and lost
+    assert all(p.coef == 1.0 for p in points[len(start):])  # without Guo's terms only the rate moves
+    points, best = search(start, loss, guo=True, extra=20)
+    assert best == Tuning(4.0, 0.01) and Tuning(4.0, 0.001) in points and Tuning(8.0, 0.01) in points
+    points, best = search(start, loss, guo=True, extra=2)  # the budget ends it: the best of what ran
+    assert len(points) == len(start) + 2 and best == min(points, key=loss)
+    assert search(start, lambda p: float("nan") if p == Tuning(2.0) else loss(p), False, 6) == (start, None)
+    assert search([Tuning(1.0)], lambda p: 1.0, guo=True, extra=0) == ([Tuning(1.0)], Tuning(1.0))  # no room: the start's best
+
+
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(UserError, match="unknown methods cell 'lab'"):
         run_experiment(MethodsCompare(_tiny(cells=["mix", "lab"])), tmp_path / "m", progress=False)
@@ -45,11 +60,13 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
 def test_a_mix_cell_runs_every_arm_at_its_chosen_point_and_resumes(tmp_path, capsys):
     out = tmp_path / "m"
     argv = ["methods-compare", "--preset", "methods-tiny", "--quiet", "--out", str(out), "--set", "loop.threads=1"]
-    cfg = _tiny(cells=["mix"], coefficients=[1.0])  # the smallest grid: one point an arm
+    cfg = _tiny(cells=["mix"], coefficients=[1.0], extra_points=1)  # one point an arm, then one neighbour
     result = run_experiment(MethodsCompare(cfg), out, progress=False, device="cpu")
     chosen = chosen_points(out, cfg)
-    for arm in ARMS.arms:  # the chosen point is its grid's lowest final loss
-        losses = {p: load_run(out / "runs" / "tune" / arm.name / p.name)["final_mean"] for p in grid(cfg, arm)}
+    for arm in ARMS.arms:  # the chosen point is the lowest final loss of the points its search ran
+        points, _ = tuned_points(out, cfg, arm)
+        assert len(points) == 2 and (out / "runs" / "tune" / arm.name / points[1].name / "run.json").is_file()
+        losses = {p: load_run(out / "runs" / "tune" / arm.name / p.name)["final_mean"] for p in points}
         assert chosen[arm.name] == min(losses, key=losses.get)
     payload = json.loads((out / "methods.json").read_text())
     rows = {r["arm"]: r for r in payload["cells"]["mix"]["rows"]}
@@ -61,7 +78,8 @@ def test_a_mix_cell_runs_every_arm_at_its_chosen_point_and_resumes(tmp_path, cap
     # the mix cell's seed 0 is the grid's run at the chosen point: trained once
     trained = {r["run_id"] for r in result.runs if r["action"] == "trained"}
     assert not any(rid.startswith("mix/") and rid.endswith("/seed0") and "rerun" not in rid for rid in trained)
-    assert "| ortho-var |" in (out / "methods.md").read_text()
+    md = (out / "methods.md").read_text()
+    assert "| ortho-var |" in md and "**In short.** A new model on mixed text:" in md.split("## ")[0]  # the headline
     # the same command again: every run finished, nothing trained
     again = run_experiment(MethodsCompare(cfg), out, progress=False, device="cpu")
     assert {r["action"] for r in again.runs} == {"skipped"}

@@ -16,8 +16,17 @@ from sdmoe.moe import find_moe_blocks
 from sdmoe.moe.checkpoint import ExpertCheckpoint
 from sdmoe.moe.families import build_tiny, moe_model_types
 
-from .family_chain import (KNOWN_GAPS, REFUSED, analyze, attach_and_train, export_save_reload, finite_losses,
-                           tokenizer_for, train_init, write_text)
+from .family_chain import (
+    KNOWN_GAPS,
+    REFUSED,
+    analyze,
+    attach_and_train,
+    export_save_reload,
+    finite_losses,
+    tokenizer_for,
+    train_init,
+    write_text,
+)
 
 FAMILIES = moe_model_types()
 

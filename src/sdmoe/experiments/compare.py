@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import assign
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
 from sdmoe.experiments.engine import (  # noqa: F401 - run_state: where readers of a compare's runs find it
@@ -27,6 +26,7 @@ from sdmoe.experiments.engine import (  # noqa: F401 - run_state: where readers 
     ExperimentResult,
     PlannedRun,
     Session,
+    assign_flags,
     run_experiment,
     run_probes,
     run_state,
@@ -236,15 +236,9 @@ def apply_flags(cfg: CompareConfig, flags: dict[str, Any]) -> CompareConfig:
         start = RunConfig()
         start_from_checkpoint(start, flags["init"])
         cfg.styles, cfg.init = [start.model.style], start.init
-    for key in ("styles", "seeds", "steps", "variants", "ablations", "lr_multipliers", "text"):
-        if flags.get(key) is not None:
-            try:
-                assign(cfg, key, flags[key])
-            except UserError as e:
-                raise UserError(f"--{key.replace('_', '-')}: {e}") from None
+    assign_flags(cfg, flags, ("styles", "seeds", "steps", "variants", "ablations", "lr_multipliers", "text"))
     if flags.get("text"):  # the preset's texts alone (the first look's drama) are bundled domains: yours, each one
         cfg.per_text_domains = []
     if flags.get("lr_multipliers") is not None and cfg.lr_sweep_styles == 0:
         cfg.lr_sweep_styles = 1  # rates asked for on a preset that sweeps none (the first look): the first style
-    cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
     return cfg

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import changed_settings
+from sdmoe.config_fields import assign, changed_settings
 from sdmoe.errors import UserError
 from sdmoe.experiments.runs import ANALYSIS_FILE, RUN_RECORD_FILE
 from sdmoe.files import (
@@ -43,6 +43,7 @@ from sdmoe.files import (
     remove_made,
     tmp_file_name,
     write_json_atomic,
+    write_text_atomic,
 )
 from sdmoe.train.run_record import read_run_record
 
@@ -270,6 +271,26 @@ class ExperimentResult:
 
     def summary_text(self) -> str:
         return self.text
+
+
+def write_tables(out: Path, stem: str, config: Any, payload: dict[str, Any], text: str) -> ExperimentResult:
+    """An arms experiment's report: `<stem>.json` (the figures) and `<stem>.md` (the tables), both atomic."""
+    write_json_atomic(out / f"{stem}.json", payload)
+    write_text_atomic(out / f"{stem}.md", text)
+    return ExperimentResult(out, config, text, payload, out / f"{stem}.md")
+
+
+def assign_flags(cfg: Any, flags: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    """The command's flags `keys` set their settings through each setting's declaration (type, range, finite
+    numbers; a refusal names the flag), and its `--set`s go after the preset's own overrides."""
+    for key in keys:
+        if flags.get(key) is not None:
+            try:
+                assign(cfg, key, flags[key])
+            except UserError as e:
+                raise UserError(f"--{key.replace('_', '-')}: {e}") from None
+    cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
+    return cfg
 
 
 @dataclass

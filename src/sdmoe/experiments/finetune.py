@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import assign, setting
+from sdmoe.config_fields import setting
 from sdmoe.errors import UserError
 from sdmoe.experiments.arms import Arm, Arms, ArmsExperiment
-from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session
+from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session, assign_flags, write_tables
 from sdmoe.experiments.judging import interval_figure
-from sdmoe.files import read_json_or_none, write_json_atomic, write_text_atomic
+from sdmoe.files import read_json_or_none, write_json_atomic
 
 ARMS = Arms((Arm("baseline", {"method": "baseline"}), Arm("sd-moe", {"method": "sd-moe"})), reference="baseline")
 METHODS = tuple(ARMS)
@@ -98,10 +98,7 @@ class FinetuneCompare(ArmsExperiment):
 
     def report(self, out: Path) -> ExperimentResult:
         payload = summarize(out, self.config)
-        write_json_atomic(out / "finetune.json", payload)
-        text = render(payload)
-        write_text_atomic(out / "finetune.md", text)
-        return ExperimentResult(out, self.config, text, payload, out / "finetune.md")
+        return write_tables(out, "finetune", self.config, payload, render(payload))
 
 
 def _losses_on_every_domain(model_dir: Path, cfg: FinetuneConfig) -> dict[str, float]:
@@ -167,8 +164,4 @@ FLAGS = ("seeds", "steps", "overrides")
 
 
 def apply_flags(cfg: FinetuneConfig, flags: dict[str, Any]) -> FinetuneConfig:
-    for key in ("seeds", "steps"):
-        if flags.get(key) is not None:
-            assign(cfg, key, flags[key])
-    cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
-    return cfg
+    return assign_flags(cfg, flags, ("seeds", "steps"))

@@ -6,7 +6,9 @@ SD-MoE head to head with the other remedies, and combined with them, paired by s
            on the global batch's frequencies, Qwen), sd-moe+ortho-var, sd-moe+global-batch
     rates  each arm at its own best rate (the spec's fair-test rules): one seed on the mix at 0.5x, 1x and 2x
            the base rate, and, for the arms with Guo et al.'s terms, their targets at 0.1x and 10x the
-           authors' (1e-4, 1e-2) at 1x; the lowest final loss picks each arm's (rate, targets)
+           authors' (1e-4, 1e-2) at 1x; then, while the best point has an untried neighbour (half or twice
+           the rate, a tenth or ten times the targets), that neighbour too (`search`), so no arm's point is a
+           grid's edge; the lowest final loss picks each arm's (rate, targets)
     cells  mix     a new qwen3_moe (d = 96, 8 experts top-2) trained on the bundled mix
            domain  the same on one domain alone (drama)
            copy    continued from a copy-upcycled dense parent (every expert the parent's FFN)
@@ -24,18 +26,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import assign, check_tree, setting
+from sdmoe.config_fields import check_tree, setting
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
 from sdmoe.experiments.arms import Arm, Arms
-from sdmoe.experiments.engine import Experiment, ExperimentResult, PlannedRun, Session, run_probes, validate_runs
+from sdmoe.experiments.engine import (
+    Experiment,
+    ExperimentResult,
+    PlannedRun,
+    Session,
+    assign_flags,
+    run_probes,
+    validate_runs,
+    write_tables,
+)
 from sdmoe.experiments.judging import interval_figure
 from sdmoe.experiments.runs import load_imbalance, load_run, median_step_time, steps_ratio
-from sdmoe.files import tmp_file_name, write_json_atomic, write_text_atomic
+from sdmoe.files import tmp_file_name
 from sdmoe.remedies.specialisation import ORTHOGONALITY_TARGET, VARIANCE_TARGET
 
 GUO = {"aux.orthogonality": ORTHOGONALITY_TARGET, "aux.variance": VARIANCE_TARGET}
@@ -59,6 +71,8 @@ class MethodsConfig:
     lr: float = setting(3e-3, gt=0)  # the base rate the grid multiplies
     rates: list[float] = setting([0.5, 1.0, 2.0], min_len=1, unique=True, gt=0)
     coefficients: list[float] = setting([0.1, 1.0, 10.0], min_len=1, unique=True, gt=0)  # x the authors' targets
+    # points an arm's search may add beyond the grid while its best point has an untried neighbour (`search`)
+    extra_points: int = setting(6, ge=0)
     micro_batches: int = setting(4, ge=1)
     domain: str = "drama"  # the one-domain cell's
     cells: list[str] = setting(list(CELLS), min_len=1, unique=True)
@@ -87,10 +101,43 @@ class Tuning:
 
 
 def grid(cfg: MethodsConfig, arm: Arm) -> list[Tuning]:
+    """Where an arm's search starts: the rates at the authors' targets, and the targets' multipliers at 1x."""
     points = [Tuning(r, 1.0) for r in cfg.rates]
     if _guo(arm):
         points += [Tuning(1.0, c) for c in cfg.coefficients if c != 1.0]
     return points
+
+
+def _neighbours(p: Tuning, guo: bool) -> list[Tuning]:
+    """Half and twice the rate; for Guo et al.'s arms also a tenth and ten times the targets."""
+    def clean(x: float) -> float:  # 0.1 / 10 is 0.01, not 0.010000000000000002: one run directory a point
+        return float(f"{x:.6g}")
+
+    out = [Tuning(clean(p.rate / 2), p.coef), Tuning(clean(p.rate * 2), p.coef)]
+    if guo:
+        out += [Tuning(p.rate, clean(p.coef / 10)), Tuning(p.rate, clean(p.coef * 10))]
+    return out
+
+
+def search(start: list[Tuning], loss: Callable[[Tuning], float], guo: bool, extra: int
+           ) -> tuple[list[Tuning], Tuning | None]:
+    """An arm's tuning as far as its finished runs go: (the points to have run, the chosen point or None).
+
+    The spec's fair-test rule is a tuned rate, not a grid's edge: while the best point so far has a neighbour
+    not yet run (`_neighbours`), that neighbour joins, up to `extra` points beyond `start`; the chosen point is
+    then the lowest final loss of all that ran. `loss(p)`: NaN while p's run has not finished (the search waits
+    for it), inf for a diverged run."""
+    points = list(dict.fromkeys(start))
+    while True:
+        losses = {p: loss(p) for p in points}
+        if any(math.isnan(v) for v in losses.values()):
+            return points, None
+        best = min(points, key=lambda p: losses[p])
+        new = [n for n in _neighbours(best, guo) if n not in losses]
+        room = extra - (len(points) - len(start))
+        if not new or room <= 0 or not math.isfinite(losses[best]):
+            return points, best
+        points += new[:room]
 
 
 # -- run configs ---------------------------------------------------------------------------------------
@@ -141,11 +188,12 @@ class MethodsCompare(Experiment):
     command, what, settings_file, settings = "methods-compare", "methods compare", METHODS_FILE, MethodsConfig
 
     # The runs -----------------------------------------------------------------------------------------
-    def tuning_runs(self) -> list[PlannedRun]:
+    def tuning_runs(self, out: Path | None = None) -> list[PlannedRun]:
+        """Every arm's search as far as the finished runs in `out` take it (None: where each search starts)."""
         cfg = self.config
         return [PlannedRun(f"tune/{arm.name}/{p.name}", _tuned(_run_config(cfg, cfg.steps, 0), arm, p),
                            {"cell": "tune", "arm": arm.name, "seed": 0, "rate": p.rate, "coef": p.coef}, ANALYSIS_RANK)
-                for arm in ARMS.arms for p in grid(cfg, arm)]
+                for arm in ARMS.arms for p in (tuned_points(out, cfg, arm)[0] if out else grid(cfg, arm))]
 
     def start_runs(self, out: Path, before: bool = False) -> list[PlannedRun]:
         """The dense parent (a one-expert qwen3_moe on the mix) and, for BTX, its fine-tune on each domain
@@ -211,8 +259,13 @@ class MethodsCompare(Experiment):
         return run_probes(self._checked) + [tmp_file_name(f"methods.{ext}") for ext in ("json", "md")]
 
     def execute(self, session: Session) -> None:
-        session.train_all(self.tuning_runs(), "methods: each arm's rate")
-        if session.stopped or not self._make_starts(session):
+        trained: set[str] = set()
+        while pending := [r for r in self.tuning_runs(session.out) if r.run_id not in trained]:
+            session.train_all(pending, "methods: each arm's rate")  # then the searches go on from their results
+            if session.stopped:
+                return
+            trained |= {r.run_id for r in pending}
+        if not self._make_starts(session):
             return
         session.train_all(self.cell_runs(session.out, chosen_points(session.out, self.config)), "methods: the cells")
 
@@ -245,21 +298,22 @@ class MethodsCompare(Experiment):
 
     def report(self, out: Path) -> ExperimentResult:
         payload = summarize(out, self.config)
-        write_json_atomic(out / "methods.json", payload)
-        text = render(payload)
-        write_text_atomic(out / "methods.md", text)
-        return ExperimentResult(out, self.config, text, payload, out / "methods.md")
+        return write_tables(out, "methods", self.config, payload, render(payload))
+
+
+def _tuning_loss(out: Path, arm: Arm) -> Callable[[Tuning], float]:
+    return lambda p: load_run(out / "runs" / "tune" / arm.name / p.name)["final_mean"]
+
+
+def tuned_points(out: Path, cfg: MethodsConfig, arm: Arm) -> tuple[list[Tuning], Tuning | None]:
+    """The arm's search on the mix (seed 0) as its finished runs in `out` take it (`search`)."""
+    return search(grid(cfg, arm), _tuning_loss(out, arm), _guo(arm), cfg.extra_points)
 
 
 def chosen_points(out: Path, cfg: MethodsConfig) -> dict[str, Tuning]:
-    """Each arm's point of its grid with the lowest final validation loss on the mix (seed 0); an arm whose grid
-    has not finished keeps the base (1x, 1x)."""
-    chosen = {}
-    for arm in ARMS.arms:
-        losses = {p: load_run(out / "runs" / "tune" / arm.name / p.name)["final_mean"] for p in grid(cfg, arm)}
-        finite = {p: v for p, v in losses.items() if math.isfinite(v)}
-        chosen[arm.name] = min(finite, key=finite.get) if len(finite) == len(losses) else Tuning()
-    return chosen
+    """Each arm's chosen point: the lowest final validation loss of its search on the mix (seed 0); an arm whose
+    search has not finished keeps the base (1x, 1x)."""
+    return {arm.name: tuned_points(out, cfg, arm)[1] or Tuning() for arm in ARMS.arms}
 
 
 # -- the report: per cell, per arm, every measured figure -------------------------------------------------
@@ -310,8 +364,8 @@ def _cell(out: Path, cfg: MethodsConfig, cell: str, chosen: dict[str, Tuning]) -
 def summarize(out: Path, cfg: MethodsConfig) -> dict[str, Any]:
     chosen = chosen_points(out, cfg)
     tuning = [{"arm": arm.name, "chosen": asdict(chosen[arm.name]),
-               "points": [{**asdict(p), "final": load_run(out / "runs" / "tune" / arm.name / p.name)["final_mean"]}
-                          for p in grid(cfg, arm)]} for arm in ARMS.arms]
+               "points": [{**asdict(p), "final": _tuning_loss(out, arm)(p)} for p in tuned_points(out, cfg, arm)[0]]}
+              for arm in ARMS.arms]
     cells = {cell: _cell(out, cfg, cell, chosen) for cell in cfg.cells}
     return {"config": asdict(cfg), "reference": ARMS.reference, "tuning": tuning, "cells": cells,
             "when": which_method_when(cells)}
@@ -349,14 +403,18 @@ def render(payload: dict) -> str:
              f"fine-tunes {cfg['finetune_steps']} a domain). Gain: plain's final validation loss minus the arm's "
              "(nats, > 0: the arm is better), mean [95% t-interval]; better / worse when the whole interval lies "
              "above / below 0, else inside the noise.", "",
-             "## Each arm's rate and targets (seed 0 on the mix; final validation loss)", ""]
-    points = sorted({(p["rate"], p["coef"]) for t in payload["tuning"] for p in t["points"]})
-    head = [f"lr {r:g}x, targets {c:g}x" for r, c in points]
-    lines += ["| arm | " + " | ".join(head) + " | chosen |", "|---" * (len(head) + 2) + "|"]
+             "**In short.** " + " ".join(s[0].upper() + s[1:] for s in payload["when"]), "",
+             "## Each arm's rate and targets (seed 0 on the mix; final validation loss)", "",
+             f"Each arm's search starts from the rates {', '.join(f'{r:g}x' for r in cfg['rates'])} of "
+             f"{cfg['lr']:g} (and, with Guo et al.'s terms, their targets at {', '.join(f'{c:g}x' for c in cfg['coefficients'])} "
+             "the authors'), then adds the best point's untried neighbours (half and twice the rate, a tenth and ten "
+             f"times the targets; at most {cfg['extra_points']} points) until the best has none: a tuned point, not a "
+             "grid's edge.", ""]
+    lines += ["| arm | final loss at each point tried (rate, targets: x the base) | chosen |", "|---|---|---|"]
     for t in payload["tuning"]:
-        vals = {(p["rate"], p["coef"]): p["final"] for p in t["points"]}
+        tried = sorted(t["points"], key=lambda p: (p["coef"], p["rate"]))
         ch = t["chosen"]
-        lines.append(f"| {t['arm']} | " + " | ".join(_num(vals.get(pt)) for pt in points)
+        lines.append(f"| {t['arm']} | " + "; ".join(f"{p['rate']:g}x, {p['coef']:g}x: {_num(p['final'])}" for p in tried)
                      + f" | {ch['rate']:g}x, {ch['coef']:g}x |")
     for cell, table in payload["cells"].items():
         lines += ["", f"## {cell}", "", f"same-seed noise (plain, seed 0 twice): {_num(table['same_seed_noise'], '.4f')}"
@@ -384,8 +442,4 @@ FLAGS = ("seeds", "steps", "overrides")
 
 
 def apply_flags(cfg: MethodsConfig, flags: dict[str, Any]) -> MethodsConfig:
-    for key in ("seeds", "steps"):
-        if flags.get(key) is not None:
-            assign(cfg, key, flags[key])
-    cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
-    return cfg
+    return assign_flags(cfg, flags, ("seeds", "steps"))

@@ -99,14 +99,14 @@ def _one_process(configs: dict, data, rounds: int) -> dict:
     import torch
 
     from sdmoe.device import resolve_device
+    from sdmoe.train.process_state import process_state
 
     loop = next(iter(configs.values())).loop
-    if loop.threads > 0:
-        torch.set_num_threads(loop.threads)
-    if loop.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    times = interleaved_step_times(configs, data, rounds)
-    return {**times, "threads": torch.get_num_threads(), "device": str(resolve_device(loop.device))}
+    device = resolve_device(loop.device)
+    with process_state(loop, device):
+        times = interleaved_step_times(configs, data, rounds)
+        threads = torch.get_num_threads()
+    return {**times, "threads": threads, "device": str(device)}
 
 
 def measure(configs: dict, data, processes: int, rounds: int) -> dict:

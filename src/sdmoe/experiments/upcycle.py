@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdmoe.config_fields import assign, setting
+from sdmoe.config_fields import setting
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
 from sdmoe.experiments.arms import Arm, Arms, ArmsExperiment
-from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session
+from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session, assign_flags, write_tables
 from sdmoe.experiments.judging import gain_row, interval_figure
 from sdmoe.experiments.runs import load_imbalance, load_run, steps_ratio
-from sdmoe.files import write_json_atomic, write_text_atomic
 
 ARMS = Arms((Arm("copy", {"method": "baseline"}, start="copy"),
              Arm("copy+sd-moe", {"method": "sd-moe"}, start="copy"),
@@ -171,10 +170,7 @@ class UpcycleCompare(ArmsExperiment):
 
     def report(self, out: Path) -> ExperimentResult:
         payload = summarize(out, self.config)
-        write_json_atomic(out / "upcycle.json", payload)
-        text = render(payload)
-        write_text_atomic(out / "upcycle.md", text)
-        return ExperimentResult(out, self.config, text, payload, out / "upcycle.md")
+        return write_tables(out, "upcycle", self.config, payload, render(payload))
 
 
 def _start_overlap(path: Path) -> float:
@@ -273,10 +269,7 @@ FLAGS = ("seeds", "steps", "text", "overrides", "init")
 def apply_flags(cfg: UpcycleConfig, flags: dict[str, Any]) -> UpcycleConfig:
     """Each flag through its setting's declaration; --init checked as a checkpoint directory and kept as an
     absolute path (the runs find it from any working directory)."""
-    for key in ("seeds", "steps", "text"):
-        if flags.get(key) is not None:
-            assign(cfg, key, flags[key])
-    cfg.overrides = list(cfg.overrides) + list(flags.get("overrides") or [])
+    assign_flags(cfg, flags, ("seeds", "steps", "text"))
     if flags.get("init"):  # the dense parent to upcycle, instead of training one
         from sdmoe.moe.checkpoint import check_model_dir
 

@@ -63,9 +63,10 @@ def check_sdmoe(controller, split_on_shards: bool = False) -> None:
     if controller.form == "per_expert":
         raise UserError("SD-MoE's per-expert form does not run under FSDP2 (its shared parts would shard with the "
                         "experts); use the shared form, or DDP")
-    if any(block.layout != "fused" for block in controller.blocks):
-        raise UserError("SD-MoE needs fused experts under FSDP2 (this model keeps its experts in a module list); "
-                        "use DDP")
+    kept = sorted({block.layout for block in controller.blocks} - {"fused"})
+    if kept:
+        raise UserError(f"SD-MoE needs fused experts under FSDP2 (this model keeps its experts as a "
+                        f"{' and a '.join(k.replace('_', ' ') for k in kept)}); use DDP")
 
 
 def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True, controller=None) -> nn.Module:
