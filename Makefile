@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 SDMOE   = $(BIN)/sdmoe
 
-.PHONY: install demo demo-full test test-integrations test-slow bench gpu-check reproduce upcycle finetune clean-venv
+.PHONY: install demo demo-full test test-integrations test-slow bench gpu-check reproduce upcycle finetune methods clean-venv
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-# The first look, about 7 minutes on 2 cores once .venv is set up (16 runs of about 20 s at d = 64 and 4 timing
+# The first look, 5 min 22 s on 2 cores once .venv is set up (16 runs of about 16 s at d = 64 and 4 timing
 # processes): baseline vs SD-MoE and the control, 3 paired seeds, on the bundled mix and then on drama alone, one
 # report with a verdict per claim (runs/compare-demo/report.html). A re-run skips finished runs and resumes the rest.
 demo: install
@@ -42,6 +42,12 @@ upcycle: install
 
 finetune: install
 	$(SDMOE) finetune-compare --preset finetune --out runs/compare-finetune
+
+# Which specialisation remedy (docs/results.md, "Which method when"): SD-MoE head to head with Guo et al.'s
+# losses and global-batch balancing, and combined with each, from scratch and from upcycled starts, each arm at
+# its own best rate; 108 runs, about 65 minutes on 2 cores. Resumable.
+methods: install
+	$(SDMOE) methods-compare --out runs/methods
 
 test: install
 	$(BIN)/python -m pytest

@@ -24,7 +24,7 @@ examples:
   sdmoe train --preset small --set optim.lr=0.006 --set model.style=qwen2_moe
   sdmoe generate runs/demo-baseline/model --prompt "Once upon a time"
   sdmoe analyze runs/demo-baseline/model --rank 8 --out runs/demo-analysis
-  sdmoe compare --preset demo --out runs/compare-demo   the first look (make demo, about 7 min): one report
+  sdmoe compare --preset demo --out runs/compare-demo   the first look (make demo, about 5 min): one report
   sdmoe report runs/compare-demo                        rebuild that report from the run files
   sdmoe study --factor size --out runs/study            when does SD-MoE help? one factor at a time
   sdmoe upcycle-compare --out runs/compare-upcycle      upcycled experts, with and without SD-MoE
@@ -172,7 +172,7 @@ def _compare_parser(sub) -> None:
         "Train matched pairs (same initial weights, data order and seed; the only difference is SD-MoE) plus the "
         "control and the sweeps of the preset, then write OUT/report.html: every claim of the paper with our "
         "measured figure, its 95% interval and a verdict computed from the runs (reproduced, not as stated, "
-        "not reproduced, inconclusive, not measurable). `make demo` runs --preset demo, the first look (about 7 "
+        "not reproduced, inconclusive, not measurable). `make demo` runs --preset demo, the first look (about 5 "
         "minutes on 2 cores); --preset demo-full is the whole demo grid. The old spelling --preset "
         "upcycle|finetune still runs `sdmoe upcycle-compare` / `sdmoe finetune-compare`.")
     c.add_argument("--styles", help="comma-separated model styles (default: the preset's)")

@@ -82,7 +82,7 @@ def _settings(module: str, cls: str, **kw):
 FIRST_LOOK = dict(styles=["qwen2_moe"], variants=["baseline", "sd-moe", "control"], lr_multipliers=[1.0],
                   lr_sweep_styles=0, per_text=True, per_text_domains=["drama"])
 PRESETS = {p.name: p for p in (
-    Preset("demo", "compare", "the first look, about 7 min on 2 cores: qwen2_moe at d=64, 3 paired seeds of "
+    Preset("demo", "compare", "the first look, about 5 min on 2 cores: qwen2_moe at d=64, 3 paired seeds of "
            "baseline, SD-MoE and the control on the mix, then on drama alone (16 runs)",
            lambda: _compare(**FIRST_LOOK)),
     Preset("demo-full", "compare", "the full demo grid, about 15-20 min on 2 cores: both styles, the rate check "
@@ -120,7 +120,7 @@ PRESETS = {p.name: p for p in (
            "3 paired seeds (8 runs, about 3 min on 2 cores)", lambda: _settings("finetune", "FinetuneConfig")),
     Preset("methods", "methods-compare", "6 arms (plain, SD-MoE, Guo et al.'s losses, global-batch balancing, "
            "SD-MoE with each) at d=96: each arm's rate from a grid, then 3 paired seeds on the mix, on drama alone, "
-           "from copy-upcycled and from BTX experts (about 100 runs, about 2.5 hours on 2 cores)",
+           "from copy-upcycled and from BTX experts (108 runs, about 65 min on 2 cores)",
            lambda: _settings("methods", "MethodsConfig")),
     Preset("methods-tiny", "methods-compare", "tests: seconds a run",
            lambda: _settings("methods", "MethodsConfig", preset="tiny", hidden_size=32, steps=8, seeds=2, rates=[1.0],
