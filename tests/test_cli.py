@@ -71,9 +71,10 @@ def test_empty_corpus_file(tmp_path, capsys):
 
 
 def test_each_experiment_command_lists_its_presets_with_their_time(capsys):
-    for command, fragment in (("compare", "demo (the first look, about 7 min on 2 cores"),
+    for command, fragment in (("compare", "demo (the first look, about 5 min on 2 cores"),
                               ("study", "study-tiny (tests"), ("upcycle-compare", "upcycle (a dense qwen3"),
-                              ("finetune-compare", "finetune-tiny (tests")):
+                              ("finetune-compare", "finetune-tiny (tests"),
+                              ("methods-compare", "(108 runs, about 65 min on 2 cores)")):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert fragment in " ".join(capsys.readouterr().out.split())

@@ -60,12 +60,11 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
 def test_a_mix_cell_runs_every_arm_at_its_chosen_point_and_resumes(tmp_path, capsys):
     out = tmp_path / "m"
     argv = ["methods-compare", "--preset", "methods-tiny", "--quiet", "--out", str(out), "--set", "loop.threads=1"]
-    cfg = _tiny(cells=["mix"], coefficients=[1.0], extra_points=1)  # one point an arm, then one neighbour
+    cfg = _tiny(cells=["mix"], coefficients=[1.0], extra_points=0)  # one point an arm (the search: its own test)
     result = run_experiment(MethodsCompare(cfg), out, progress=False, device="cpu")
     chosen = chosen_points(out, cfg)
     for arm in ARMS.arms:  # the chosen point is the lowest final loss of the points its search ran
         points, _ = tuned_points(out, cfg, arm)
-        assert len(points) == 2 and (out / "runs" / "tune" / arm.name / points[1].name / "run.json").is_file()
         losses = {p: load_run(out / "runs" / "tune" / arm.name / p.name)["final_mean"] for p in points}
         assert chosen[arm.name] == min(losses, key=losses.get)
     payload = json.loads((out / "methods.json").read_text())
@@ -98,3 +97,10 @@ def test_the_tiny_preset_runs_every_cell_from_scratch_and_upcycled(tmp_path, cap
     assert btx["num_local_experts"] == 3  # one expert per domain's fine-tune
     for cell in ("copy", "btx"):
         assert all(r["gain"]["n"] == 2 for r in payload["cells"][cell]["rows"] if not r["reference"])
+    cfg = PRESETS["methods-tiny"].build()
+    for t in payload["tuning"]:  # every search went past its one-rate grid to a point whose neighbours all ran
+        arm = ARMS[t["arm"]]
+        points, chosen = tuned_points(out, cfg, arm)
+        assert len(t["points"]) == len(points) > len(grid(cfg, arm)) and chosen == Tuning(**t["chosen"])
+        for p in points:
+            assert (out / "runs" / "tune" / arm.name / p.name / "run.json").is_file()

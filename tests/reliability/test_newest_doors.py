@@ -361,6 +361,7 @@ def test_sigterm_during_upcycle_leaves_nothing(world):
     assert state(world.parent) == before
 
 
+@pytest.mark.slow  # a subprocess killed mid-write; SIGTERM's case above stays in the default tier
 def test_sigkill_during_upcycle_leaves_a_temp_folder_the_next_run_removes(world, capsys):
     assert _upcycle_until_a_shard_is_written(world, signal.SIGKILL) == -signal.SIGKILL
     assert list(world.glob(".tmp-out-*")) and not (world / "out").exists()  # SIGKILL cannot be caught

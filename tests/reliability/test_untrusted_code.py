@@ -128,7 +128,8 @@ def _on_a_terminal(argv, tmp_path) -> tuple[int, str]:
 
 @pytest.mark.parametrize("via", [_through_a_pipe, pytest.param(_on_a_terminal, marks=pytest.mark.slow)],
                          ids=["pipe", "tty"])
-@pytest.mark.parametrize("command", ["generate", "analyze", "evaluate"])
+@pytest.mark.parametrize("command", ["generate", pytest.param("analyze", marks=pytest.mark.slow),
+                                     pytest.param("evaluate", marks=pytest.mark.slow)])  # one command by default: the check is shared
 def test_a_checkpoints_code_never_runs(command, via, evil, tmp_path):
     if command == "evaluate":
         pytest.importorskip("lm_eval")  # the eval extra (in the test extra)
