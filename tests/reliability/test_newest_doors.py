@@ -343,11 +343,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _first_shard_written(world: Path) -> bool:
+    try:
+        return bool(list(world.glob(".tmp-out-*/model-00001-*")))
+    except FileNotFoundError:  # a folder the glob listed went away under it (the output check's own probe)
+        return False
+
+
 def _upcycle_until_a_shard_is_written(world: Path, sig: int) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_UPCYCLE, *UP, "out"], cwd=world, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while not list(world.glob(".tmp-out-*/model-00001-*")):
+    while not _first_shard_written(world):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
     proc.send_signal(sig)
