@@ -45,7 +45,7 @@ from sdmoe.experiments.engine import (
     validate_runs,
     write_tables,
 )
-from sdmoe.experiments.judging import interval_figure
+from sdmoe.experiments.judging import fmt_value, interval_figure
 from sdmoe.experiments.runs import load_imbalance, load_run, median_step_time, steps_ratio
 from sdmoe.files import tmp_file_name
 from sdmoe.remedies.specialisation import ORTHOGONALITY_TARGET, VARIANCE_TARGET
@@ -391,10 +391,6 @@ def which_method_when(cells: dict[str, dict]) -> list[str]:
     return out
 
 
-def _num(x, spec=".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
 def render(payload: dict) -> str:
     cfg = payload["config"]
     lines = [f"# Which specialisation method? SD-MoE head to head (qwen3_moe, d = {cfg['hidden_size']})", "",
@@ -406,19 +402,20 @@ def render(payload: dict) -> str:
              "**In short.** " + " ".join(s[0].upper() + s[1:] for s in payload["when"]), "",
              "## Each arm's rate and targets (seed 0 on the mix; final validation loss)", "",
              f"Each arm's search starts from the rates {', '.join(f'{r:g}x' for r in cfg['rates'])} of "
-             f"{cfg['lr']:g} (and, with Guo et al.'s terms, their targets at {', '.join(f'{c:g}x' for c in cfg['coefficients'])} "
-             "the authors'), then adds the best point's untried neighbours (half and twice the rate, a tenth and ten "
-             f"times the targets; at most {cfg['extra_points']} points) until the best has none: a tuned point, not a "
-             "grid's edge.", ""]
+             f"{cfg['lr']:g} (and, with Guo et al.'s terms, their targets at "
+             f"{', '.join(f'{c:g}x' for c in cfg['coefficients'])} the authors'), then adds the best point's "
+             "untried neighbours (half and twice the rate, a tenth and ten times the targets; at most "
+             f"{cfg['extra_points']} points) until the best has none: a tuned point, not a grid's edge.", ""]
     lines += ["| arm | final loss at each point tried (rate, targets: x the base) | chosen |", "|---|---|---|"]
     for t in payload["tuning"]:
         tried = sorted(t["points"], key=lambda p: (p["coef"], p["rate"]))
         ch = t["chosen"]
-        lines.append(f"| {t['arm']} | " + "; ".join(f"{p['rate']:g}x, {p['coef']:g}x: {_num(p['final'])}" for p in tried)
-                     + f" | {ch['rate']:g}x, {ch['coef']:g}x |")
+        points = "; ".join(f"{p['rate']:g}x, {p['coef']:g}x: {fmt_value(p['final'])}" for p in tried)
+        lines.append(f"| {t['arm']} | {points} | {ch['rate']:g}x, {ch['coef']:g}x |")
     for cell, table in payload["cells"].items():
-        lines += ["", f"## {cell}", "", f"same-seed noise (plain, seed 0 twice): {_num(table['same_seed_noise'], '.4f')}"
-                  " nats", "", "| arm | final loss | gain over plain | verdict | " + " | ".join(FIGURES) + " |",
+        noise = fmt_value(table["same_seed_noise"], ".4f")
+        lines += ["", f"## {cell}", "", f"same-seed noise (plain, seed 0 twice): {noise} nats", "",
+                  "| arm | final loss | gain over plain | verdict | " + " | ".join(FIGURES) + " |",
                   "|---" * (4 + len(FIGURES)) + "|"]
         for r in table["rows"]:
             gain, verdict = (("(reference)", "-") if r.get("reference") else

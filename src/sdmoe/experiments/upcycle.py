@@ -16,7 +16,6 @@ domain specialisation of the routing. Every run resumes; a finished one is skipp
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from sdmoe.errors import UserError
 from sdmoe.experiments import stats
 from sdmoe.experiments.arms import Arm, Arms, ArmsExperiment
 from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session, assign_flags, write_tables
-from sdmoe.experiments.judging import gain_row, interval_figure
+from sdmoe.experiments.judging import fmt_value, gain_row, interval_figure
 from sdmoe.experiments.runs import load_imbalance, load_run, steps_ratio
 
 ARMS = Arms((Arm("copy", {"method": "baseline"}, start="copy"),
@@ -223,10 +222,6 @@ def summarize(out: Path, cfg: UpcycleConfig) -> dict[str, Any]:
             "reference": ARMS.reference, "sdmoe_on_each_start": own}
 
 
-def _num(x, spec=".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
 def render(payload: dict) -> str:
     cfg = payload["config"]
     parent = (f"the dense checkpoint {cfg['init']}" if cfg.get("init") else
@@ -237,7 +232,7 @@ def render(payload: dict) -> str:
              f"{trained}every arm {cfg['steps']} steps from the same weights, "
              f"{cfg['seeds']} paired seeds (routers, data order). Gains are the copy baseline's final validation "
              "loss minus the arm's (nats; > 0: the arm is better), 95% t-interval over seeds; same-seed noise "
-             f"(the copy baseline's seed 0 twice): {_num(payload['same_seed_noise'], '.4f')} nats.",
+             f"(the copy baseline's seed 0 twice): {fmt_value(payload['same_seed_noise'], '.4f')} nats.",
              "",
              "| arm | final loss | gain over copy | verdict | steps to copy's final loss / its steps | experts' "
              "overlap: start -> end | load imbalance (max share x E) | I(expert; domain) |",
@@ -249,7 +244,8 @@ def render(payload: dict) -> str:
         lines.append(f"| {r['arm']} | {interval_figure(r['final'], count=False)} | "
                      f"{'(reference)' if ref else r['gain_figure']} | "
                      f"{'-' if ref else words.get(r['verdict'], r['verdict'])} | "
-                     f"{interval_figure(r['steps_to_copy'], '.2f', count=False)} | {_num(ov['start'])} -> {_num(end)} | "
+                     f"{interval_figure(r['steps_to_copy'], '.2f', count=False)} | "
+                     f"{fmt_value(ov['start'])} -> {fmt_value(end)} | "
                      f"{interval_figure(r['imbalance'], '.2f', count=False)} | "
                      f"{interval_figure(r['mi'], '.3f', count=False)} |")
     lines += ["", "SD-MoE's own gain on each start (the start's baseline minus the same start with SD-MoE, paired):", "",
