@@ -67,6 +67,29 @@ class PlannedRun:
         self.dir = self.dir or f"runs/{self.run_id}"
 
 
+def run_config(preset_name: str, overrides: list[str], new_model: dict[str, Any], run: dict[str, Any],
+               init: str | None = None, model=None):
+    """A run's config as every experiment builds one: its train preset; a new model (`new_model`'s `model.*`
+    settings) or one continued from the checkpoint `init` as `train --init` reads it (`model`: that model
+    section while the checkpoint is not written yet, for the checks before the first write; SD-MoE then splits
+    at the first step, as `start_from_checkpoint` has it); the experiment's `--set`s; then `run`'s settings."""
+    from sdmoe.train.config import apply_overrides, preset, refuse_model_settings, set_value, start_from_checkpoint
+
+    rc = preset(preset_name)
+    if init and model is not None:
+        refuse_model_settings(overrides)
+        rc.model, rc.init, rc.sdmoe.split_step = model, init, 0
+    elif init:
+        start_from_checkpoint(rc, init, overrides)
+    else:
+        for key, value in new_model.items():
+            set_value(rc, key, value)
+    apply_overrides(rc, overrides)
+    for key, value in run.items():
+        set_value(rc, key, value)
+    return rc
+
+
 def validate_runs(runs: list[PlannedRun], what: str) -> None:
     """Every run's config against every rule `sdmoe train` checks, named by the run: a bad --set does not
     wait for its run, and nothing is written before."""

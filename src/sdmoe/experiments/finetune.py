@@ -18,7 +18,7 @@ from typing import Any
 from sdmoe.config_fields import setting
 from sdmoe.errors import UserError
 from sdmoe.experiments.arms import Arm, Arms, ArmsExperiment
-from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session, assign_flags, write_tables
+from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session, assign_flags, run_config, write_tables
 from sdmoe.experiments.judging import interval_figure
 from sdmoe.files import read_json_or_none, write_json_atomic
 
@@ -44,22 +44,10 @@ class FinetuneConfig:
 def _run_config(cfg: FinetuneConfig, domains: list[str], steps: int, seed: int, init: str | None, model=None):
     """One run's config (its method set by its arm). `model`: the model section of a start `init` not written
     yet (the base's, for the checks before the first write); without it, `init` is read as `train --init` does."""
-    from sdmoe.train.config import apply_overrides, preset, refuse_model_settings, set_value, start_from_checkpoint
-
-    rc = preset(cfg.preset)
-    if init and model is not None:
-        refuse_model_settings(list(cfg.overrides))
-        rc.model, rc.init = model, init
-    elif init:
-        start_from_checkpoint(rc, init, list(cfg.overrides))
-    else:
-        set_value(rc, "model.style", "qwen3_moe")
-        set_value(rc, "model.hidden_size", cfg.hidden_size)
-        set_value(rc, "model.expert_ffn", cfg.expert_ffn)
-    apply_overrides(rc, list(cfg.overrides))
-    for key, value in {"data.domains": domains, "loop.steps": steps, "loop.seed": seed, "method": "baseline",
-                       "optim.lr": cfg.lr, "sdmoe.split_step": 0, "name": f"seed{seed}"}.items():
-        set_value(rc, key, value)
+    new_model = {"model.style": "qwen3_moe", "model.hidden_size": cfg.hidden_size, "model.expert_ffn": cfg.expert_ffn}
+    rc = run_config(cfg.preset, list(cfg.overrides), new_model,
+                    {"data.domains": domains, "loop.steps": steps, "loop.seed": seed, "method": "baseline",
+                     "optim.lr": cfg.lr, "sdmoe.split_step": 0, "name": f"seed{seed}"}, init, model)
     rc.loop.eval_every = max(1, steps // 8)
     rc.loop.monitor_every = 0
     return rc

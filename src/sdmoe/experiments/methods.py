@@ -41,6 +41,7 @@ from sdmoe.experiments.engine import (
     PlannedRun,
     Session,
     assign_flags,
+    run_config,
     run_probes,
     validate_runs,
     write_tables,
@@ -146,26 +147,13 @@ def search(start: list[Tuning], loss: Callable[[Tuning], float], guo: bool, extr
 def _run_config(cfg: MethodsConfig, steps: int, seed: int, domains: list[str] | None = None,
                 init: str | None = None, model=None, one_expert: bool = False):
     """A run's config before its arm's transform: a new qwen3_moe, or continued from `init` (`model`: its model
-    section while it is not written yet)."""
-    from sdmoe.train.config import apply_overrides, preset, refuse_model_settings, set_value, start_from_checkpoint
-
-    rc = preset(cfg.preset)
-    if init and model is not None:
-        refuse_model_settings(list(cfg.overrides))
-        rc.model, rc.init, rc.sdmoe.split_step = model, init, 0
-    elif init:
-        start_from_checkpoint(rc, init, list(cfg.overrides))  # splits at the first step: no warm-up from a start
-    else:
-        for key, value in {"model.style": "qwen3_moe", "model.hidden_size": cfg.hidden_size,
-                           "model.expert_ffn": cfg.hidden_size}.items():
-            set_value(rc, key, value)
-        if one_expert:  # the dense parent: the router of one expert always weighs it 1
-            set_value(rc, "model.num_experts", 1)
-            set_value(rc, "model.top_k", 1)
-    apply_overrides(rc, list(cfg.overrides))
-    for key, value in {"loop.steps": steps, "loop.seed": seed, "optim.lr": cfg.lr, "name": f"seed{seed}",
-                       "loop.micro_batches": cfg.micro_batches, "data.domains": list(domains or [])}.items():
-        set_value(rc, key, value)
+    section while it is not written yet; a start splits at the first step, no warm-up)."""
+    new_model = {"model.style": "qwen3_moe", "model.hidden_size": cfg.hidden_size, "model.expert_ffn": cfg.hidden_size}
+    if one_expert:  # the dense parent: the router of one expert always weighs it 1
+        new_model.update({"model.num_experts": 1, "model.top_k": 1})
+    rc = run_config(cfg.preset, list(cfg.overrides), new_model,
+                    {"loop.steps": steps, "loop.seed": seed, "optim.lr": cfg.lr, "name": f"seed{seed}",
+                     "loop.micro_batches": cfg.micro_batches, "data.domains": list(domains or [])}, init, model)
     rc.loop.monitor_every = max(1, steps // 4)
     rc.loop.eval_every = max(1, steps // 16)  # steps to the reference's loss need evaluations
     return rc

@@ -24,7 +24,7 @@ from sdmoe.config_fields import setting
 from sdmoe.errors import UserError
 from sdmoe.experiments import stats
 from sdmoe.experiments.arms import Arm, Arms, ArmsExperiment
-from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session, assign_flags, write_tables
+from sdmoe.experiments.engine import ExperimentResult, PlannedRun, Session, assign_flags, run_config, write_tables
 from sdmoe.experiments.judging import fmt_value, gain_row, interval_figure
 from sdmoe.experiments.runs import load_imbalance, load_run, steps_ratio
 
@@ -59,26 +59,13 @@ class UpcycleConfig:
 def _run_config(cfg: UpcycleConfig, steps: int, seed: int, init: str | None, model=None):
     """One run's config (its method set by its arm). `model`: the model section of a start `init` that is not
     written yet (the checks before the first write); without it, `init` is read as `train --init` reads it."""
-    from sdmoe.train.config import apply_overrides, preset, refuse_model_settings, set_value, start_from_checkpoint
-
-    rc = preset(cfg.preset)
-    if init and model is not None:
-        refuse_model_settings(list(cfg.overrides))
-        rc.model, rc.init = model, init
-    elif init:
-        start_from_checkpoint(rc, init, list(cfg.overrides))
-    else:  # the parent: a dense qwen3 as a one-expert MoE
-        for key, value in {"model.style": "qwen3_moe", "model.hidden_size": cfg.hidden_size,
-                           "model.num_experts": 1, "model.top_k": 1, "model.expert_ffn": cfg.dense_ffn}.items():
-            set_value(rc, key, value)
-    apply_overrides(rc, list(cfg.overrides))
-    for key, value in {"loop.steps": steps, "loop.seed": seed, "method": "baseline", "optim.lr": cfg.lr,
-                       "sdmoe.split_step": 0, "name": f"seed{seed}"}.items():
-        set_value(rc, key, value)
+    parent = {"model.style": "qwen3_moe", "model.hidden_size": cfg.hidden_size,  # a dense qwen3: one expert
+              "model.num_experts": 1, "model.top_k": 1, "model.expert_ffn": cfg.dense_ffn}
+    run = {"loop.steps": steps, "loop.seed": seed, "method": "baseline", "optim.lr": cfg.lr, "sdmoe.split_step": 0,
+           "name": f"seed{seed}", **({"data.text": list(cfg.text)} if cfg.text else {})}
+    rc = run_config(cfg.preset, list(cfg.overrides), parent, run, init, model)
     rc.loop.monitor_every = max(1, steps // 6)
     rc.loop.eval_every = max(1, steps // 12)
-    if cfg.text:
-        set_value(rc, "data.text", list(cfg.text))
     return rc
 
 
